@@ -1,0 +1,1 @@
+"""The shared core: pricing, ledger, wallet and the payment pipeline. No HTTP, no websockets."""

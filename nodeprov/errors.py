@@ -1,0 +1,165 @@
+"""The one exception tree of nodeprov.
+
+Every error a client can cause or see carries what each channel needs to report it:
+an HTTP status, an OpenAI-style ``type`` and ``code``, and a human message. The HTTP
+channel renders :meth:`NodeprovError.to_openai`, the Nostr channel :meth:`to_dm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class NodeprovError(Exception):
+    """Base of every error nodeprov raises on purpose."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI error body: ``{"error": {"type", "code", "message"}}``."""
+        return {"error": {"type": self.type, "code": self.code, "message": self.message}}
+
+    def to_dm(self) -> dict[str, Any]:
+        """The ``error`` object of a DM job reply."""
+        return {"type": self.type, "code": self.code, "message": self.message}
+
+
+class ConfigError(NodeprovError):
+    """The configuration is invalid; the message names the key and why."""
+
+    code = "config_error"
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+class InvalidRequest(NodeprovError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class UnknownModel(InvalidRequest):
+    status = 404
+    code = "model_not_found"
+
+
+# --- authentication and payment -------------------------------------------------------
+
+
+class Unauthorized(NodeprovError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PaymentError(NodeprovError):
+    """A problem with the money a client offered."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "payment_error"
+
+
+class InvalidToken(PaymentError):
+    code = "invalid_token"
+
+
+class UntrustedMint(PaymentError):
+    code = "untrusted_mint"
+
+
+class UnsupportedUnit(PaymentError):
+    code = "unsupported_unit"
+
+
+class TokenTooSmall(PaymentError):
+    """Zero value, or input fees that eat the whole amount."""
+
+    code = "token_too_small"
+
+
+class TokenAlreadySpent(PaymentError):
+    """The mint says the proofs are spent (NUT error 11001), or we saw this token before."""
+
+    code = "token_already_spent"
+
+
+class InsufficientBalance(PaymentError):
+    status = 402
+    type = "insufficient_balance"
+    code = "payment_required"
+
+
+class AccountExpired(PaymentError):
+    status = 401
+    code = "account_expired"
+
+
+# --- the node's dependencies ----------------------------------------------------------
+
+
+class MintError(NodeprovError):
+    """The mint rejected an operation; ``mint_code`` is the NUT error code if it sent one."""
+
+    status = 502
+    type = "mint_error"
+    code = "mint_error"
+
+    def __init__(self, message: str, mint_code: int | None = None, **details: Any) -> None:
+        super().__init__(message, mint_code=mint_code, **details)
+        self.mint_code = mint_code
+
+
+class MintUnavailable(MintError):
+    """The mint could not be reached or timed out; nothing was lost, try again."""
+
+    status = 503
+    code = "mint_unavailable"
+    retryable = True
+
+
+class PriceUnavailable(NodeprovError):
+    """No exchange rate recent enough to price in USD; pricing refuses rather than guesses."""
+
+    status = 503
+    type = "server_error"
+    code = "price_unavailable"
+    retryable = True
+
+
+class UpstreamError(NodeprovError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    retryable = True
+
+
+class LedgerError(NodeprovError):
+    """An internal inconsistency in the books; never expected, always logged."""
+
+    code = "ledger_error"
