@@ -1,0 +1,119 @@
+"""The ledger's SQLite file: one writer, WAL readers, named migrations.
+
+All writes go through :meth:`Database.write`, which serialises writers on one connection
+and wraps each unit of work in ``BEGIN IMMEDIATE`` … ``COMMIT``: short transactions,
+never a lost update, never a half-applied money movement. Reads use a second
+connection and see the last committed state (WAL).
+
+SQLite runs with ``synchronous=NORMAL`` in WAL mode: a committed transaction survives a
+crash of the process (kill -9); only an OS crash or power loss can lose the newest
+commits. ``durable=True`` selects ``synchronous=FULL`` for operators who want that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A named schema change; applied once, in order, and recorded in ``migrations``."""
+
+    name: str
+    sql: str
+
+
+class Database:
+    """One SQLite file shared by the ledger and the wallet journal."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls, path: Path, migrations: Iterable[Migration], *, durable: bool = False
+    ) -> Database:
+        """Open (creating if needed) the file at ``path`` and apply pending migrations."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        for conn in (writer, reader):
+            conn.row_factory = aiosqlite.Row
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=5000")
+        path.chmod(0o600)
+        db = cls(writer, reader)
+        await db._migrate(migrations)
+        return db
+
+    async def _migrate(self, migrations: Iterable[Migration]) -> None:
+        async with self.write() as conn:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS migrations "
+                "(name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+            cursor = await conn.execute("SELECT name FROM migrations")
+            done = {row[0] for row in await cursor.fetchall()}
+            for migration in migrations:
+                if migration.name in done:
+                    continue
+                for statement in _statements(migration.sql):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                    (migration.name, int(time.time())),
+                )
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: commits when the block ends, rolls back if it raises."""
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Rows of a read-only query on the reader connection."""
+        cursor = await self._reader.execute(sql, params)
+        rows = await cursor.fetchall()
+        await cursor.close()
+        return list(rows)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._writer.close()
+        await self._reader.close()
+
+
+def _statements(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+async def fetchone(
+    conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
+) -> aiosqlite.Row | None:
+    """One row from ``conn`` inside a write transaction (reads see the transaction's writes)."""
+    cursor = await conn.execute(sql, params)
+    row = await cursor.fetchone()
+    await cursor.close()
+    return row

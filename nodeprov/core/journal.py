@@ -1,0 +1,228 @@
+"""The wallet's write-ahead journal and proof store (SQL only, inside ledger transactions).
+
+A wallet operation is written as ``pending`` with everything needed to finish or undo it
+(incoming proofs, our blinded outputs with their secrets and blinding factors, the
+account involved) *before* the mint is asked to do anything. Its outcome is written in
+the same transaction that moves the balances, so the books and the proofs never
+disagree. Start-up recovery reads the pending rows back (see ``wallet.Wallet.recover``).
+
+Proof states: ``unspent`` (ours, in the pool), ``reserved`` (inputs of a pending swap or
+melt), ``sent`` (given to a user in a token), ``spent`` (swapped or melted away).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from nodeprov.core.db import fetchone
+from nodeprov.core.ledger import now
+from nodeprov.protocol.cashu_token import Proof
+
+
+@dataclass(frozen=True)
+class BlindedOutput:
+    """An output we asked the mint to sign; ``r`` and ``secret`` unblind its signature."""
+
+    amount: int
+    keyset_id: str
+    secret: str
+    r: str
+    B_: str
+    role: str  # "keep", "send" or "change"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"amount": self.amount, "id": self.keyset_id, "B_": self.B_}
+
+
+@dataclass(frozen=True)
+class Op:
+    id: int
+    kind: str
+    state: str
+    mint_url: str
+    unit: str
+    account_id: str | None
+    amount: int
+    debit_msat: int
+    fee: int
+    fingerprint: str | None
+    token: str | None
+    inputs: tuple[Proof, ...]
+    outputs: tuple[BlindedOutput, ...]
+    quote: str | None
+    ref: str | None
+
+
+def _op(row: aiosqlite.Row) -> Op:
+    return Op(
+        id=row["id"],
+        kind=row["kind"],
+        state=row["state"],
+        mint_url=row["mint_url"],
+        unit=row["unit"],
+        account_id=row["account_id"],
+        amount=row["amount"],
+        debit_msat=row["debit_msat"],
+        fee=row["fee"],
+        fingerprint=row["fingerprint"],
+        token=row["token"],
+        inputs=tuple(Proof.from_wire(p) for p in json.loads(row["inputs"] or "[]")),
+        outputs=tuple(BlindedOutput(**o) for o in json.loads(row["outputs"] or "[]")),
+        quote=row["quote"],
+        ref=row["ref"],
+    )
+
+
+async def insert_op(
+    conn: aiosqlite.Connection,
+    *,
+    kind: str,
+    mint_url: str,
+    unit: str,
+    account_id: str | None,
+    amount: int,
+    inputs: tuple[Proof, ...] | list[Proof],
+    outputs: tuple[BlindedOutput, ...] | list[BlindedOutput],
+    state: str = "pending",
+    debit_msat: int = 0,
+    fee: int = 0,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    quote: str | None = None,
+    ref: str | None = None,
+) -> int:
+    t = now()
+    cursor = await conn.execute(
+        "INSERT INTO wallet_ops (kind, state, mint_url, unit, account_id, amount, debit_msat, "
+        "fee, fingerprint, token, inputs, outputs, quote, ref, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            kind,
+            state,
+            mint_url,
+            unit,
+            account_id,
+            amount,
+            debit_msat,
+            fee,
+            fingerprint,
+            token,
+            json.dumps([p.to_wire() for p in inputs]),
+            json.dumps([o.__dict__ for o in outputs]),
+            quote,
+            ref,
+            t,
+            t,
+        ),
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+async def set_op_state(
+    conn: aiosqlite.Connection,
+    op_id: int,
+    state: str,
+    *,
+    token: str | None = None,
+    error: str | None = None,
+    quote: str | None = None,
+) -> None:
+    await conn.execute(
+        "UPDATE wallet_ops SET state = ?, token = COALESCE(?, token), error = COALESCE(?, error), "
+        "quote = COALESCE(?, quote), updated_at = ? WHERE id = ?",
+        (state, token, error, quote, now(), op_id),
+    )
+
+
+async def get_op(conn: aiosqlite.Connection, op_id: int) -> Op:
+    row = await fetchone(conn, "SELECT * FROM wallet_ops WHERE id = ?", (op_id,))
+    if row is None:
+        raise KeyError(op_id)
+    return _op(row)
+
+
+def ops_from_rows(rows: list[aiosqlite.Row]) -> list[Op]:
+    return [_op(r) for r in rows]
+
+
+async def store_proofs(
+    conn: aiosqlite.Connection,
+    mint_url: str,
+    unit: str,
+    proofs: list[Proof],
+    state: str,
+    op_id: int,
+) -> None:
+    """Insert proofs we now own (or just gave away, state ``sent``); idempotent by secret."""
+    t = now()
+    await conn.executemany(
+        "INSERT INTO proofs (secret, mint_url, unit, keyset_id, amount, C, dleq, state, op_id, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (secret) DO UPDATE SET state = excluded.state, op_id = excluded.op_id",
+        [
+            (
+                p.secret,
+                mint_url,
+                unit,
+                p.keyset_id,
+                p.amount,
+                p.C,
+                json.dumps(p.dleq.to_wire()) if p.dleq else None,
+                state,
+                op_id,
+                t,
+            )
+            for p in proofs
+        ],
+    )
+
+
+async def set_proof_state(
+    conn: aiosqlite.Connection, secrets: list[str], state: str, op_id: int | None = None
+) -> None:
+    await conn.executemany(
+        "UPDATE proofs SET state = ?, op_id = COALESCE(?, op_id) WHERE secret = ?",
+        [(state, op_id, s) for s in secrets],
+    )
+
+
+async def pool_counts(conn: aiosqlite.Connection, mint_url: str, unit: str) -> dict[int, int]:
+    """How many unspent proofs of each denomination the pool holds."""
+    cursor = await conn.execute(
+        "SELECT amount, COUNT(*) FROM proofs WHERE mint_url = ? AND unit = ? AND state = 'unspent' "
+        "GROUP BY amount",
+        (mint_url, unit),
+    )
+    return {row[0]: row[1] for row in await cursor.fetchall()}
+
+
+async def take_proofs(
+    conn: aiosqlite.Connection, mint_url: str, unit: str, amounts: dict[int, int]
+) -> list[Proof]:
+    """Fetch ``count`` unspent proofs of each denomination (the caller changes their state)."""
+    taken: list[Proof] = []
+    for amount, count in amounts.items():
+        cursor = await conn.execute(
+            "SELECT keyset_id, secret, C, dleq FROM proofs WHERE mint_url = ? AND unit = ? "
+            "AND state = 'unspent' AND amount = ? LIMIT ?",
+            (mint_url, unit, amount, count),
+        )
+        for row in await cursor.fetchall():
+            dleq = json.loads(row["dleq"]) if row["dleq"] else None
+            taken.append(
+                Proof.from_wire(
+                    {
+                        "amount": amount,
+                        "id": row["keyset_id"],
+                        "secret": row["secret"],
+                        "C": row["C"],
+                        **({"dleq": dleq} if dleq else {}),
+                    }
+                )
+            )
+    return taken

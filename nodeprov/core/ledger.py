@@ -1,0 +1,499 @@
+"""The books: accounts, holds, the transaction log, processed ids and the audit.
+
+Every amount is integer msat. An account's ``balance_msat`` includes what is
+``reserved_msat`` by open holds; ``available = balance - reserved``. A hold reserves the
+most a job can cost with one conditional ``UPDATE``, so concurrent jobs can never
+overdraw an account. Every change of a balance writes a row to ``transactions`` with
+the signed delta, so the log replays to the balances.
+
+Overrun rule: if a job's actual cost exceeds its hold, the account pays the excess from
+its available balance as far as it goes; what is still missing is written off (logged
+as ``writeoff`` on the transaction) and never makes a balance negative.
+
+Accounts are keyed ``key:<sha256 of an API key>``, ``token:<token fingerprint>`` (a
+token used as a key), ``req:<token fingerprint>`` (a per-request token), ``npub:<hex>``
+and the single ``operator`` account that collects earnings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from nodeprov.core.db import Database, Migration, fetchone
+from nodeprov.core.money import Msat, msat
+from nodeprov.errors import AccountExpired, InsufficientBalance, LedgerError, Unauthorized
+
+OPERATOR = "operator"
+
+LEDGER_MIGRATIONS = (
+    Migration(
+        "0001_accounts_holds_transactions",
+        """
+        CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            balance_msat INTEGER NOT NULL DEFAULT 0,
+            reserved_msat INTEGER NOT NULL DEFAULT 0,
+            total_deposited_msat INTEGER NOT NULL DEFAULT 0,
+            total_spent_msat INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            last_used_at INTEGER,
+            expires_at INTEGER,
+            refund_address TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            CHECK (reserved_msat >= 0 AND balance_msat >= reserved_msat)
+        );
+        CREATE TABLE holds (
+            id INTEGER PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            amount_msat INTEGER NOT NULL CHECK (amount_msat >= 0),
+            purpose TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        );
+        CREATE INDEX holds_expiry ON holds (expires_at);
+        CREATE TABLE transactions (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            account_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            delta_msat INTEGER NOT NULL,
+            ref TEXT,
+            detail TEXT
+        );
+        CREATE INDEX transactions_account ON transactions (account_id, id);
+        CREATE TABLE assets (
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            value_msat INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (mint_url, unit)
+        );
+        CREATE TABLE processed (
+            kind TEXT NOT NULL,
+            id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (kind, id)
+        );
+        INSERT INTO accounts (id, kind, created_at) VALUES ('operator', 'operator', 0)
+        """,
+    ),
+    Migration(
+        "0002_wallet_journal",
+        """
+        CREATE TABLE wallet_ops (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            account_id TEXT,
+            amount INTEGER NOT NULL,
+            debit_msat INTEGER NOT NULL DEFAULT 0,
+            fee INTEGER NOT NULL DEFAULT 0,
+            fingerprint TEXT,
+            token TEXT,
+            inputs TEXT,
+            outputs TEXT,
+            quote TEXT,
+            ref TEXT,
+            error TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX wallet_ops_state ON wallet_ops (state);
+        CREATE INDEX wallet_ops_fingerprint ON wallet_ops (fingerprint);
+        CREATE TABLE proofs (
+            secret TEXT PRIMARY KEY,
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            keyset_id TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            C TEXT NOT NULL,
+            dleq TEXT,
+            state TEXT NOT NULL,
+            op_id INTEGER,
+            created_at INTEGER NOT NULL
+        );
+        CREATE INDEX proofs_pool ON proofs (mint_url, unit, state, amount)
+        """,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    kind: str
+    balance_msat: int
+    reserved_msat: int
+    total_deposited_msat: int
+    total_spent_msat: int
+    created_at: int
+    last_used_at: int | None
+    expires_at: int | None
+    refund_address: str | None
+    revoked: bool
+
+    @property
+    def available_msat(self) -> int:
+        return self.balance_msat - self.reserved_msat
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: int
+    account_id: str
+    amount_msat: int
+
+
+@dataclass(frozen=True)
+class Settlement:
+    charged_msat: int
+    written_off_msat: int
+
+
+@dataclass(frozen=True)
+class AuditLine:
+    mint_url: str
+    unit: str
+    books_msat: int
+    proofs_msat: int
+
+    @property
+    def ok(self) -> bool:
+        return self.books_msat == self.proofs_msat
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What the node holds at each mint against what it owes (users + holds + operator)."""
+
+    lines: tuple[AuditLine, ...]
+    assets_msat: int
+    liabilities_msat: int
+    log_mismatches: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return (
+            all(line.ok for line in self.lines)
+            and self.assets_msat == self.liabilities_msat
+            and not self.log_mismatches
+        )
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# --- statements used inside a write transaction (the wallet journal uses these too) ---
+
+
+async def ensure_account(
+    conn: aiosqlite.Connection,
+    account_id: str,
+    kind: str,
+    *,
+    expires_at: int | None = None,
+    refund_address: str | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT OR IGNORE INTO accounts (id, kind, created_at, expires_at, refund_address) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (account_id, kind, now(), expires_at, refund_address),
+    )
+
+
+async def credit(
+    conn: aiosqlite.Connection, account_id: str, amount: int, kind: str, ref: str = ""
+) -> None:
+    """Add ``amount`` msat to an existing account and log it."""
+    msat(amount)
+    deposited = amount if kind == "deposit" else 0
+    cursor = await conn.execute(
+        "UPDATE accounts SET balance_msat = balance_msat + ?, "
+        "total_deposited_msat = total_deposited_msat + ? WHERE id = ?",
+        (amount, deposited, account_id),
+    )
+    if cursor.rowcount != 1:
+        raise LedgerError(f"no account {account_id}")
+    await log(conn, account_id, kind, amount, ref)
+
+
+async def debit(
+    conn: aiosqlite.Connection, account_id: str, amount: int, kind: str, ref: str = ""
+) -> None:
+    """Take ``amount`` msat from an account's available balance, or raise InsufficientBalance."""
+    msat(amount)
+    cursor = await conn.execute(
+        "UPDATE accounts SET balance_msat = balance_msat - ? "
+        "WHERE id = ? AND balance_msat - reserved_msat >= ?",
+        (amount, account_id, amount),
+    )
+    if cursor.rowcount != 1:
+        raise InsufficientBalance(f"Insufficient balance for {amount} msat")
+    await log(conn, account_id, kind, -amount, ref)
+
+
+async def log(
+    conn: aiosqlite.Connection,
+    account_id: str,
+    kind: str,
+    delta: int,
+    ref: str = "",
+    detail: str = "",
+) -> None:
+    await conn.execute(
+        "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (now(), account_id, kind, delta, ref, detail),
+    )
+
+
+async def add_asset(conn: aiosqlite.Connection, mint_url: str, unit: str, delta: int) -> None:
+    """Move the books' record of what the node holds at ``mint_url`` in ``unit``."""
+    await conn.execute(
+        "INSERT INTO assets (mint_url, unit, value_msat) VALUES (?, ?, ?) "
+        "ON CONFLICT (mint_url, unit) DO UPDATE SET value_msat = value_msat + excluded.value_msat",
+        (mint_url, unit, delta),
+    )
+
+
+async def mark_processed(conn: aiosqlite.Connection, kind: str, item_id: str) -> bool:
+    """Record ``item_id`` as processed; False if it already was (exactly-once gate)."""
+    cursor = await conn.execute(
+        "INSERT OR IGNORE INTO processed (kind, id, at) VALUES (?, ?, ?)", (kind, item_id, now())
+    )
+    return cursor.rowcount == 1
+
+
+async def unmark_processed(conn: aiosqlite.Connection, kind: str, item_id: str) -> None:
+    await conn.execute("DELETE FROM processed WHERE kind = ? AND id = ?", (kind, item_id))
+
+
+def _account(row: aiosqlite.Row) -> Account:
+    return Account(
+        id=row["id"],
+        kind=row["kind"],
+        balance_msat=row["balance_msat"],
+        reserved_msat=row["reserved_msat"],
+        total_deposited_msat=row["total_deposited_msat"],
+        total_spent_msat=row["total_spent_msat"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        expires_at=row["expires_at"],
+        refund_address=row["refund_address"],
+        revoked=bool(row["revoked"]),
+    )
+
+
+class Ledger:
+    """Balances and holds over one :class:`Database`."""
+
+    def __init__(self, db: Database, *, hold_timeout_seconds: int = 900) -> None:
+        self.db = db
+        self.hold_timeout_seconds = hold_timeout_seconds
+
+    async def account(self, account_id: str) -> Account | None:
+        row = await self.db.fetchone("SELECT * FROM accounts WHERE id = ?", (account_id,))
+        return _account(row) if row else None
+
+    async def accounts(self, kind: str | None = None, limit: int = 1000) -> list[Account]:
+        if kind is None:
+            rows = await self.db.fetchall("SELECT * FROM accounts ORDER BY id LIMIT ?", (limit,))
+        else:
+            rows = await self.db.fetchall(
+                "SELECT * FROM accounts WHERE kind = ? ORDER BY id LIMIT ?", (kind, limit)
+            )
+        return [_account(r) for r in rows]
+
+    async def open_account(
+        self,
+        account_id: str,
+        kind: str,
+        *,
+        expires_at: int | None = None,
+        refund_address: str | None = None,
+    ) -> Account:
+        async with self.db.write() as conn:
+            await ensure_account(
+                conn, account_id, kind, expires_at=expires_at, refund_address=refund_address
+            )
+            row = await fetchone(conn, "SELECT * FROM accounts WHERE id = ?", (account_id,))
+        if row is None:  # pragma: no cover - the insert above guarantees it
+            raise LedgerError(f"account {account_id} vanished")
+        return _account(row)
+
+    async def drop_empty_account(self, account_id: str) -> None:
+        """Remove an account that never held money (a key whose funding token failed)."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                "DELETE FROM accounts WHERE id = ? AND balance_msat = 0 AND NOT EXISTS "
+                "(SELECT 1 FROM transactions WHERE account_id = ?)",
+                (account_id, account_id),
+            )
+
+    async def hold(self, account_id: str, amount: Msat | int, purpose: str = "job") -> Hold:
+        """Reserve ``amount`` msat of an account's available balance for one job."""
+        msat(amount)
+        t = now()
+        async with self.db.write() as conn:
+            cursor = await conn.execute(
+                "UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ? "
+                "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
+                "AND balance_msat - reserved_msat >= ?",
+                (amount, t, account_id, t, amount),
+            )
+            if cursor.rowcount != 1:
+                raise await self._hold_refusal(conn, account_id, amount)
+            cursor = await conn.execute(
+                "INSERT INTO holds (account_id, amount_msat, purpose, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account_id, amount, purpose, t, t + self.hold_timeout_seconds),
+            )
+            hold_id = cursor.lastrowid
+        assert hold_id is not None
+        return Hold(hold_id, account_id, int(amount))
+
+    async def _hold_refusal(
+        self, conn: aiosqlite.Connection, account_id: str, amount: int
+    ) -> Exception:
+        row = await fetchone(conn, "SELECT * FROM accounts WHERE id = ?", (account_id,))
+        if row is None or row["revoked"]:
+            return Unauthorized("Unknown or revoked API key")
+        account = _account(row)
+        if account.expires_at is not None and account.expires_at <= now():
+            return AccountExpired("This key has expired; its balance is being refunded")
+        return InsufficientBalance(
+            f"Insufficient balance. Current: {account.available_msat // 1000} sats, "
+            f"Required: {-(-amount // 1000)} sats",
+            available_msat=account.available_msat,
+            required_msat=amount,
+        )
+
+    async def settle(self, hold: Hold, actual: Msat | int, ref: str = "") -> Settlement:
+        """Close ``hold`` charging ``actual`` msat (see the overrun rule) to the operator."""
+        msat(actual)
+        if actual < 0:
+            raise LedgerError("a cost cannot be negative")
+        async with self.db.write() as conn:
+            return await settle_in(conn, hold, int(actual), ref)
+
+    async def release(self, hold: Hold) -> None:
+        """Close ``hold`` without charging anything."""
+        async with self.db.write() as conn:
+            await release_in(conn, hold.id)
+
+    async def release_stale_holds(self, at: int | None = None) -> int:
+        """Release holds past their expiry (or all of them when ``at`` is None at start-up)."""
+        async with self.db.write() as conn:
+            if at is None:
+                cursor = await conn.execute("SELECT id FROM holds")
+            else:
+                cursor = await conn.execute("SELECT id FROM holds WHERE expires_at <= ?", (at,))
+            rows = list(await cursor.fetchall())
+            for row in rows:
+                await release_in(conn, row[0])
+        return len(rows)
+
+    async def transactions(
+        self, account_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        if account_id is None:
+            rows = await self.db.fetchall(
+                "SELECT * FROM transactions ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = await self.db.fetchall(
+                "SELECT * FROM transactions WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+                (account_id, limit),
+            )
+        return [dict(r) for r in rows]
+
+    async def audit(self) -> AuditReport:
+        """Compare the books with the proofs held, per mint and unit, and replay the log."""
+        books = await self.db.fetchall("SELECT mint_url, unit, value_msat FROM assets")
+        held = await self.db.fetchall(
+            "SELECT mint_url, unit, SUM(amount) AS total FROM proofs "
+            "WHERE state IN ('unspent', 'reserved') GROUP BY mint_url, unit"
+        )
+        proofs = {
+            (r["mint_url"], r["unit"]): r["total"] * (1000 if r["unit"] == "sat" else 1)
+            for r in held
+        }
+        keys = sorted({(r["mint_url"], r["unit"]) for r in books} | set(proofs))
+        by_key = {(r["mint_url"], r["unit"]): r["value_msat"] for r in books}
+        lines = tuple(
+            AuditLine(mint, unit, by_key.get((mint, unit), 0), proofs.get((mint, unit), 0))
+            for mint, unit in keys
+        )
+        total = await self.db.fetchone("SELECT COALESCE(SUM(balance_msat), 0) FROM accounts")
+        mismatches = await self.db.fetchall(
+            "SELECT a.id FROM accounts a LEFT JOIN "
+            "(SELECT account_id, SUM(delta_msat) AS s FROM transactions GROUP BY account_id) t "
+            "ON t.account_id = a.id WHERE a.balance_msat != COALESCE(t.s, 0)"
+        )
+        held_total = await self.db.fetchone("SELECT COALESCE(SUM(amount_msat), 0) FROM holds")
+        reserved = await self.db.fetchone("SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts")
+        log_mismatches = [f"balance != log for {r[0]}" for r in mismatches]
+        if held_total is not None and reserved is not None and held_total[0] != reserved[0]:
+            log_mismatches.append(f"open holds {held_total[0]} != reserved {reserved[0]}")
+        return AuditReport(
+            lines=lines,
+            assets_msat=sum(line.books_msat for line in lines),
+            liabilities_msat=int(total[0]) if total else 0,
+            log_mismatches=tuple(log_mismatches),
+        )
+
+
+async def settle_in(
+    conn: aiosqlite.Connection, hold: Hold, actual: int, ref: str = ""
+) -> Settlement:
+    """Settle inside an open transaction (the payment pipeline chains it with change)."""
+    row = await fetchone(
+        conn,
+        "SELECT h.amount_msat, a.balance_msat, a.reserved_msat FROM holds h "
+        "JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
+        (hold.id,),
+    )
+    if row is None:
+        raise LedgerError(f"hold {hold.id} is not open")
+    held, balance, reserved = row[0], row[1], row[2]
+    free_after_release = balance - (reserved - held)
+    charged = min(actual, free_after_release)
+    written_off = actual - charged
+    await conn.execute("DELETE FROM holds WHERE id = ?", (hold.id,))
+    await conn.execute(
+        "UPDATE accounts SET reserved_msat = reserved_msat - ?, balance_msat = balance_msat - ?, "
+        "total_spent_msat = total_spent_msat + ? WHERE id = ?",
+        (held, charged, charged, hold.account_id),
+    )
+    detail = f"writeoff={written_off}" if written_off else ""
+    await log(conn, hold.account_id, "charge", -charged, ref, detail)
+    await conn.execute(
+        "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
+    )
+    await log(conn, OPERATOR, "earning", charged, ref)
+    return Settlement(charged, written_off)
+
+
+async def release_in(conn: aiosqlite.Connection, hold_id: int) -> None:
+    row = await fetchone(conn, "SELECT account_id, amount_msat FROM holds WHERE id = ?", (hold_id,))
+    if row is None:
+        return
+    await conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+    await conn.execute(
+        "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?", (row[1], row[0])
+    )
+
+
+async def open_ledger(path: Path, extra: Sequence[Migration] = (), **kwargs: Any) -> Ledger:
+    """Open the database file with the ledger's and ``extra`` migrations applied."""
+    db = await Database.open(path, [*LEDGER_MIGRATIONS, *extra])
+    return Ledger(db, **kwargs)

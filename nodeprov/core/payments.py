@@ -1,0 +1,294 @@
+"""The one payment pipeline both channels call: authorize → hold → job → settle → change.
+
+``begin`` authorizes a payer and holds the most the job can cost; the returned
+:class:`Charge` is then either ``settle``d with the upstream's usage or ``cancel``led
+(upstream failure: nothing is charged, and a per-request token comes back whole as
+change). :meth:`Payments.run` composes the steps for jobs that return at once.
+
+Payers: an API key (``sk-…``), a token used as a key (first use redeems it into an
+account keyed by the token's fingerprint), a per-request token (``X-Cashu`` or a DM
+token: change is returned), or a Nostr pubkey's account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from nodeprov.core.ledger import OPERATOR, Account, Hold, Ledger, credit, debit
+from nodeprov.core.money import check_unit, from_msat_floor
+from nodeprov.core.pricing import Cost, Endpoint, Pricer
+from nodeprov.core.wallet import Received, Sent, Wallet
+from nodeprov.errors import (
+    InsufficientBalance,
+    MintError,
+    NodeprovError,
+    TokenAlreadySpent,
+    Unauthorized,
+)
+from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PayerKind = Literal["api_key", "token_key", "request_token", "npub"]
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Who pays for a job, and with what credential (an API key, a token, or a pubkey)."""
+
+    kind: PayerKind
+    credential: str
+
+
+def api_key_account(api_key: str) -> str:
+    """The account id of an API key: only its SHA-256 is ever stored."""
+    return "key:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass
+class Charge:
+    """An authorized job with its hold; settle it or cancel it exactly once."""
+
+    payments: Payments
+    account_id: str
+    hold: Hold
+    max_cost: Cost
+    model: str
+    endpoint: Endpoint
+    received: Received | None = None
+    closed: bool = field(default=False)
+
+    async def settle(self, usage: Mapping[str, Any]) -> Settled:
+        """Charge the actual cost from ``usage``; per-request tokens get their change."""
+        return await self.payments._settle(self, usage)
+
+    async def cancel(self) -> Sent | None:
+        """Charge nothing; a per-request token is returned whole (minus mint fees) as change."""
+        return await self.payments._cancel(self)
+
+
+@dataclass(frozen=True)
+class Settled:
+    cost: Cost
+    charged_msat: int
+    change: Sent | None
+    balance_msat: int | None
+
+
+class PaymentFailed(NodeprovError):
+    """Wraps an error raised after money was taken, carrying the refund token for the client."""
+
+    def __init__(self, error: NodeprovError, refund: Sent | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.refund = refund
+        self.status = error.status  # type: ignore[misc]
+        self.type = error.type  # type: ignore[misc]
+        self.code = error.code  # type: ignore[misc]
+
+
+class Payments:
+    """Pricing, ledger and wallet behind one interface."""
+
+    def __init__(self, ledger: Ledger, wallet: Wallet, pricer: Pricer) -> None:
+        self.ledger = ledger
+        self.wallet = wallet
+        self.pricer = pricer
+
+    # --- accounts ---------------------------------------------------------------------
+
+    async def create_key(
+        self, token: str, *, expires_at: int | None = None, refund_address: str | None = None
+    ) -> tuple[str, Account]:
+        """Fund a new API key with ``token``; returns the key (shown once) and its account."""
+        api_key = "sk-" + secrets.token_urlsafe(32)
+        account_id = api_key_account(api_key)
+        await self.ledger.open_account(
+            account_id, "api_key", expires_at=expires_at, refund_address=refund_address
+        )
+        try:
+            await self.wallet.receive(token, account_id, "api_key")
+        except BaseException:
+            await self.ledger.drop_empty_account(account_id)
+            raise
+        account = await self.ledger.account(account_id)
+        assert account is not None
+        return api_key, account
+
+    async def topup(self, account_id: str, token: str) -> Received:
+        if await self.ledger.account(account_id) is None:
+            raise Unauthorized("Unknown API key")
+        return await self.wallet.receive(token, account_id, "api_key")
+
+    async def account_for(self, payer: Payer) -> str:
+        """The ledger account that pays for ``payer`` (redeeming a token-as-key on first use)."""
+        if payer.kind == "api_key":
+            account_id = api_key_account(payer.credential)
+            account = await self.ledger.account(account_id)
+            if account is None or account.revoked:
+                raise Unauthorized("Unknown or revoked API key")
+            return account_id
+        if payer.kind == "npub":
+            account_id = "npub:" + payer.credential
+            await self.ledger.open_account(account_id, "npub")
+            return account_id
+        account_id = "token:" + token_fingerprint(parse_token(payer.credential))
+        if await self.ledger.account(account_id) is None:
+            try:
+                await self.wallet.receive(payer.credential, account_id, "token")
+            except TokenAlreadySpent:
+                # A concurrent first use redeemed it; use the account it made.
+                if await self.ledger.account(account_id) is None:
+                    raise
+        return account_id
+
+    async def withdraw(
+        self,
+        account_id: str,
+        amount_msat: int | None = None,
+        *,
+        mint_url: str | None = None,
+        unit: str | None = None,
+    ) -> Sent:
+        """Pay an account's balance (or ``amount_msat`` of it) out as a token."""
+        account = await self.ledger.account(account_id)
+        if account is None:
+            raise Unauthorized("Unknown API key")
+        amount = account.available_msat if amount_msat is None else amount_msat
+        if amount > account.available_msat:
+            raise InsufficientBalance(
+                f"Insufficient balance. Current: {account.available_msat} msat, "
+                f"Required: {amount} msat"
+            )
+        return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit)
+
+    # --- jobs -----------------------------------------------------------------------
+
+    async def begin(
+        self, payer: Payer, model: str, body: Mapping[str, Any], endpoint: Endpoint = "chat"
+    ) -> Charge:
+        """Price the request, authorize the payer and hold the maximum cost."""
+        max_cost = self.pricer.max_cost(model, body, endpoint)
+        if payer.kind != "request_token":
+            account_id = await self.account_for(payer)
+            hold = await self.ledger.hold(account_id, max_cost.total_msat, purpose=model)
+            return Charge(self, account_id, hold, max_cost, model, endpoint)
+        token = parse_token(payer.credential)
+        account_id = "req:" + token_fingerprint(token)
+        received = await self.wallet.receive(payer.credential, account_id, "request")
+        try:
+            hold = await self.ledger.hold(account_id, max_cost.total_msat, purpose=model)
+        except InsufficientBalance as exc:
+            refund = await self._refund(account_id, received)
+            raise PaymentFailed(
+                InsufficientBalance(
+                    f"Insufficient balance. Current: {received.credited_msat // 1000} sats, "
+                    f"Required: {-(-max_cost.total_msat // 1000)} sats",
+                    **exc.details,
+                ),
+                refund,
+            ) from None
+        return Charge(self, account_id, hold, max_cost, model, endpoint, received)
+
+    async def run(
+        self,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        job: Callable[[], Awaitable[tuple[T, Mapping[str, Any]]]],
+        endpoint: Endpoint = "chat",
+    ) -> tuple[T, Settled]:
+        """Pay for ``job`` (which returns its result and the upstream ``usage``)."""
+        charge = await self.begin(payer, model, body, endpoint)
+        try:
+            result, usage = await job()
+        except NodeprovError as exc:
+            refund = await charge.cancel()
+            raise PaymentFailed(exc, refund) from exc
+        except BaseException:
+            await charge.cancel()
+            raise
+        return result, await charge.settle(usage)
+
+    async def _settle(self, charge: Charge, usage: Mapping[str, Any]) -> Settled:
+        if charge.closed:
+            raise RuntimeError("charge already closed")
+        charge.closed = True
+        cost = self.pricer.actual_cost(charge.model, usage, charge.endpoint)
+        settlement = await self.ledger.settle(charge.hold, cost.total_msat, ref=charge.model)
+        change: Sent | None = None
+        balance: int | None = None
+        if charge.received is not None:
+            change = await self._refund(charge.account_id, charge.received)
+        else:
+            account = await self.ledger.account(charge.account_id)
+            balance = account.available_msat if account else None
+        return Settled(cost, settlement.charged_msat, change, balance)
+
+    async def _cancel(self, charge: Charge) -> Sent | None:
+        if charge.closed:
+            return None
+        charge.closed = True
+        await self.ledger.release(charge.hold)
+        if charge.received is None:
+            return None
+        return await self._refund(charge.account_id, charge.received)
+
+    async def _refund(self, account_id: str, received: Received) -> Sent | None:
+        """Return a per-request account's balance as a token of the payer's mint and unit.
+
+        What is worth less than one unit of the mint (msat left from a sat token) goes to the
+        operator: a sat token pays ``ceil(cost / 1000)`` sat. If the mint cannot be reached,
+        the balance stays claimable with the original token (``claim_change``).
+        """
+        account = await self.ledger.account(account_id)
+        if account is None:
+            return None
+        unit = check_unit(received.unit)
+        value = from_msat_floor(account.available_msat, unit)
+        dust = account.available_msat - (value * 1000 if unit == "sat" else value)
+        if dust:
+            async with self.ledger.db.write() as conn:
+                await debit(conn, account_id, dust, "rounding")
+                await credit(conn, OPERATOR, dust, "rounding")
+        if value <= 0:
+            return None
+        try:
+            return await self.wallet.send(
+                account_id,
+                account.available_msat - dust,
+                mint_url=received.mint_url,
+                unit=unit,
+                kind="change",
+                ref="change:" + received.fingerprint,
+            )
+        except MintError as exc:
+            logger.warning("change kept claimable for %s: %s", account_id, exc)
+            return None
+
+    async def claim_change(self, token: str) -> list[str]:
+        """Change tokens issued for a per-request token, issuing any still owed."""
+        fingerprint = token_fingerprint(parse_token(token))
+        account_id = "req:" + fingerprint
+        account = await self.ledger.account(account_id)
+        if account is None:
+            raise Unauthorized("No payment with this token is known here")
+        if account.available_msat > 0 and account.reserved_msat == 0:
+            op = await self.wallet.pending_op_for(fingerprint)
+            if op is not None:
+                received = Received(
+                    0, op.mint_url, check_unit(op.unit), op.amount, op.fee, fingerprint
+                )
+                await self._refund(account_id, received)
+        rows = await self.ledger.db.fetchall(
+            "SELECT token FROM wallet_ops WHERE account_id = ? AND kind = 'send' AND state = 'done'"
+            " ORDER BY id",
+            (account_id,),
+        )
+        return [r[0] for r in rows]

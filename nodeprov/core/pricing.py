@@ -1,0 +1,431 @@
+"""What a job costs, in integer msat: the hold before it runs and the settlement after.
+
+Rounding rules (the only places money is rounded):
+
+- All arithmetic is exact (``Fraction``); USD rates are converted with one BTC/USD rate per call.
+- ``Cost.total_msat = ceil(fee_multiplier * (request + input + output))``: rounded up, once.
+- The parts are ``floor(fee_multiplier * part)``, so ``sum(parts) <= total_msat`` (for display
+  and accounting breakdowns; the total is what is charged).
+- :meth:`Pricer.prices_msat` rounds each listed price up on its own.
+- :meth:`Pricer.sats_pricing` is display-only (``Decimal``, 12 significant digits, rounded up)
+  and never feeds back into money.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal, localcontext
+from fractions import Fraction
+from typing import Any, Literal
+
+from nodeprov.config import ModelPrice, Rate
+from nodeprov.core.money import MSAT_PER_SAT, ceil_div, ceil_msat
+from nodeprov.core.rates import ExchangeRates
+from nodeprov.errors import (
+    ConfigError,
+    InvalidRequest,
+    PriceUnavailable,
+    UnknownModel,
+    UpstreamError,
+)
+
+__all__ = [
+    "ENDPOINTS",
+    "Cost",
+    "Endpoint",
+    "ExchangeRates",
+    "Pricer",
+    "TokenBounds",
+    "UsageUnavailable",
+]
+
+Endpoint = Literal["chat", "completions", "embeddings", "images", "speech"]
+ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "embeddings", "images", "speech")
+
+PER_MILLION = 1_000_000
+# Chat templates wrap each message (and the reply) in a few special tokens; 8 is generous.
+MESSAGE_OVERHEAD_TOKENS = 8
+# Some upstreams inject a tool-use system prompt (several hundred tokens) when tools are given.
+TOOLS_OVERHEAD_TOKENS = 1024
+# An image costs a model-dependent number of tokens unrelated to its URL or base64 size; this
+# allowance is above what common vision models charge per image.
+IMAGE_PART_TOKENS = 8192
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# Content we cannot size (a file by id): the bound is the whole context window.
+_UNBOUNDED = 1 << 62
+# OpenAI's own limit for n; also keeps a hold from being multiplied without bound.
+MAX_N = 128
+
+
+class UsageUnavailable(UpstreamError):
+    """The upstream's ``usage`` is missing or malformed, so the actual cost is unknown.
+
+    The caller decides; the intended handling is to settle at the hold (:meth:`Pricer.max_cost`),
+    the amount the client agreed to before the job ran.
+    """
+
+    code = "usage_unavailable"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A cost in msat: ``total_msat`` is charged; the floored parts sum to at most the total."""
+
+    total_msat: int
+    request_msat: int = 0
+    input_msat: int = 0
+    output_msat: int = 0
+
+
+@dataclass(frozen=True)
+class TokenBounds:
+    """Upper bounds behind a hold: prompt tokens, and output tokens over all choices."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def make_cost(fee: Fraction, request: Fraction, input_: Fraction, output: Fraction) -> Cost:
+    """Apply the fee once and round: total up, parts down (see the module docstring)."""
+    return Cost(
+        total_msat=int(ceil_msat(fee * (request + input_ + output))),
+        request_msat=math.floor(fee * request),
+        input_msat=math.floor(fee * input_),
+        output_msat=math.floor(fee * output),
+    )
+
+
+class _Converter:
+    """Rates to exact msat, reading the BTC/USD rate at most once so one cost uses one rate."""
+
+    def __init__(self, rates: ExchangeRates | None) -> None:
+        self._rates = rates
+        self._per_usd: Fraction | None = None
+
+    def __call__(self, rate: Rate | None) -> Fraction:
+        if rate is None:
+            return Fraction(0)
+        if isinstance(rate.amount, float):
+            raise TypeError("float never becomes money")
+        if rate.currency == "msat":
+            return Fraction(rate.amount)
+        if rate.currency == "usd":
+            if self._per_usd is None:
+                if self._rates is None:
+                    raise PriceUnavailable("USD prices need exchange rates; none are configured")
+                self._per_usd = self._rates.msat_per_usd()
+            return Fraction(rate.amount) * self._per_usd
+        raise ConfigError(f"unknown price currency {rate.currency!r}")
+
+
+class Pricer:
+    """Prices the configured models; USD rates are converted at call time."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelPrice],
+        fee_multiplier: Fraction,
+        rates: ExchangeRates | None,
+    ) -> None:
+        if isinstance(fee_multiplier, float):
+            raise TypeError("float never becomes money; give the fee multiplier as a Fraction")
+        self._models = dict(models)
+        self._fee = Fraction(fee_multiplier)
+        self._rates = rates
+
+    def models(self) -> list[str]:
+        """The offered model names, sorted."""
+        return sorted(self._models)
+
+    def price(self, model: str) -> ModelPrice:
+        """The price table of ``model``, or :class:`UnknownModel`."""
+        try:
+            return self._models[model]
+        except (KeyError, TypeError):
+            raise UnknownModel(f"model {model!r} is not offered here") from None
+
+    # --- holds and settlement ---------------------------------------------------------
+
+    def token_bounds(self, model: str, body: Any, endpoint: Endpoint = "chat") -> TokenBounds:
+        """The token bounds :meth:`max_cost` charges for (chat, completions, embeddings)."""
+        price = self.price(model)
+        body = _require_mapping(body)
+        ctx = price.context_tokens
+        if endpoint == "embeddings":
+            items = _prompt_items(body.get("input"), "input")
+            prompt = sum(min(ctx, MESSAGE_OVERHEAD_TOKENS + _text_bound(i)) for i in items)
+            return TokenBounds(prompt, 0)
+        if endpoint == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("'messages' must be a non-empty array")
+            size = MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1) + _text_bound(messages)
+            for key in ("tools", "functions", "tool_choice", "response_format"):
+                size += _text_bound(body.get(key))
+            if body.get("tools") or body.get("functions"):
+                size += TOOLS_OVERHEAD_TOKENS
+            prompts = [size]
+            copies = _count(body, "n")
+        elif endpoint == "completions":
+            suffix = _text_bound(body.get("suffix"))
+            items = _prompt_items(body.get("prompt"), "prompt")
+            prompts = [MESSAGE_OVERHEAD_TOKENS + suffix + _text_bound(i) for i in items]
+            # best_of completions are generated (and billed) server-side, n of them returned.
+            copies = max(_count(body, "n"), _count(body, "best_of"))
+        else:
+            raise ValueError(f"endpoint {endpoint!r} is not priced by tokens")
+        limit = _max_tokens(price, body)
+        prompt_total = output_total = 0
+        for size in prompts:
+            bounded = min(size, ctx)
+            output = limit if limit is not None else min(price.max_output_tokens, ctx - bounded)
+            prompt_total += bounded
+            output_total += max(1, output) * copies
+        return TokenBounds(prompt_total, output_total)
+
+    def max_cost(self, model: str, body: Any, endpoint: Endpoint = "chat") -> Cost:
+        """The most ``body`` can cost on ``endpoint``: the amount to hold before the job runs."""
+        price = self.price(model)
+        body = _require_mapping(body)
+        convert = _Converter(self._rates)
+        if endpoint == "images":
+            n = _count(body, "n")
+            rate = _image_rate(price, model, body.get("size"), body.get("quality"))
+            return self._cost(convert, price, output=convert(rate) * n)
+        if endpoint == "speech":
+            text = body.get("input")
+            if not isinstance(text, str):
+                raise InvalidRequest("'input' must be a string")
+            return self._speech(convert, price, len(text))
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}")
+        bounds = self.token_bounds(model, body, endpoint)
+        return self._tokens(convert, price, bounds.prompt_tokens, bounds.completion_tokens)
+
+    def actual_cost(self, model: str, usage: Any, endpoint: Endpoint = "chat") -> Cost:
+        """The cost of a finished job from the upstream ``usage``, or :class:`UsageUnavailable`.
+
+        Chat/completions: ``prompt_tokens``/``completion_tokens`` (or ``input_tokens``/
+        ``output_tokens``); embeddings: the prompt count only; images: ``{"n", "size",
+        "quality"}`` (images returned); speech: ``{"characters"}``.
+        """
+        price = self.price(model)
+        if not isinstance(usage, Mapping):
+            raise UsageUnavailable("the upstream reported no usage")
+        convert = _Converter(self._rates)
+        if endpoint in ("chat", "completions"):
+            prompt = _usage_int(usage, "prompt_tokens", "input_tokens")
+            output = _usage_int(usage, "completion_tokens", "output_tokens")
+            return self._tokens(convert, price, prompt, output)
+        if endpoint == "embeddings":
+            prompt = _usage_int(usage, "prompt_tokens", "input_tokens")
+            return self._tokens(convert, price, prompt, 0)
+        if endpoint == "images":
+            n = _usage_int(usage, "n")
+            rate = _image_rate(price, model, usage.get("size"), usage.get("quality"))
+            return self._cost(convert, price, output=convert(rate) * n)
+        if endpoint == "speech":
+            return self._speech(convert, price, _usage_int(usage, "characters"))
+        raise ValueError(f"unknown endpoint {endpoint!r}")
+
+    def _tokens(self, convert: _Converter, price: ModelPrice, prompt: int, output: int) -> Cost:
+        return self._cost(
+            convert,
+            price,
+            input_=convert(price.input_per_1m) * prompt / PER_MILLION,
+            output=convert(price.output_per_1m) * output / PER_MILLION,
+        )
+
+    def _speech(self, convert: _Converter, price: ModelPrice, chars: int) -> Cost:
+        # Text-to-speech is billed on the input text, so it is an input cost.
+        return self._cost(
+            convert, price, input_=convert(price.speech_per_1m_chars) * chars / PER_MILLION
+        )
+
+    def _cost(
+        self,
+        convert: _Converter,
+        price: ModelPrice,
+        input_: Fraction = Fraction(0),
+        output: Fraction = Fraction(0),
+    ) -> Cost:
+        return make_cost(self._fee, convert(price.request), input_, output)
+
+    # --- listings ---------------------------------------------------------------------
+
+    def prices_msat(self, model: str) -> dict[str, int]:
+        """Current prices in msat with the fee, each rounded up: per request, per 1M tokens."""
+        price = self.price(model)
+        convert = _Converter(self._rates)
+
+        def up(rate: Rate | None) -> int:
+            return int(ceil_msat(self._fee * convert(rate)))
+
+        listed = {
+            "request": up(price.request),
+            "input_per_1m": up(price.input_per_1m),
+            "output_per_1m": up(price.output_per_1m),
+        }
+        if price.speech_per_1m_chars is not None:
+            listed["speech_per_1m_chars"] = up(price.speech_per_1m_chars)
+        for key, rate in sorted(price.image.items()):
+            listed[f"image:{key}"] = up(rate)
+        return listed
+
+    def sats_pricing(self, model: str) -> dict[str, Decimal]:
+        """Routstr's ``sats_pricing`` object (sats per token / request / image). Display only.
+
+        Values are ``Decimal``; serialise them as JSON numbers (Routstr clients do arithmetic
+        on them). ``max_cost`` is whole sats, at least the largest hold of an n=1 chat request.
+        """
+        price = self.price(model)
+        convert = _Converter(self._rates)
+        fee = self._fee
+        request = convert(price.request)
+        per_input = convert(price.input_per_1m) / PER_MILLION
+        per_output = convert(price.output_per_1m) / PER_MILLION
+        images = [convert(rate) for rate in price.image.values()]
+        max_prompt = price.context_tokens * per_input
+        max_output = price.max_output_tokens * per_output
+        max_msat = ceil_msat(fee * (request + max_prompt + max_output))
+        return {
+            "prompt": _display_sats(fee * per_input),
+            "completion": _display_sats(fee * per_output),
+            "request": _display_sats(fee * request),
+            "image": _display_sats(fee * max(images, default=Fraction(0))),
+            "web_search": Decimal(0),
+            "internal_reasoning": Decimal(0),
+            "max_prompt_cost": _display_sats(fee * max_prompt),
+            "max_completion_cost": _display_sats(fee * max_output),
+            "max_cost": Decimal(ceil_div(max_msat, MSAT_PER_SAT)),
+        }
+
+
+# --- display only: never money ------------------------------------------------------------
+
+
+def _display_sats(value_msat: Fraction) -> Decimal:
+    """msat to sats as a ``Decimal`` with 12 significant digits, rounded up; for listings."""
+    with localcontext() as ctx:
+        ctx.prec = 12
+        ctx.rounding = ROUND_CEILING
+        sats = value_msat / MSAT_PER_SAT
+        return Decimal(sats.numerator) / Decimal(sats.denominator)
+
+
+# --- request inspection -------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _require_mapping(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _count(body: Mapping[str, Any], key: str) -> int:
+    """A positive count such as ``n``; absent or null means 1."""
+    value = body.get(key)
+    if value is None:
+        return 1
+    if type(value) is not int or not 1 <= value <= MAX_N:
+        raise InvalidRequest(f"'{key}' must be an integer from 1 to {MAX_N}, got {_show(value)}")
+    return value
+
+
+def _max_tokens(price: ModelPrice, body: Mapping[str, Any]) -> int | None:
+    """The output limit the client asked for (the larger if both keys are given), checked."""
+    given: list[int] = []
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise InvalidRequest(f"'{key}' must be a positive integer, got {_show(value)}")
+        if value > price.max_output_tokens:
+            raise InvalidRequest(
+                f"'{key}' is {value}, more than this model's limit of "
+                f"{price.max_output_tokens} output tokens"
+            )
+        given.append(value)
+    return max(given) if given else None
+
+
+def _prompt_items(value: Any, key: str) -> list[Any]:
+    """The separate inputs of a prompt/input field: a string, token array, or a batch of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(type(v) is int for v in value):
+            return [value]
+        if all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
+            return list(value)
+    raise InvalidRequest(f"'{key}' must be a string, an array of strings or of token ids")
+
+
+def _text_bound(value: Any) -> int:
+    """An upper bound on the tokens of ``value``: UTF-8 bytes of every string in it.
+
+    Byte-level BPE never yields more tokens than bytes; keys and numbers are counted too
+    (a token id has at least one digit). Images get :data:`IMAGE_PART_TOKENS`.
+    """
+    total = 0
+    stack = [value]
+    while stack:  # iterative, so deeply nested input cannot exhaust the recursion limit
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, Mapping):
+            kind = item.get("type")
+            if kind in IMAGE_PART_TYPES:
+                total += IMAGE_PART_TOKENS
+            elif kind in ("file", "input_file") and not _has_file_data(item):
+                total += _UNBOUNDED
+            else:
+                for key, inner in item.items():
+                    stack.extend((key, inner))
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif item is not None:
+            total += len(str(item))
+    return total
+
+
+def _has_file_data(part: Mapping[str, Any]) -> bool:
+    inner = part.get("file")
+    holder = inner if isinstance(inner, Mapping) else part
+    return isinstance(holder.get("file_data"), str)
+
+
+def _image_rate(price: ModelPrice, model: str, size: Any, quality: Any) -> Rate:
+    """The price of one image: ``size/quality``, else ``size``, else ``default``."""
+    keys = []
+    if isinstance(size, str) and isinstance(quality, str):
+        keys.append(f"{size}/{quality}")
+    if isinstance(size, str):
+        keys.append(size)
+    keys.append("default")
+    for key in keys:
+        if key in price.image:
+            return price.image[key]
+    if not price.image:
+        raise InvalidRequest(f"model {model!r} does not generate images here")
+    offered = ", ".join(sorted(price.image))
+    raise InvalidRequest(f"image size {_show(size)} is not offered for {model!r}; use {offered}")
+
+
+def _usage_int(usage: Mapping[str, Any], *keys: str) -> int:
+    for key in keys:
+        value = usage.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 0:
+            raise UsageUnavailable(f"the upstream reported an invalid usage.{key}: {_show(value)}")
+        return value
+    raise UsageUnavailable(f"the upstream's usage has no {' or '.join(keys)}")

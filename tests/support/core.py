@@ -1,0 +1,64 @@
+"""Build the node's core (ledger, wallet, pricing, payments) on a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import MappingProxyType
+
+import httpx
+
+from nodeprov.config import ModelPrice, Rate
+from nodeprov.core.ledger import Ledger, open_ledger
+from nodeprov.core.payments import Payments
+from nodeprov.core.pricing import Pricer
+from nodeprov.core.wallet import Wallet
+
+# A model priced in whole msat so expected costs are easy to compute in tests:
+# 1000 msat per request, 2000 msat per 1M input tokens... scaled up: 2 msat/token in,
+# 5 msat/token out.
+TEST_MODEL = "test-model"
+TEST_PRICE = ModelPrice(
+    request=Rate(Fraction(1000), "msat"),
+    input_per_1m=Rate(Fraction(2_000_000), "msat"),
+    output_per_1m=Rate(Fraction(5_000_000), "msat"),
+    context_tokens=8192,
+    max_output_tokens=1024,
+)
+
+
+@dataclass
+class Core:
+    ledger: Ledger
+    wallet: Wallet
+    pricer: Pricer
+    payments: Payments
+    client: httpx.AsyncClient
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.ledger.db.close()
+
+    async def assert_books_balance(self) -> None:
+        report = await self.ledger.audit()
+        assert report.ok, report
+        held = await self.wallet.balances()
+        for line in report.lines:
+            factor = 1000 if line.unit == "sat" else 1
+            assert held.get((line.mint_url, line.unit), 0) * factor == line.proofs_msat
+
+
+async def build_core(
+    path: Path,
+    mints: Sequence[str],
+    units: Sequence[str] = ("sat", "msat"),
+    mint_timeout: float = 10.0,
+) -> Core:
+    ledger = await open_ledger(path)
+    client = httpx.AsyncClient(timeout=mint_timeout)
+    wallet = Wallet(ledger, mints, units, client)
+    await wallet.start()
+    pricer = Pricer(MappingProxyType({TEST_MODEL: TEST_PRICE}), Fraction(1), None)
+    return Core(ledger, wallet, pricer, Payments(ledger, wallet, pricer), client)
