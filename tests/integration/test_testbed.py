@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +23,8 @@ from tests.support.services import MintHandle, RelayHandle
 from tests.support.tcp_proxy import TcpProxy, dead_url
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 _LOOPS: list[asyncio.AbstractEventLoop] = []
 
@@ -39,6 +45,41 @@ async def test_loop_scope_is_session_b() -> None:
     _LOOPS.append(asyncio.get_running_loop())
     assert len(_LOOPS) == 2
     assert _LOOPS[0] is _LOOPS[1], "asyncio_default_test_loop_scope=session is not in effect"
+
+
+# ---------------------------------------------------------------------------- cashu import
+
+_IMPORT_CHECK = """
+import os, sys
+before = dict(os.environ)
+from tests.support.cashu_client import import_cashu
+import_cashu()
+from cashu.core.settings import settings
+assert dict(os.environ) == before, set(os.environ) ^ set(before)
+assert not hasattr(sys, "tracebacklimit"), sys.tracebacklimit
+assert "FROM_DOTENV" not in os.environ
+assert settings.cashu_dir != "/dotenv/cashu", settings.cashu_dir
+print("ok")
+"""
+
+
+def test_cashu_import_side_effects_are_contained(tmp_path: Path) -> None:
+    """A stray ./.env or ~/.cashu/.env must not leak into the tests' environment."""
+    (tmp_path / ".env").write_text("FROM_DOTENV=1\nCASHU_DIR=/dotenv/cashu\n")
+    (tmp_path / ".cashu").mkdir()
+    (tmp_path / ".cashu" / ".env").write_text("FROM_DOTENV=2\nCASHU_DIR=/dotenv/cashu\n")
+    env = {k: v for k, v in os.environ.items() if k != "DEBUG"}
+    env.update({"HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_CHECK],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
 
 
 # ---------------------------------------------------------------------------------- mints
@@ -108,9 +149,11 @@ async def test_token_factory_has_its_own_wallet(
     token_factory: TokenFactoryMaker, mint: MintHandle
 ) -> None:
     factory = token_factory(mint, "msat")
-    token = await factory.token(1234)
-    assert await factory.proof_states(token) == ["UNSPENT"] * len(await factory.proof_states(token))
-    assert await factory.redeem(token) == 1234
+    tokens = await asyncio.gather(*(factory.token(1234) for _ in range(5)))  # concurrent use
+    assert len(set(tokens)) == 5
+    assert set(await factory.proof_states(tokens[0])) == {"UNSPENT"}
+    assert await factory.redeem(tokens[0]) == 1234
+    assert set(await factory.proof_states(tokens[0])) == {"SPENT"}
 
 
 # ---------------------------------------------------------------------------------- relay

@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -49,16 +50,18 @@ def import_cashu() -> SimpleNamespace:
         # Keep settings from picking up tor/proxy/debug knobs of the developer's shell.
         for key in ("TOR", "SOCKS_PROXY", "SOCKS_HOST", "HTTP_PROXY", "DEBUG"):
             os.environ.pop(key, None)
-        from cashu.core.base import ProofSpentState, TokenV3, TokenV4
-        from cashu.core.helpers import sum_proofs
-        from cashu.wallet.helpers import deserialize_token_from_string
-        from cashu.wallet.wallet import Wallet
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # environs vs marshmallow 3.2x
+            from cashu.core.base import ProofSpentState, TokenV3, TokenV4
+            from cashu.core.helpers import sum_proofs
+            from cashu.wallet.helpers import deserialize_token_from_string
+            from cashu.wallet.wallet import Wallet
     finally:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
         if had_limit:
-            sys.tracebacklimit = saved_limit  # type: ignore[assignment]
+            sys.tracebacklimit = saved_limit
         elif hasattr(sys, "tracebacklimit"):
             del sys.tracebacklimit
     _cashu = SimpleNamespace(

@@ -69,6 +69,8 @@ class TcpProxy:
         self.target_host = target_host
         self.target_port = target_port
         self.delay = delay
+        # Seconds each chunk from the server waits: the request is done, the answer is late.
+        self.response_delay = 0.0
         self.connect_delay = connect_delay
         self.port = port
         self.connections_total = 0
@@ -222,7 +224,7 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None and self._open is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.add(writer)
         self.connections_total += 1
         upstream_writer: asyncio.StreamWriter | None = None
@@ -261,7 +263,7 @@ class TcpProxy:
                 self._writers.discard(w)
                 with contextlib.suppress(Exception):
                     w.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool
@@ -271,7 +273,8 @@ class TcpProxy:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
-                if slow and self.delay > 0:
-                    await asyncio.sleep(self.delay)
+                wait = self.delay if slow else self.response_delay
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()

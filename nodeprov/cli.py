@@ -1,0 +1,370 @@
+"""The ``nodeprov`` command: init, start, status, wallet balance, wallet audit.
+
+Errors a user can fix (bad config, missing file) are one ``error: …`` line on stderr
+with exit code 2; other failures exit 1. No command prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+import click
+from click.core import ParameterSource
+
+from nodeprov import __version__
+from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.core.ledger import AuditReport
+from nodeprov.daemon import Core, books, open_books, run
+from nodeprov.errors import ConfigError, NodeprovError
+from nodeprov.logging_setup import setup_logging
+
+T = TypeVar("T")
+
+# config/ lives next to the package in a source checkout (and in editable installs).
+REPO = Path(__file__).resolve().parent.parent
+DEV_CONFIG = REPO / "config" / "dev.toml"
+EXAMPLE_CONFIG = REPO / "config" / "nodeprov.example.toml"
+DEFAULT_CONFIG = Path("nodeprov.toml")
+USAGE_EXIT = 2
+
+
+@dataclass(frozen=True)
+class Options:
+    config_path: Path | None
+    config_on_command_line: bool
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def guarded(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; expected failures become one error line instead of a traceback."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        fail(exc.message, USAGE_EXIT)
+    except NodeprovError as exc:
+        fail(exc.message)
+    except (OSError, sqlite3.Error) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl+C before the daemon's own handler is installed
+        raise click.exceptions.Exit(130) from None
+
+
+def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool = True) -> Config:
+    """The validated config from ``path``, --config / $NODEPROV_CONFIG, or ./nodeprov.toml."""
+    options = ctx.find_object(Options)
+    path = path or (options.config_path if options else None)
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is None and not any(k.startswith(ENV_PREFIX) and "__" in k for k in os.environ):
+        fail(
+            "no configuration: pass --config FILE, set NODEPROV_CONFIG, or create"
+            " ./nodeprov.toml (`nodeprov init`)",
+            USAGE_EXIT,
+        )
+    try:
+        return load_config(path, require_upstream=require_upstream)
+    except ConfigError as exc:
+        fail(exc.message, USAGE_EXIT)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="NODEPROV_CONFIG",
+    help="Config file (TOML). Default: $NODEPROV_CONFIG, else ./nodeprov.toml if present.",
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines to stderr instead of plain text.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Least severe log level shown.",
+)
+@click.version_option(__version__, prog_name="nodeprov")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, log_json: bool, log_level: str) -> None:
+    """nodeprov: sell LLM access for Cashu eCash over HTTP and Nostr.
+
+    Settings come from the config file, overridden by NODEPROV_<SECTION>__<KEY>
+    environment variables (see docs/configuration.md).
+    """
+    source = ctx.get_parameter_source("config_path")
+    ctx.obj = Options(config_path, source == ParameterSource.COMMANDLINE)
+    setup_logging(json_lines=log_json, level=log_level)
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def init(ctx: click.Context, path: Path | None) -> None:
+    """Write a commented config to PATH (default: --config, else ./nodeprov.toml).
+
+    The file is a copy of config/nodeprov.example.toml listing every option; an existing
+    file is never overwritten. Edit wallet.mints, [[upstreams]] and [models] before
+    `nodeprov start`. Generating the provider's Nostr key is not done yet: it comes with
+    the Nostr channel.
+    """
+    options = ctx.find_object(Options)
+    target = path or (options.config_path if options else None) or DEFAULT_CONFIG
+    try:
+        example = EXAMPLE_CONFIG.read_bytes()
+    except OSError:
+        fail(f"the example config {EXAMPLE_CONFIG} is missing; init needs a source checkout")
+    try:
+        # O_EXCL: refusing to overwrite is decided by the OS, not by a racy exists() check.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fail(f"{target} already exists; not overwriting it")
+    except OSError as exc:
+        fail(f"cannot create {target}: {exc.strerror}")
+    with os.fdopen(fd, "wb") as file:
+        file.write(example)
+    click.echo(f"wrote {target}; edit it, then run: nodeprov --config {target} start")
+
+
+# --- start -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Use config/dev.toml of the source checkout (mint at 127.0.0.1:3338).",
+)
+@click.pass_context
+def start(ctx: click.Context, dev: bool) -> None:
+    """Run the daemon until Ctrl+C or SIGTERM.
+
+    Today this runs the core: ledger, wallet, pricing and payments, start-up recovery
+    of interrupted wallet operations, the hold sweeper and the BTC/USD refresh. The
+    HTTP API, the Nostr channel and the embedded dev stack (mint, relay, demo upstream
+    for --dev) land in later issues.
+    """
+    options = ctx.find_object(Options)
+    path = None
+    if dev:
+        if options and options.config_on_command_line:
+            fail("give --dev or --config, not both", USAGE_EXIT)
+        if not DEV_CONFIG.is_file():
+            fail(f"--dev needs {DEV_CONFIG} from a source checkout; use --config FILE", USAGE_EXIT)
+        path = DEV_CONFIG
+    config = load(ctx, path)
+    if dev:
+        for mint in config.wallet.mints:
+            if not _listening(mint):
+                click.echo(
+                    f"dev mint not running at {mint}: the embedded dev stack lands in a later"
+                    " issue; the core runs without it and uses the mint once it is up",
+                    err=True,
+                )
+
+    def ready(core: Core) -> None:
+        pid = os.getpid()
+        models = len(core.config.models)
+        click.echo(
+            f"{config.node.name} running (pid {pid}): core only - ledger {config.ledger_path},"
+            f" {len(core.wallet.mints)} mint(s), {models} priced model(s)."
+        )
+        click.echo(
+            f"Not running yet: the HTTP API ({config.http.host}:{config.http.port}) and the"
+            " Nostr channel; they land in later issues."
+        )
+        click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
+
+    guarded(run(config, asyncio.Event(), on_ready=ready))
+    click.echo("nodeprov stopped.")
+
+
+def _listening(url: str) -> bool:
+    """Whether something accepts TCP connections at ``url``'s host and port."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the configuration and the ledger's totals (read-only; safe while running)."""
+    config = load(ctx, require_upstream=False)
+    summary: dict[str, Any] = {
+        "name": config.node.name,
+        "data_dir": str(config.node.data_dir),
+        "http": f"{config.http.host}:{config.http.port}",
+        "relays": list(config.nostr.relays),
+        "mints": list(config.wallet.mints),
+        "units": list(config.wallet.units),
+        "upstreams": [u.name for u in config.upstreams],
+        "models": sorted(config.models),
+        "fee_multiplier": str(config.pricing.fee_multiplier),
+        "ledger": None,
+    }
+    if config.ledger_path.exists():
+        summary["ledger"] = guarded(_ledger_status(config))
+    if as_json:
+        emit_json(summary)
+        return
+    for key in ("name", "data_dir", "http", "relays", "mints", "units", "upstreams", "models"):
+        value = summary[key]
+        shown = ", ".join(value) if isinstance(value, list) else value
+        click.echo(f"{key + ':':<15}{shown or '-'}")
+    click.echo(f"{'fee:':<15}x{summary['fee_multiplier']}")
+    ledger = summary["ledger"]
+    if ledger is None:
+        click.echo(f"{'ledger:':<15}not created yet ({config.ledger_path})")
+        return
+    click.echo(f"{'ledger:':<15}{config.ledger_path}")
+    accounts = ", ".join(f"{k} {n}" for k, n in ledger["accounts"].items()) or "none"
+    click.echo(f"{'accounts:':<15}{accounts}")
+    click.echo(f"{'users:':<15}{ledger['users_msat']} msat ({ledger['held_msat']} msat held)")
+    click.echo(f"{'operator:':<15}{ledger['operator_msat']} msat")
+    click.echo(f"{'pending ops:':<15}{ledger['pending_ops']}")
+    click.echo(
+        f"{'audit:':<15}{'ok' if ledger['audit_ok'] else 'MISMATCH (nodeprov wallet audit)'}"
+    )
+
+
+async def _ledger_status(config: Config) -> dict[str, Any]:
+    ledger, _, client = await open_books(config)
+    try:
+        totals = asdict(await books(ledger))
+        totals["audit_ok"] = (await ledger.audit()).ok
+        return totals
+    finally:
+        await client.aclose()
+        await ledger.db.close()
+
+
+# --- wallet ------------------------------------------------------------------------------
+
+
+@main.group()
+def wallet() -> None:
+    """Inspect the node's proofs and books (read-only; safe while the daemon runs)."""
+
+
+@wallet.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def balance(ctx: click.Context, as_json: bool) -> None:
+    """Show proofs held per mint and unit, and the books: users, holds, operator earnings."""
+    config = load(ctx, require_upstream=False)
+    data = guarded(_balance(config))
+    if as_json:
+        emit_json(data)
+        return
+    click.echo("proofs held:")
+    for row in data["proofs"]:
+        click.echo(f"  {row['mint']}  {row['amount']} {row['unit']} ({row['msat']} msat)")
+    b = data["books"]
+    accounts = ", ".join(f"{k} {n}" for k, n in b["accounts"].items()) or "no accounts"
+    click.echo("books:")
+    click.echo(f"  users     {b['users_msat']} msat ({accounts})")
+    click.echo(f"  holds     {b['held_msat']} msat in {b['holds']} running job(s)")
+    click.echo(f"  operator  {b['operator_msat']} msat earned")
+    if b["pending_ops"]:
+        click.echo(f"  {b['pending_ops']} wallet operation(s) pending at a mint")
+
+
+async def _balance(config: Config) -> dict[str, Any]:
+    ledger, node_wallet, client = await open_books(config)
+    try:
+        held = await node_wallet.balances()
+        totals = await books(ledger)
+    finally:
+        await client.aclose()
+        await ledger.db.close()
+    # Configured mints are listed even when empty, so a fresh node shows what it accepts.
+    keys = {(m, u) for m in config.wallet.mints for u in config.wallet.units} | set(held)
+    proofs = []
+    for mint, unit in sorted(keys):
+        amount = held.get((mint, unit), 0)
+        msat = amount * (1000 if unit == "sat" else 1)
+        proofs.append({"mint": mint, "unit": unit, "amount": amount, "msat": msat})
+    return {"proofs": proofs, "books": asdict(totals)}
+
+
+@wallet.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def audit(ctx: click.Context, as_json: bool) -> None:
+    """Check that the proofs held match the books; exit code 1 if they do not.
+
+    Per mint and unit the recorded assets must equal the proofs in the store, all assets
+    must equal all balances owed (users + operator), and every balance must equal the sum
+    of its transaction log. Local check only: the mints are not asked.
+    """
+    config = load(ctx, require_upstream=False)
+    report, pending = guarded(_audit(config))
+    if as_json:
+        emit_json(
+            {
+                "ok": report.ok,
+                "lines": [asdict(line) | {"ok": line.ok} for line in report.lines],
+                "assets_msat": report.assets_msat,
+                "liabilities_msat": report.liabilities_msat,
+                "log_mismatches": list(report.log_mismatches),
+                "pending_ops": pending,
+            }
+        )
+    else:
+        for line in report.lines:
+            mark = "ok" if line.ok else "MISMATCH"
+            click.echo(
+                f"{mark:<9}{line.mint_url} {line.unit}: books {line.books_msat} msat,"
+                f" proofs {line.proofs_msat} msat"
+            )
+        same = report.assets_msat == report.liabilities_msat
+        click.echo(
+            f"{'ok' if same else 'MISMATCH':<9}assets {report.assets_msat} msat,"
+            f" owed {report.liabilities_msat} msat"
+        )
+        for mismatch in report.log_mismatches:
+            click.echo(f"{'MISMATCH':<9}{mismatch}")
+        click.echo("books balance" if report.ok else "books do NOT balance")
+        if not report.ok and pending:
+            click.echo(f"note: {pending} wallet operation(s) are in flight at a mint")
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+async def _audit(config: Config) -> tuple[AuditReport, int]:
+    ledger, _, client = await open_books(config)
+    try:
+        return await ledger.audit(), (await books(ledger)).pending_ops
+    finally:
+        await client.aclose()
+        await ledger.db.close()

@@ -1,0 +1,234 @@
+"""Builds the core once and runs the daemon's long-lived tasks until asked to stop.
+
+A *service* is ``async (core, stop) -> None`` that runs until ``stop`` is set. The core's
+housekeeping loops are services today; the HTTP server and the Nostr pool join them later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from nodeprov.config import Config
+from nodeprov.core.ledger import OPERATOR, Ledger, now, open_ledger
+from nodeprov.core.payments import Payments
+from nodeprov.core.pricing import Pricer
+from nodeprov.core.rates import ExchangeRates
+from nodeprov.core.wallet import Wallet
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 60.0
+RECOVER_SECONDS = 60.0
+# How long services get to finish after stop is set before they are cancelled.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Core:
+    """Everything both channels share: one ledger, one wallet, one pricer, one pipeline."""
+
+    config: Config
+    ledger: Ledger
+    wallet: Wallet
+    pricer: Pricer
+    payments: Payments
+    client: httpx.AsyncClient
+    rates: ExchangeRates | None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.ledger.db.close()
+
+
+Service = Callable[[Core, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def needs_rates(config: Config) -> bool:
+    """Whether any model has a USD price (and so needs the BTC/USD rate)."""
+    return any(r.currency == "usd" for p in config.models.values() for r in p.rates())
+
+
+async def open_books(config: Config) -> tuple[Ledger, Wallet, httpx.AsyncClient]:
+    """The ledger and an offline wallet over it, for commands that only read the books."""
+    ledger = await open_ledger(
+        config.ledger_path, hold_timeout_seconds=config.ledger.hold_timeout_seconds
+    )
+    client = httpx.AsyncClient(timeout=float(config.wallet.mint_timeout_seconds))
+    return ledger, Wallet(ledger, config.wallet.mints, config.wallet.units, client), client
+
+
+async def build_core(config: Config) -> Core:
+    """Open the ledger, start the wallet (loading mint keysets) and wire up payments."""
+    ledger, wallet, client = await open_books(config)
+    try:
+        await wallet.start()
+        rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
+        pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
+        payments = Payments(ledger, wallet, pricer)
+    except BaseException:
+        await client.aclose()
+        await ledger.db.close()
+        raise
+    return Core(config, ledger, wallet, pricer, payments, client, rates)
+
+
+async def recover(core: Core) -> None:
+    """Start-up recovery: settle interrupted wallet operations, release every hold."""
+    outcome = await core.wallet.recover()
+    if outcome:
+        counts = ", ".join(f"{state}={n}" for state, n in sorted(outcome.items()))
+        log.info("wallet recovery: %s", counts)
+    else:
+        log.info("wallet recovery: no interrupted operations")
+    # No job survives a restart, so every open hold is stale now.
+    released = await core.ledger.release_stale_holds()
+    if released:
+        log.info("released %d holds left by the previous run", released)
+
+
+async def _every(
+    seconds: float, stop: asyncio.Event, name: str, step: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``step`` every ``seconds`` until ``stop``; one failed round is logged, not fatal."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        if stop.is_set():
+            return
+        try:
+            await step()
+        except Exception:
+            log.exception("%s failed; retrying in %.0f s", name, seconds)
+
+
+async def sweep_holds(core: Core, stop: asyncio.Event) -> None:
+    """Release holds whose job outlived ``ledger.hold_timeout_seconds``."""
+
+    async def step() -> None:
+        released = await core.ledger.release_stale_holds(at=now())
+        if released:
+            log.warning("released %d expired holds", released)
+
+    await _every(SWEEP_SECONDS, stop, "hold sweep", step)
+
+
+async def retry_recovery(core: Core, stop: asyncio.Event) -> None:
+    """Retry wallet operations left pending because a mint was unreachable."""
+
+    async def step() -> None:
+        outcome = await core.wallet.recover()
+        if outcome and set(outcome) != {"pending"}:
+            log.info("wallet recovery retry: %s", outcome)
+
+    await _every(RECOVER_SECONDS, stop, "wallet recovery", step)
+
+
+async def refresh_rates(core: Core, stop: asyncio.Event) -> None:
+    """Keep the BTC/USD rate fresh (only when some model is priced in USD)."""
+    if core.rates is None:
+        await stop.wait()
+        return
+    await core.rates.run(stop)
+
+
+CORE_SERVICES: tuple[Service, ...] = (refresh_rates, sweep_holds, retry_recovery)
+
+
+async def run(
+    config: Config,
+    stop: asyncio.Event,
+    *,
+    services: Sequence[Service] = CORE_SERVICES,
+    on_ready: Callable[[Core], None] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Build the core, recover, run ``services`` until ``stop`` (or SIGINT/SIGTERM), close."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        core = await build_core(config)
+        try:
+            await recover(core)
+            if on_ready is not None:
+                on_ready(core)
+            await _supervise(core, stop, services)
+        finally:
+            await core.close()
+            log.info("stopped")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _supervise(core: Core, stop: asyncio.Event, services: Sequence[Service]) -> None:
+    """Run services until ``stop``; a service that crashes stops the daemon with its error."""
+    tasks = [asyncio.create_task(s(core, stop), name=s.__name__) for s in services]
+    stopping: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    failure: BaseException | None = None
+    try:
+        pending: set[asyncio.Task[Any]] = {*tasks, stopping}
+        while not stop.is_set():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error("%s failed: %s", task.get_name(), exc, exc_info=exc)
+                    failure = failure or exc
+                    stop.set()
+        stop.set()
+        _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
+        for task in late:
+            log.warning("%s did not stop in time; cancelling it", task.get_name())
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    finally:
+        stopping.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(stopping, *tasks, return_exceptions=True)
+    if failure is not None:
+        raise failure
+
+
+# --- read-only views of the books, for `status` and `wallet balance` -------------------
+
+
+@dataclass(frozen=True)
+class Books:
+    """What the node owes: user balances (with what running jobs hold) and its earnings."""
+
+    accounts: dict[str, int]
+    users_msat: int
+    held_msat: int
+    holds: int
+    operator_msat: int
+    pending_ops: int
+
+
+async def books(ledger: Ledger) -> Books:
+    """Totals of the ledger (one consistent read per figure; the daemon may be running)."""
+    kinds = await ledger.db.fetchall(
+        "SELECT kind, COUNT(*), COALESCE(SUM(balance_msat), 0) FROM accounts "
+        "WHERE id != ? GROUP BY kind ORDER BY kind",
+        (OPERATOR,),
+    )
+    holds = await ledger.db.fetchone("SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM holds")
+    pending = await ledger.db.fetchone("SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'")
+    operator = await ledger.account(OPERATOR)
+    return Books(
+        accounts={row[0]: int(row[1]) for row in kinds},
+        users_msat=sum(int(row[2]) for row in kinds),
+        held_msat=int(holds[1]) if holds else 0,
+        holds=int(holds[0]) if holds else 0,
+        operator_msat=operator.balance_msat if operator else 0,
+        pending_ops=int(pending[0]) if pending else 0,
+    )

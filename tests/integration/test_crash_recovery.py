@@ -1,0 +1,229 @@
+"""kill -9 a worker at each step of the wallet journal; recovery credits once and loses nothing.
+
+The worker talks to the real mint through a TCP proxy the test controls, which lets the test
+stop the world at a chosen step:
+
+- ``journalled``: the op is written as pending, the swap request never reaches the mint;
+- ``at_mint``: the mint has done the swap, its answer never reaches the worker;
+- ``committed``: the op finished and was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nodeprov.core.mint_api import MintApi
+from nodeprov.core.wallet import hash_to_curve_hex
+from nodeprov.errors import TokenAlreadySpent
+from nodeprov.protocol.cashu_token import parse_token
+from tests.support.core import Core, build_core
+from tests.support.services import MintHandle
+from tests.support.tcp_proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.crash_worker", *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        assert line == "ready", f"worker did not start: {line!r}"
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def wait_done(self) -> None:
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "done"
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def pending_ops(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(
+            conn.execute("SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'").fetchone()[0]
+        )
+
+
+async def wait_inputs_spent(db: Path, mint: MintHandle) -> None:
+    """Until the mint reports the pending op's input proofs spent (it did the swap)."""
+    with sqlite3.connect(db) as conn:
+        inputs = json.loads(
+            conn.execute("SELECT inputs FROM wallet_ops WHERE state = 'pending'").fetchone()[0]
+        )
+    ys = [hash_to_curve_hex(p["secret"]) for p in inputs]
+    async with httpx.AsyncClient() as client:
+        api = MintApi(mint.url, client)
+        for _ in range(200):
+            if set(await api.check_state(ys)) == {"SPENT"}:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the mint never did the swap")
+
+
+async def states(make_token, token: str) -> set[str]:
+    return set(await make_token.proof_states(token))
+
+
+EXPECTED_RECOVERY = {
+    ("receive", "journalled"): {"failed": 1},
+    ("receive", "at_mint"): {"done": 1},
+    ("send", "journalled"): {"failed": 1},
+    ("send", "at_mint"): {"reversed": 1},
+}
+
+
+async def recovered_core(db: Path, mint: MintHandle, kind: str, step: str) -> Core:
+    core = await build_core(db, [mint.url])
+    outcome = await core.wallet.recover()
+    assert outcome == EXPECTED_RECOVERY.get((kind, step), {})
+    return core
+
+
+@pytest.mark.parametrize("step", ["journalled", "at_mint", "committed"])
+async def test_receive_survives_kill_at_each_step(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy, step: str
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    await (await build_core(db, [mint.url])).close()  # schema in place before the worker starts
+    token = await make_token(100, mint=mint)
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    worker = Worker([str(db), mint.url, proxy.url, "receive", token, "key:crash"])
+    try:
+        if step == "journalled":
+            proxy.pause()
+            proxy.drop_connections()
+        elif step == "at_mint":
+            proxy.response_delay = 60.0
+        worker.go()
+        if step == "journalled":
+            wait_until(lambda: pending_ops(db) == 1)
+            await asyncio.sleep(0.3)
+            assert await states(make_token, token) == {"UNSPENT"}
+        elif step == "at_mint":
+            for _ in range(200):
+                if await states(make_token, token) == {"SPENT"}:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending_ops(db) == 1
+        else:
+            await asyncio.to_thread(worker.wait_done)
+        worker.kill()
+    finally:
+        worker.close()
+        # A request still stalled in the proxy must not reach the mint after the crash.
+        proxy.drop_connections()
+        proxy.resume()
+
+    core = await recovered_core(db, mint, "receive", step)
+    try:
+        assert pending_ops(db) == 0
+        account = await core.ledger.account("key:crash")
+        credited = account.balance_msat if account else 0
+        if step == "journalled":
+            # The mint never saw the swap: nothing credited, the user still holds the token,
+            # and it can be offered again and is credited exactly once.
+            assert credited == 0
+            assert await states(make_token, token) == {"UNSPENT"}
+            await core.wallet.receive(token, "key:crash", "api_key")
+        account = await core.ledger.account("key:crash")
+        assert account is not None and account.balance_msat == 100_000
+        with pytest.raises(TokenAlreadySpent):
+            await core.wallet.receive(token, "key:crash", "api_key")
+        assert await states(make_token, token) == {"SPENT"}
+        await core.assert_books_balance()
+    finally:
+        await core.close()
+
+
+@pytest.mark.parametrize("step", ["journalled", "at_mint", "committed"])
+async def test_send_survives_kill_at_each_step(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy, step: str
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    core = await build_core(db, [mint.url])
+    await core.wallet.receive(await make_token(64, mint=mint), "key:s", "api_key")
+    # Use up the 1-sat proofs so the next 1-sat send needs a swap at the mint.
+    for _ in range(2):
+        await core.wallet.send("key:s", 1000, mint_url=mint.url, unit="sat")
+    await core.close()
+
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    worker = Worker([str(db), mint.url, proxy.url, "send", "1000", "key:s", "sat"])
+    try:
+        if step == "journalled":
+            proxy.pause()
+            proxy.drop_connections()
+        elif step == "at_mint":
+            proxy.response_delay = 60.0
+        worker.go()
+        if step == "committed":
+            await asyncio.to_thread(worker.wait_done)
+        else:
+            wait_until(lambda: pending_ops(db) == 1)
+            if step == "at_mint":
+                await wait_inputs_spent(db, mint)
+            else:
+                await asyncio.sleep(0.3)
+        worker.kill()
+    finally:
+        worker.close()
+        # A request still stalled in the proxy must not reach the mint after the crash.
+        proxy.drop_connections()
+        proxy.resume()
+
+    core = await recovered_core(db, mint, "send", step)
+    try:
+        assert pending_ops(db) == 0
+        account = await core.ledger.account("key:s")
+        assert account is not None
+        if step == "committed":
+            # The token was issued (and would have reached the user): the debit stands.
+            assert account.balance_msat == 61_000
+        else:
+            # The user never got a token: the account has its money back, less any mint fee.
+            assert account.balance_msat == 62_000
+        await core.assert_books_balance()
+        # Whatever happened, the pool still pays out everything the books say it holds.
+        sent = await core.wallet.send("key:s", account.balance_msat, mint_url=mint.url, unit="sat")
+        assert await make_token.redeem(sent.token) == account.balance_msat // 1000
+        assert len(parse_token(sent.token).proofs) >= 1
+        await core.assert_books_balance()
+    finally:
+        await core.close()

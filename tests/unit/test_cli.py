@@ -1,0 +1,263 @@
+"""The ``nodeprov`` CLI: help everywhere, one-line config errors, wallet views, init, run()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from nodeprov.cli import EXAMPLE_CONFIG, main
+from nodeprov.config import load_config
+from nodeprov.daemon import Core, run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released), so mint calls fail fast."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def write_config(tmp_path: Path, extra: str = "", mint: str | None = None) -> Path:
+    mint = mint or f"http://127.0.0.1:{closed_port()}"
+    path = tmp_path / "nodeprov.toml"
+    path.write_text(
+        f"""
+[node]
+data_dir = "{tmp_path / "data"}"
+
+[wallet]
+mints = ["{mint}"]
+
+[[upstreams]]
+name = "demo"
+base_url = "http://127.0.0.1:8088/v1"
+models = ["demo-chat"]
+
+[models."demo-chat"]
+input_per_1m_msat = 1000
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    monkeypatch.chdir(tmp_path)  # no ./nodeprov.toml of the developer's leaks in
+    return CliRunner(env={"NODEPROV_CONFIG": None})
+
+
+def invoke(runner: CliRunner, *args: str | Path) -> Result:
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def commands(group: click.Group = main, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every leaf command as its argument path, e.g. ("wallet", "audit")."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        if isinstance(command, click.Group):
+            yield from commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+# --- help --------------------------------------------------------------------------------
+
+
+def test_every_command_has_help(runner: CliRunner) -> None:
+    paths = [(), ("wallet",), *commands()]
+    assert ("wallet", "audit") in paths and ("start",) in paths
+    for path in paths:
+        result = invoke(runner, *path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage: " in result.output
+        help_text = result.output.split("\n\n", 2)[1].strip()
+        assert len(help_text) > 20, (path, result.output)
+
+
+def test_readme_command_list_matches_help(runner: CliRunner) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `nodeprov ([a-z]+(?: [a-z]+)*)([^`]*)`", section, re.M)
+    assert {tuple(name.split()) for name, _ in rows} == set(commands())
+    for name, usage in rows:  # every option the README shows exists
+        help_text = invoke(runner, *name.split(), "--help").output
+        for option in re.findall(r"--[a-z-]+", usage):
+            assert option in help_text, (name, option)
+
+
+def test_init_help_says_nostr_key_comes_later(runner: CliRunner) -> None:
+    assert "Nostr key" in invoke(runner, "init", "--help").output
+
+
+# --- configuration errors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mint", "extra", "needle"),
+    [
+        (None, "[http]\nprot = 1", "unknown key 'http.prot' (did you mean 'http.port'?)"),
+        ("ftp://mint", "", "wallet.mints[0]: 'ftp://mint' is not a valid http/https URL"),
+    ],
+)
+@pytest.mark.parametrize("command", [("status",), ("wallet", "audit"), ("start",)])
+def test_bad_config_is_one_line_exit_2(
+    runner: CliRunner,
+    tmp_path: Path,
+    mint: str | None,
+    extra: str,
+    needle: str,
+    command: tuple[str, ...],
+) -> None:
+    path = write_config(tmp_path, extra, mint=mint)
+    result = invoke(runner, "--config", path, *command)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {needle}\n"
+    assert result.stdout == ""
+
+
+def test_missing_config_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = invoke(runner, "-c", tmp_path / "nope.toml", "status")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: config file {tmp_path / 'nope.toml'} does not exist\n"
+
+
+def test_no_config_at_all(runner: CliRunner) -> None:
+    result = invoke(runner, "wallet", "balance")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no configuration") and result.stderr.count("\n") == 1
+
+
+def test_config_from_env_variable(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    result = runner.invoke(main, ["status", "--json"], env={"NODEPROV_CONFIG": str(path)})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["models"] == ["demo-chat"]
+
+
+def test_dev_and_config_together_refused(runner: CliRunner, tmp_path: Path) -> None:
+    result = invoke(runner, "-c", write_config(tmp_path), "start", "--dev")
+    assert result.exit_code == 2
+    assert result.stderr == "error: give --dev or --config, not both\n"
+
+
+# --- wallet and status on a fresh data_dir -------------------------------------------------
+
+
+def test_fresh_node_audit_balance_status(runner: CliRunner, tmp_path: Path) -> None:
+    mint = f"http://127.0.0.1:{closed_port()}"
+    path = write_config(tmp_path, mint=mint)
+
+    status = invoke(runner, "-c", path, "status", "--json")
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["ledger"] is None  # status does not create the ledger
+
+    audit = invoke(runner, "-c", path, "wallet", "audit")
+    assert audit.exit_code == 0, audit.output
+    assert "books balance" in audit.stdout
+
+    balance = invoke(runner, "-c", path, "wallet", "balance", "--json")
+    assert balance.exit_code == 0, balance.output
+    data = json.loads(balance.stdout)
+    assert {(p["mint"], p["unit"], p["amount"]) for p in data["proofs"]} == {
+        (mint, "sat", 0),
+        (mint, "msat", 0),
+    }
+    assert data["books"] == {
+        "accounts": {},
+        "users_msat": 0,
+        "held_msat": 0,
+        "holds": 0,
+        "operator_msat": 0,
+        "pending_ops": 0,
+    }
+    ledger = json.loads(invoke(runner, "-c", path, "status", "--json").stdout)["ledger"]
+    assert ledger["audit_ok"] is True and ledger["users_msat"] == 0
+
+
+def test_audit_reports_unbalanced_books(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    assert invoke(runner, "-c", path, "wallet", "audit").exit_code == 0
+    # Money that appears without a deposit: owed to a user, backed by no proofs, not logged.
+    db = sqlite3.connect(load_config(path).ledger_path)
+    with db:
+        db.execute(
+            "INSERT INTO accounts (id, kind, balance_msat, created_at) "
+            "VALUES ('key:x', 'api_key', 5000, 0)"
+        )
+    db.close()
+    result = invoke(runner, "-c", path, "wallet", "audit")
+    assert result.exit_code == 1
+    assert "MISMATCH" in result.stdout and "books do NOT balance" in result.stdout
+    assert "assets 0 msat, owed 5000 msat" in result.stdout
+    report = json.loads(invoke(runner, "-c", path, "wallet", "audit", "--json").stdout)
+    assert report["ok"] is False and report["log_mismatches"] == ["balance != log for key:x"]
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+def test_init_writes_and_refuses_to_overwrite(runner: CliRunner, tmp_path: Path) -> None:
+    target = tmp_path / "conf" / "node.toml"
+    target.parent.mkdir()
+    result = invoke(runner, "init", target)
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes() == EXAMPLE_CONFIG.read_bytes()
+    assert target.stat().st_mode & 0o077 == 0  # may hold API keys
+
+    target.write_text("# mine\n")
+    again = invoke(runner, "init", target)
+    assert again.exit_code == 1
+    assert again.stderr == f"error: {target} already exists; not overwriting it\n"
+    assert target.read_text() == "# mine\n"
+
+
+def test_init_default_path(runner: CliRunner, tmp_path: Path) -> None:
+    assert invoke(runner, "init").exit_code == 0
+    assert (tmp_path / "nodeprov.toml").is_file()
+
+
+# --- the daemon ----------------------------------------------------------------------------
+
+
+async def test_run_builds_core_and_stops(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path), {})
+    stop = asyncio.Event()
+    seen: list[Core] = []
+
+    def ready(core: Core) -> None:
+        seen.append(core)
+        stop.set()
+
+    await asyncio.wait_for(run(config, stop, on_ready=ready, handle_signals=False), 10)
+    assert seen and seen[0].rates is None  # msat prices need no exchange rates
+    assert config.ledger_path.is_file()
+
+
+async def test_crashing_service_stops_daemon_with_its_error(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path), {})
+
+    async def broken(core: Core, stop: asyncio.Event) -> None:
+        raise RuntimeError("boom")
+
+    async def polite(core: Core, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(
+            run(config, asyncio.Event(), services=(broken, polite), handle_signals=False), 10
+        )
