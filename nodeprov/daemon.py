@@ -18,6 +18,7 @@ import httpx
 
 from nodeprov.config import Config
 from nodeprov.core.ledger import OPERATOR, Ledger, now, open_ledger
+from nodeprov.core.melt import Melter
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.rates import ExchangeRates
@@ -83,6 +84,8 @@ async def build_core(config: Config) -> Core:
 async def recover(core: Core) -> None:
     """Start-up recovery: settle interrupted wallet operations, release every hold."""
     outcome = await core.wallet.recover()
+    for state, n in (await Melter(core.wallet).recover()).items():
+        outcome[f"melt_{state}"] = n
     if outcome:
         counts = ", ".join(f"{state}={n}" for state, n in sorted(outcome.items()))
         log.info("wallet recovery: %s", counts)
@@ -124,7 +127,11 @@ async def retry_recovery(core: Core, stop: asyncio.Event) -> None:
     """Retry wallet operations left pending because a mint was unreachable."""
 
     async def step() -> None:
-        outcome = await core.wallet.recover()
+        # Ops younger than this may still be awaited by a live request.
+        older_than = now() - 2 * int(core.config.wallet.mint_timeout_seconds) - 60
+        outcome = await core.wallet.recover(older_than=older_than)
+        for state, n in (await Melter(core.wallet).recover(older_than=older_than)).items():
+            outcome[f"melt_{state}"] = n
         if outcome and set(outcome) != {"pending"}:
             log.info("wallet recovery retry: %s", outcome)
 

@@ -172,7 +172,7 @@ class Wallet:
                 return keyset
         raise UnsupportedUnit(f"the mint {mint_url} has no active {unit} keyset")
 
-    def _outputs(self, keyset: Keyset, amounts: list[int], role: str) -> list[BlindedOutput]:
+    def make_outputs(self, keyset: Keyset, amounts: list[int], role: str) -> list[BlindedOutput]:
         outputs = []
         for amount in amounts:
             secret = secrets.token_hex(32)
@@ -180,19 +180,22 @@ class Wallet:
             outputs.append(BlindedOutput(amount, keyset.id, secret, r, B_, role))
         return outputs
 
-    def _unblind(
+    def unblind_signatures(
         self, keyset: Keyset, outputs: Sequence[BlindedOutput], signatures: Sequence[Any]
     ) -> list[Proof]:
+        """Turn the mint's blind signatures on ``outputs`` into proofs, checking their DLEQ."""
         proofs = []
         for output, sig in zip(outputs, signatures, strict=True):
-            A = keyset.keys[output.amount]
+            # A blank output (NUT-08 melt change) takes the amount the mint signed it for.
+            amount = int(sig.get("amount", output.amount))
+            A = keyset.keys[amount]
             dleq = sig.get("dleq")
             if dleq and not verify_signature_dleq(output.B_, sig["C_"], dleq["e"], dleq["s"], A):
                 raise MintError("the mint's DLEQ proof does not verify")
             C = unblind(sig["C_"], output.r, A)
             proofs.append(
                 Proof(
-                    amount=output.amount,
+                    amount=amount,
                     keyset_id=output.keyset_id,
                     secret=output.secret,
                     C=C,
@@ -217,7 +220,7 @@ class Wallet:
                 f"the token is worth {token.amount} {unit} and the mint's input fee is {fee}"
             )
         keyset = await self.active_keyset(mint_url, unit)
-        outputs = self._outputs(keyset, complete_split(value), "keep")
+        outputs = self.make_outputs(keyset, complete_split(value), "keep")
         fingerprint = token_fingerprint(token)
         async with self.ledger.db.write() as conn:
             if not await mark_processed(conn, "token", fingerprint):
@@ -285,7 +288,7 @@ class Wallet:
             if op.state != "pending":
                 return
             keyset = await self.keyset(op.mint_url, op.outputs[0].keyset_id)
-            proofs = self._unblind(keyset, op.outputs, signatures)
+            proofs = self.unblind_signatures(keyset, op.outputs, signatures)
             await journal.store_proofs(conn, op.mint_url, op.unit, proofs, "unspent", op.id)
             await journal.set_op_state(conn, op.id, "done")
             value_msat = to_msat(sum(p.amount for p in proofs), check_unit(op.unit))
@@ -317,7 +320,7 @@ class Wallet:
 
         The mint's input fee for a needed swap comes out of the token's value.
         """
-        mint_url, unit_ = await self._choose_pool(amount_msat, mint_url, unit)
+        mint_url, unit_ = await self.choose_pool(amount_msat, mint_url, unit)
         value = from_msat_floor(amount_msat, unit_)
         if value <= 0:
             raise TokenTooSmall(f"{amount_msat} msat is less than one {unit_}")
@@ -340,13 +343,13 @@ class Wallet:
                 await journal.set_proof_state(conn, [p.secret for p in proofs], "sent", op_id)
                 await add_asset(conn, mint_url, unit_, -debit_msat)
                 return Sent(token, value, unit_, mint_url, 0, debit_msat)
-            fee = await self._fee(mint_url, proofs)
+            fee = await self.input_fee(mint_url, proofs)
             if value - fee <= 0:
                 raise TokenTooSmall(f"the mint's fee of {fee} {unit_} exceeds {value} {unit_}")
             keyset = await self.active_keyset(mint_url, unit_)
             total = sum(p.amount for p in proofs)
-            outputs = self._outputs(keyset, complete_split(value - fee), "send")
-            outputs += self._outputs(keyset, complete_split(total - value), "keep")
+            outputs = self.make_outputs(keyset, complete_split(value - fee), "send")
+            outputs += self.make_outputs(keyset, complete_split(total - value), "keep")
             op_id = await journal.insert_op(
                 conn, kind="send", mint_url=mint_url, unit=unit_, account_id=account_id,
                 amount=value, debit_msat=debit_msat, fee=fee, inputs=proofs, outputs=outputs,
@@ -369,7 +372,7 @@ class Wallet:
         assert op.token is not None
         return Sent(op.token, value - fee, unit_, mint_url, fee, debit_msat)
 
-    async def _choose_pool(
+    async def choose_pool(
         self, amount_msat: int, mint_url: str | None, unit: str | None
     ) -> tuple[str, Unit]:
         if mint_url is not None and unit is not None:
@@ -387,7 +390,7 @@ class Wallet:
                 return row["mint_url"], check_unit(row["unit"])
         raise MintError("no single mint holds enough to pay this amount out")
 
-    async def _fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
+    async def input_fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
         ppk = 0
         for proof in proofs:
             ppk += (await self.keyset(mint_url, proof.keyset_id)).fee_ppk
@@ -400,7 +403,7 @@ class Wallet:
             if op.state != "pending":
                 return
             keyset = await self.keyset(op.mint_url, op.outputs[0].keyset_id)
-            proofs = self._unblind(keyset, op.outputs, signatures)
+            proofs = self.unblind_signatures(keyset, op.outputs, signatures)
             send = [p for p, o in zip(proofs, op.outputs, strict=True) if o.role == "send"]
             keep = [p for p, o in zip(proofs, op.outputs, strict=True) if o.role == "keep"]
             unit = check_unit(op.unit)
@@ -445,10 +448,16 @@ class Wallet:
             raise KeyError(op_id)
         return journal.ops_from_rows([row])[0]
 
-    async def recover(self) -> dict[str, int]:
-        """Finish or undo every pending operation (run at start-up); counts by outcome."""
+    async def recover(self, *, older_than: int | None = None) -> dict[str, int]:
+        """Finish or undo pending swaps; counts by outcome.
+
+        At start-up every pending op is an orphan. While the node runs, pass ``older_than``
+        (a time) so that swaps still awaited by a live request are left alone.
+        """
         rows = await self.ledger.db.fetchall(
-            "SELECT * FROM wallet_ops WHERE state = 'pending' ORDER BY id"
+            "SELECT * FROM wallet_ops WHERE state = 'pending' AND kind != 'melt' "
+            "AND updated_at <= ? ORDER BY id",
+            (older_than if older_than is not None else 2**62,),
         )
         outcome: dict[str, int] = {}
         for op in journal.ops_from_rows(rows):
