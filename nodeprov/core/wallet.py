@@ -9,6 +9,7 @@ mint signed are recovered with NUT-09 restore, inputs it never saw are released.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from cashu.core.crypto.secp import PrivateKey, PublicKey
 from nodeprov.core import journal
 from nodeprov.core.denominations import complete_split, covering_subset, exact_subset
 from nodeprov.core.journal import BlindedOutput, Op
+from nodeprov.core.keysets import Keyset, MintKeysets
 from nodeprov.core.ledger import (
     Ledger,
     add_asset,
@@ -56,15 +58,6 @@ from nodeprov.protocol.cashu_token import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Keyset:
-    id: str
-    unit: str
-    active: bool
-    fee_ppk: int
-    keys: dict[int, PublicKey]
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,7 @@ class Wallet:
         self.ledger = ledger
         self.units = tuple(check_unit(u) for u in units)
         self._apis = {_norm(m): MintApi(_norm(m), client) for m in mints}
-        self._keysets: dict[str, dict[str, Keyset]] = {m: {} for m in self._apis}
+        self._keysets = {m: MintKeysets(api, self.units) for m, api in self._apis.items()}
 
     @property
     def mints(self) -> tuple[str, ...]:
@@ -127,50 +120,16 @@ class Wallet:
         """Load keysets of every trusted mint (a mint that is down is retried on first use)."""
         for mint_url in self._apis:
             try:
-                await self._load_keysets(mint_url)
+                await self._keysets[mint_url].load()
             except MintUnavailable as exc:
                 logger.warning("mint not reachable at start: %s", exc)
 
-    async def _load_keysets(self, mint_url: str) -> dict[str, Keyset]:
-        api = self._apis[mint_url]
-        known = self._keysets[mint_url]
-        for info in await api.keysets():
-            if info["id"] in known:
-                known[info["id"]].active = bool(info.get("active", True))
-                continue
-            if info.get("unit") not in self.units:
-                continue
-            keys = await api.keys(info["id"])
-            known[info["id"]] = Keyset(
-                id=info["id"],
-                unit=info["unit"],
-                active=bool(info.get("active", True)),
-                fee_ppk=int(info.get("input_fee_ppk") or 0),
-                keys={a: PublicKey(bytes.fromhex(k)) for a, k in keys.items()},
-            )
-        return known
-
     async def keyset(self, mint_url: str, keyset_id: str) -> Keyset:
         """The keyset ``keyset_id`` (full or short id) of a trusted mint."""
-        for attempt in range(2):
-            known = (
-                self._keysets[mint_url]
-                if attempt
-                else self._keysets[mint_url] or (await self._load_keysets(mint_url))
-            )
-            for kid, keyset in known.items():
-                if kid == keyset_id or (len(keyset_id) < len(kid) and kid.startswith(keyset_id)):
-                    return keyset
-            if attempt == 0:
-                await self._load_keysets(mint_url)
-        raise InvalidToken(f"unknown keyset {keyset_id} at {mint_url}")
+        return await self._keysets[mint_url].get(keyset_id)
 
     async def active_keyset(self, mint_url: str, unit: str) -> Keyset:
-        known = self._keysets[mint_url] or await self._load_keysets(mint_url)
-        for keyset in known.values():
-            if keyset.active and keyset.unit == unit:
-                return keyset
-        raise UnsupportedUnit(f"the mint {mint_url} has no active {unit} keyset")
+        return await self._keysets[mint_url].active(unit)
 
     def make_outputs(self, keyset: Keyset, amounts: list[int], role: str) -> list[BlindedOutput]:
         outputs = []
@@ -188,7 +147,7 @@ class Wallet:
         for output, sig in zip(outputs, signatures, strict=True):
             # A blank output (NUT-08 melt change) takes the amount the mint signed it for.
             amount = int(sig.get("amount", output.amount))
-            A = keyset.keys[amount]
+            A = _point(keyset.keys[amount])
             dleq = sig.get("dleq")
             if dleq and not verify_signature_dleq(output.B_, sig["C_"], dleq["e"], dleq["s"], A):
                 raise MintError("the mint's DLEQ proof does not verify")
@@ -271,10 +230,10 @@ class Wallet:
             keyset = await self.keyset(mint_url, proof.keyset_id)
             if keyset.unit != unit:
                 raise InvalidToken(f"proof of keyset {keyset.id} is {keyset.unit}, not {unit}")
-            A = keyset.keys.get(proof.amount)
-            if A is None:
+            key = keyset.keys.get(proof.amount)
+            if key is None:
                 raise InvalidToken(f"the mint has no key for amount {proof.amount}")
-            if proof.dleq is not None and not verify_proof_dleq(proof, A):
+            if proof.dleq is not None and not verify_proof_dleq(proof, _point(key)):
                 raise InvalidToken("a proof's DLEQ does not verify: not signed by this mint")
             fee_ppk += keyset.fee_ppk
             inputs.append(
@@ -552,7 +511,9 @@ def verify_proof_dleq(proof: Proof, A: PublicKey) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4096)
 def _point(hex_text: str) -> PublicKey:
+    """A curve point from hex; cached, since a mint's keys are parsed on every signature."""
     return PublicKey(bytes.fromhex(hex_text))
 
 
