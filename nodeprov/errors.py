@@ -163,3 +163,36 @@ class LedgerError(NodeprovError):
     """An internal inconsistency in the books; never expected, always logged."""
 
     code = "ledger_error"
+
+
+# --- Nostr protocol (sans-I/O codecs in nodeprov.protocol) ------------------------------
+
+
+class ProtocolError(InvalidRequest):
+    """A Nostr event, payload or DM job message that is malformed or fails verification."""
+
+    code = "protocol_error"
+
+
+class InvalidEvent(ProtocolError):
+    """An event whose shape, id or signature is wrong, or whose kind is not the expected one."""
+
+    code = "invalid_event"
+
+
+class InvalidKey(ProtocolError):
+    """A secret key, public key or bech32 entity that is not valid."""
+
+    code = "invalid_key"
+
+
+class DecryptionError(ProtocolError):
+    """A NIP-04/NIP-44 payload that cannot be decrypted (bad MAC, padding, version, size)."""
+
+    code = "decryption_failed"
+
+
+class InvalidJobMessage(ProtocolError):
+    """A ``nodeprov/1`` DM job message that is not valid (type, id, endpoint, fields)."""
+
+    code = "invalid_job_message"

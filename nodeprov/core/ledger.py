@@ -342,6 +342,8 @@ class Ledger:
     async def hold(self, account_id: str, amount: Msat | int, purpose: str = "job") -> Hold:
         """Reserve ``amount`` msat of an account's available balance for one job."""
         msat(amount)
+        if amount < 0:
+            raise LedgerError("a hold cannot be negative")
         t = now()
         async with self.db.write() as conn:
             cursor = await conn.execute(

@@ -63,7 +63,8 @@ def from_msat_floor(value: Msat | int, unit: Unit) -> int:
 
 def format_msat(value: Msat | int) -> str:
     """``1500`` -> ``'1.5 sat'``; exact, for messages to people."""
-    sats, rest = divmod(int(value), MSAT_PER_SAT)
+    sign = "-" if value < 0 else ""
+    sats, rest = divmod(abs(int(value)), MSAT_PER_SAT)
     if rest == 0:
-        return f"{sats} sat"
-    return f"{sats}.{rest:03d}".rstrip("0") + " sat"
+        return f"{sign}{sats} sat"
+    return f"{sign}{sats}.{rest:03d}".rstrip("0") + " sat"

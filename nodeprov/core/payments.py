@@ -12,10 +12,12 @@ token: change is returned), or a Nostr pubkey's account.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -100,6 +102,23 @@ class Payments:
         self.ledger = ledger
         self.wallet = wallet
         self.pricer = pricer
+        # Token-as-key first uses in flight: fingerprint -> (lock, number of users).
+        self._first_uses: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def _first_use(self, fingerprint: str) -> AsyncIterator[None]:
+        """Serialise first uses of one token-as-key so later ones see the credited account."""
+        lock, users = self._first_uses.get(fingerprint, (asyncio.Lock(), 0))
+        self._first_uses[fingerprint] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._first_uses[fingerprint]
+            if users == 1:
+                del self._first_uses[fingerprint]
+            else:
+                self._first_uses[fingerprint] = (lock, users - 1)
 
     # --- accounts ---------------------------------------------------------------------
 
@@ -138,15 +157,26 @@ class Payments:
             account_id = "npub:" + payer.credential
             await self.ledger.open_account(account_id, "npub")
             return account_id
-        account_id = "token:" + token_fingerprint(parse_token(payer.credential))
-        if await self.ledger.account(account_id) is None:
-            try:
-                await self.wallet.receive(payer.credential, account_id, "token")
-            except TokenAlreadySpent:
-                # A concurrent first use redeemed it; use the account it made.
-                if await self.ledger.account(account_id) is None:
-                    raise
+        fingerprint = token_fingerprint(parse_token(payer.credential))
+        account_id = "token:" + fingerprint
+        if await self._funded(account_id):
+            return account_id
+        # Without the lock a concurrent first use would find the account the receive opens
+        # before the mint's swap credits it, and fail with "Current: 0 sats". A receive that
+        # failed also leaves an empty account: only a funded one means "already redeemed".
+        async with self._first_use(fingerprint):
+            if not await self._funded(account_id):
+                try:
+                    await self.wallet.receive(payer.credential, account_id, "token")
+                except TokenAlreadySpent:
+                    # Another process redeemed it first; use the account it funded.
+                    if not await self._funded(account_id):
+                        raise
         return account_id
+
+    async def _funded(self, account_id: str) -> bool:
+        account = await self.ledger.account(account_id)
+        return account is not None and account.total_deposited_msat > 0
 
     async def withdraw(
         self,

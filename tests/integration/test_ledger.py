@@ -373,12 +373,16 @@ async def test_concurrent_holds_never_overdraw(ledger: Ledger) -> None:
 
     # Settle them concurrently; half overrun their hold by far (paid or written off).
     costs = [amount * 3 if i % 2 else amount // 2 for i in range(50)]
-    settled = await asyncio.gather(*(ledger.settle(h, c) for h, c in zip(holds, costs)))
+    settled = await asyncio.gather(
+        *(ledger.settle(h, c) for h, c in zip(holds, costs, strict=True))
+    )
     stop.set()
     await watcher
     assert violations == []
     charged = sum(s.charged_msat for s in settled)
-    assert all(s.charged_msat + s.written_off_msat == c for s, c in zip(settled, costs))
+    assert all(
+        s.charged_msat + s.written_off_msat == c for s, c in zip(settled, costs, strict=True)
+    )
     balance, reserved = await balances(ledger, "key:c")
     assert reserved == 0 and balance == 50 * amount - charged >= 0
     assert await balances(ledger, OPERATOR) == (charged, 0)

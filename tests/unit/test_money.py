@@ -147,10 +147,6 @@ def test_format_msat(value: int, text: str) -> None:
     assert format_msat(value) == text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="money.format_msat uses divmod, which floors: -1500 msat prints as '-2.5 sat'",
-)
 @pytest.mark.parametrize(("value", "text"), [(-1500, "-1.5 sat"), (-1, "-0.001 sat")])
 def test_format_negative_msat(value: int, text: str) -> None:
     assert format_msat(value) == text
