@@ -8,7 +8,11 @@ the signed delta, so the log replays to the balances.
 
 Overrun rule: if a job's actual cost exceeds its hold, the account pays the excess from
 its available balance as far as it goes; what is still missing is written off (logged
-as ``writeoff`` on the transaction) and never makes a balance negative.
+as ``writeoff`` on the transaction) and never makes a balance negative. A per-request
+token is charged at most its hold (``cap_at_hold``): the price it was quoted.
+
+Holds expire after ``hold_timeout_seconds`` (and all at start-up): they stop reserving,
+and a job that still finishes settles as if its hold were zero.
 
 Accounts are keyed ``key:<sha256 of an API key>``, ``token:<token fingerprint>`` (a
 token used as a key), ``req:<token fingerprint>`` (a per-request token), ``npub:<hex>``
@@ -20,16 +24,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from nodeprov.core import holds
 from nodeprov.core.db import Database, Migration, fetchone
+from nodeprov.core.holds import OPERATOR as OPERATOR
+from nodeprov.core.holds import Hold as Hold
+from nodeprov.core.holds import Settlement as Settlement
 from nodeprov.core.money import Msat, msat
-from nodeprov.errors import AccountExpired, InsufficientBalance, LedgerError, Unauthorized
-
-OPERATOR = "operator"
+from nodeprov.errors import InsufficientBalance, LedgerError
 
 LEDGER_MIGRATIONS = (
     Migration(
@@ -123,6 +130,12 @@ LEDGER_MIGRATIONS = (
         CREATE INDEX proofs_pool ON proofs (mint_url, unit, state, amount)
         """,
     ),
+    Migration(
+        "0003_hold_state",
+        """
+        ALTER TABLE holds ADD COLUMN state TEXT NOT NULL DEFAULT 'open'
+        """,
+    ),
 )
 
 
@@ -143,19 +156,6 @@ class Account:
     @property
     def available_msat(self) -> int:
         return self.balance_msat - self.reserved_msat
-
-
-@dataclass(frozen=True)
-class Hold:
-    id: int
-    account_id: str
-    amount_msat: int
-
-
-@dataclass(frozen=True)
-class Settlement:
-    charged_msat: int
-    written_off_msat: int
 
 
 @dataclass(frozen=True)
@@ -344,65 +344,42 @@ class Ledger:
         msat(amount)
         if amount < 0:
             raise LedgerError("a hold cannot be negative")
-        t = now()
-        async with self.db.write() as conn:
-            cursor = await conn.execute(
-                "UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ? "
-                "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
-                "AND balance_msat - reserved_msat >= ?",
-                (amount, t, account_id, t, amount),
+        return await self.db.transact(
+            partial(
+                holds.hold,
+                at=now(),
+                account_id=account_id,
+                amount=int(amount),
+                purpose=purpose,
+                timeout=self.hold_timeout_seconds,
             )
-            if cursor.rowcount != 1:
-                raise await self._hold_refusal(conn, account_id, amount)
-            cursor = await conn.execute(
-                "INSERT INTO holds (account_id, amount_msat, purpose, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (account_id, amount, purpose, t, t + self.hold_timeout_seconds),
-            )
-            hold_id = cursor.lastrowid
-        assert hold_id is not None
-        return Hold(hold_id, account_id, int(amount))
-
-    async def _hold_refusal(
-        self, conn: aiosqlite.Connection, account_id: str, amount: int
-    ) -> Exception:
-        row = await fetchone(conn, "SELECT * FROM accounts WHERE id = ?", (account_id,))
-        if row is None or row["revoked"]:
-            return Unauthorized("Unknown or revoked API key")
-        account = _account(row)
-        if account.expires_at is not None and account.expires_at <= now():
-            return AccountExpired("This key has expired; its balance is being refunded")
-        return InsufficientBalance(
-            f"Insufficient balance. Current: {account.available_msat // 1000} sats, "
-            f"Required: {-(-amount // 1000)} sats",
-            available_msat=account.available_msat,
-            required_msat=amount,
         )
 
-    async def settle(self, hold: Hold, actual: Msat | int, ref: str = "") -> Settlement:
-        """Close ``hold`` charging ``actual`` msat (see the overrun rule) to the operator."""
+    async def settle(
+        self, hold: Hold, actual: Msat | int, ref: str = "", *, cap_at_hold: bool = False
+    ) -> Settlement:
+        """Close ``hold`` charging ``actual`` msat (overrun rule; ``cap_at_hold`` caps it)."""
         msat(actual)
         if actual < 0:
             raise LedgerError("a cost cannot be negative")
-        async with self.db.write() as conn:
-            return await settle_in(conn, hold, int(actual), ref)
+        return await self.db.transact(
+            partial(
+                holds.settle,
+                at=now(),
+                held=hold,
+                actual=int(actual),
+                ref=ref,
+                cap_at_hold=cap_at_hold,
+            )
+        )
 
     async def release(self, hold: Hold) -> None:
         """Close ``hold`` without charging anything."""
-        async with self.db.write() as conn:
-            await release_in(conn, hold.id)
+        await self.db.transact(partial(holds.release, hold_id=hold.id))
 
     async def release_stale_holds(self, at: int | None = None) -> int:
         """Release holds past their expiry (or all of them when ``at`` is None at start-up)."""
-        async with self.db.write() as conn:
-            if at is None:
-                cursor = await conn.execute("SELECT id FROM holds")
-            else:
-                cursor = await conn.execute("SELECT id FROM holds WHERE expires_at <= ?", (at,))
-            rows = list(await cursor.fetchall())
-            for row in rows:
-                await release_in(conn, row[0])
-        return len(rows)
+        return await self.db.transact(partial(holds.release_stale, at=at))
 
     async def transactions(
         self, account_id: str | None = None, limit: int = 100
@@ -441,7 +418,9 @@ class Ledger:
             "(SELECT account_id, SUM(delta_msat) AS s FROM transactions GROUP BY account_id) t "
             "ON t.account_id = a.id WHERE a.balance_msat != COALESCE(t.s, 0)"
         )
-        held_total = await self.db.fetchone("SELECT COALESCE(SUM(amount_msat), 0) FROM holds")
+        held_total = await self.db.fetchone(
+            "SELECT COALESCE(SUM(amount_msat), 0) FROM holds WHERE state = 'open'"
+        )
         reserved = await self.db.fetchone("SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts")
         log_mismatches = [f"balance != log for {r[0]}" for r in mismatches]
         if held_total is not None and reserved is not None and held_total[0] != reserved[0]:
@@ -452,47 +431,6 @@ class Ledger:
             liabilities_msat=int(total[0]) if total else 0,
             log_mismatches=tuple(log_mismatches),
         )
-
-
-async def settle_in(
-    conn: aiosqlite.Connection, hold: Hold, actual: int, ref: str = ""
-) -> Settlement:
-    """Settle inside an open transaction (the payment pipeline chains it with change)."""
-    row = await fetchone(
-        conn,
-        "SELECT h.amount_msat, a.balance_msat, a.reserved_msat FROM holds h "
-        "JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
-        (hold.id,),
-    )
-    if row is None:
-        raise LedgerError(f"hold {hold.id} is not open")
-    held, balance, reserved = row[0], row[1], row[2]
-    free_after_release = balance - (reserved - held)
-    charged = min(actual, free_after_release)
-    written_off = actual - charged
-    await conn.execute("DELETE FROM holds WHERE id = ?", (hold.id,))
-    await conn.execute(
-        "UPDATE accounts SET reserved_msat = reserved_msat - ?, balance_msat = balance_msat - ?, "
-        "total_spent_msat = total_spent_msat + ? WHERE id = ?",
-        (held, charged, charged, hold.account_id),
-    )
-    detail = f"writeoff={written_off}" if written_off else ""
-    await log(conn, hold.account_id, "charge", -charged, ref, detail)
-    await conn.execute(
-        "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
-    )
-    await log(conn, OPERATOR, "earning", charged, ref)
-    return Settlement(charged, written_off)
-
-
-async def release_in(conn: aiosqlite.Connection, hold_id: int) -> None:
-    row = await fetchone(conn, "SELECT account_id, amount_msat FROM holds WHERE id = ?", (hold_id,))
-    if row is None:
-        return
-    await conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
-    await conn.execute(
-        "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?", (row[1], row[0])
-    )
 
 
 async def open_ledger(path: Path, extra: Sequence[Migration] = (), **kwargs: Any) -> Ledger:

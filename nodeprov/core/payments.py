@@ -30,6 +30,7 @@ from nodeprov.errors import (
     MintError,
     NodeprovError,
     TokenAlreadySpent,
+    TokenTooSmall,
     Unauthorized,
 )
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
@@ -193,8 +194,10 @@ class Payments:
         amount = account.available_msat if amount_msat is None else amount_msat
         if amount > account.available_msat:
             raise InsufficientBalance(
-                f"Insufficient balance. Current: {account.available_msat} msat, "
-                f"Required: {amount} msat"
+                f"Insufficient balance. Current: {account.available_msat // 1000} sats, "
+                f"Required: {-(-amount // 1000)} sats",
+                available_msat=account.available_msat,
+                required_msat=amount,
             )
         return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit)
 
@@ -251,7 +254,10 @@ class Payments:
             raise RuntimeError("charge already closed")
         charge.closed = True
         cost = self.pricer.actual_cost(charge.model, usage, charge.endpoint)
-        settlement = await self.ledger.settle(charge.hold, cost.total_msat, ref=charge.model)
+        # A per-request token pays at most the price it was quoted (its hold).
+        settlement = await self.ledger.settle(
+            charge.hold, cost.total_msat, ref=charge.model, cap_at_hold=charge.received is not None
+        )
         change: Sent | None = None
         balance: int | None = None
         if charge.received is not None:
@@ -298,7 +304,7 @@ class Payments:
                 kind="change",
                 ref="change:" + received.fingerprint,
             )
-        except MintError as exc:
+        except (MintError, TokenTooSmall) as exc:
             logger.warning("change kept claimable for %s: %s", account_id, exc)
             return None
 

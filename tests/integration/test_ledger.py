@@ -100,6 +100,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
         assert names == [
             "0001_accounts_holds_transactions",
             "0002_wallet_journal",
+            "0003_hold_state",
             "0100_test_extra",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
@@ -339,10 +340,12 @@ async def test_release_stale_holds_at_time_releases_only_expired(ledger: Ledger)
     assert await ledger.release_stale_holds(at=now()) == 0
     assert await ledger.release_stale_holds(at=now() + 100) == 1
     assert await balances(ledger, "key:t") == (10_000, 2_000)
+    # A job that outlived its hold still settles, as a hold of zero, and only once.
+    assert (await ledger.settle(expiring, 500)).charged_msat == 500
     with pytest.raises(LedgerError):
         await ledger.settle(expiring, 500)
     assert (await ledger.settle(lasting, 500)).charged_msat == 500
-    assert await balances(ledger, "key:t") == (9_500, 0)
+    assert await balances(ledger, "key:t") == (9_000, 0)
 
 
 # --- concurrency ----------------------------------------------------------------------
