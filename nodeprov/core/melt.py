@@ -16,11 +16,22 @@ from typing import Any
 from nodeprov.core import journal
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import add_asset, credit, debit
-from nodeprov.core.money import check_unit, to_msat
+from nodeprov.core.money import Unit, check_unit, to_msat
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import MintError, MintUnavailable
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeltQuote:
+    """What the mint asks to pay an invoice: ``amount`` plus at most ``reserve`` in fees."""
+
+    id: str
+    amount: int
+    reserve: int
+    mint_url: str
+    unit: Unit
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,21 @@ class Melter:
         self.wallet = wallet
         self.db = wallet.ledger.db
 
+    async def quote(
+        self, bolt11: str, *, mint_url: str | None = None, unit: str = "sat"
+    ) -> MeltQuote:
+        """Ask the mint what paying ``bolt11`` costs (amount and Lightning fee reserve)."""
+        unit_ = check_unit(unit)
+        api = self.wallet.api(mint_url or self.wallet.mints[0])
+        quote = await api.melt_quote(bolt11, unit_)
+        return MeltQuote(
+            str(quote["quote"]),
+            int(quote["amount"]),
+            int(quote.get("fee_reserve") or 0),
+            api.url,
+            unit_,
+        )
+
     async def melt(
         self,
         account_id: str,
@@ -51,11 +77,13 @@ class Melter:
         ref: str = "",
     ) -> Melted:
         """Pay ``bolt11`` from ``account_id``; raises if the mint refuses, nothing charged."""
-        unit_ = check_unit(unit)
-        mint_url = self.wallet.api(mint_url or self.wallet.mints[0]).url
+        quote = await self.quote(bolt11, mint_url=mint_url, unit=unit)
+        return await self.pay(account_id, quote, ref=ref)
+
+    async def pay(self, account_id: str, quote: MeltQuote, *, ref: str = "") -> Melted:
+        """Pay a quote from ``account_id``: journal, melt, then settle the change."""
+        mint_url, unit_, amount, reserve = quote.mint_url, quote.unit, quote.amount, quote.reserve
         api = self.wallet.api(mint_url)
-        quote = await api.melt_quote(bolt11, unit_)
-        amount, reserve = int(quote["amount"]), int(quote.get("fee_reserve") or 0)
         keyset = await self.wallet.active_keyset(mint_url, unit_)
         async with self.db.write() as conn:
             # The account's own balance is checked first: that is the error a user can act on.
@@ -80,12 +108,12 @@ class Melter:
             op_id = await journal.insert_op(
                 conn, kind="melt", mint_url=mint_url, unit=unit_, account_id=account_id,
                 amount=amount, debit_msat=debit_msat, fee=fee, inputs=proofs, outputs=outputs,
-                quote=quote["quote"], ref=ref,
+                quote=quote.id, ref=ref,
             )  # fmt: skip
             await journal.set_proof_state(conn, [p.secret for p in proofs], "reserved", op_id)
         try:
             result = await api.melt(
-                quote["quote"], [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
+                quote.id, [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
             )
         except MintUnavailable:
             result = {"state": "PENDING"}
@@ -95,7 +123,7 @@ class Melter:
         state, cost = await self._apply(op_id, result)
         if state == "unpaid":
             raise MintError("the mint could not pay the invoice; nothing was charged")
-        return Melted(state, quote["quote"], amount, unit_, cost if state == "paid" else debit_msat)
+        return Melted(state, quote.id, amount, unit_, cost if state == "paid" else debit_msat)
 
     async def _apply(self, op_id: int, result: dict[str, Any]) -> tuple[str, int]:
         state = str(result.get("state") or ("PAID" if result.get("paid") else "UNPAID"))

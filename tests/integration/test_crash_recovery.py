@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
 from nodeprov.core.wallet import hash_to_curve_hex
 from nodeprov.errors import TokenAlreadySpent
@@ -101,7 +102,7 @@ async def states(make_token, token: str) -> set[str]:
     return set(await make_token.proof_states(token))
 
 
-EXPECTED_RECOVERY = {
+EXPECTED_RECOVERY: dict[tuple[str, str], dict[str, int]] = {
     ("receive", "journalled"): {"failed": 1},
     ("receive", "at_mint"): {"done": 1},
     ("send", "journalled"): {"failed": 1},
@@ -224,6 +225,57 @@ async def test_send_survives_kill_at_each_step(
         sent = await core.wallet.send("key:s", account.balance_msat, mint_url=mint.url, unit="sat")
         assert await make_token.redeem(sent.token) == account.balance_msat // 1000
         assert len(parse_token(sent.token).proofs) >= 1
+        await core.assert_books_balance()
+    finally:
+        await core.close()
+
+
+@pytest.mark.parametrize("step", ["journalled", "at_mint", "committed"])
+async def test_melt_survives_kill_at_each_step(
+    tmp_path: Path, mint: MintHandle, fee_mint: MintHandle, make_token, tcp_proxy, step: str
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    core = await build_core(db, [mint.url])
+    await core.wallet.receive(await make_token(200, mint=mint), "operator", "operator")
+    await core.close()
+    async with httpx.AsyncClient() as client:  # an invoice from another mint: an outside payee
+        bolt11 = str((await MintApi(fee_mint.url, client).mint_quote(50, "sat"))["request"])
+
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    worker = Worker([str(db), mint.url, proxy.url, "melt", bolt11, "operator"])
+    try:
+        if step == "journalled":
+            proxy.pause()
+            proxy.drop_connections()
+        elif step == "at_mint":
+            proxy.response_delay = 60.0
+        worker.go()
+        if step == "committed":
+            await asyncio.to_thread(worker.wait_done)
+        else:
+            wait_until(lambda: pending_ops(db) == 1)
+            if step == "at_mint":
+                await wait_inputs_spent(db, mint)
+            else:
+                await asyncio.sleep(0.3)
+        worker.kill()
+    finally:
+        worker.close()
+        proxy.drop_connections()
+        proxy.resume()
+
+    core = await build_core(db, [mint.url])
+    try:
+        outcome = await Melter(core.wallet).recover()
+        expected = {"journalled": {"unpaid": 1}, "at_mint": {"paid": 1}, "committed": {}}
+        assert outcome == expected[step]
+        assert pending_ops(db) == 0
+        operator = await core.ledger.account("operator")
+        assert operator is not None
+        if step == "journalled":
+            assert operator.balance_msat == 200_000  # nothing paid, nothing charged
+        else:
+            assert 150_000 - 10_000 <= operator.balance_msat <= 150_000
         await core.assert_books_balance()
     finally:
         await core.close()

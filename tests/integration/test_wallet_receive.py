@@ -131,3 +131,16 @@ async def test_send_returns_redeemable_token(
     account = await core.ledger.account("key:w")
     assert account is not None
     assert account.balance_msat == received.credited_msat - 37 * factor
+
+
+async def test_zero_value_token_is_refused(core: Core, make_token, mint: MintHandle) -> None:
+    import base64
+    import json
+
+    real = parse_token(await make_token(1, mint=mint))
+    proof = real.proofs[0].to_wire() | {"amount": 0}
+    body = {"token": [{"mint": real.mint, "proofs": [proof]}], "unit": "sat"}
+    text = "cashuA" + base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
+    with pytest.raises(InvalidToken) as info:
+        await core.wallet.receive(text, "key:0", "api_key")
+    assert info.value.status == 400 and "amount" in info.value.message
