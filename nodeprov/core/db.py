@@ -118,6 +118,19 @@ class Database:
             # aiosqlite runs queued callables in its thread; pinned at 0.20 by the cashu package.
             return await self._writer._execute(run)  # type: ignore[no-untyped-call,no-any-return]
 
+    async def snapshot(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run read-only ``work`` on one consistent snapshot (a WAL read transaction)."""
+
+        def run() -> T:
+            raw = self._reader._conn
+            raw.execute("BEGIN")
+            try:
+                return work(raw)
+            finally:
+                raw.execute("COMMIT")
+
+        return await self._reader._execute(run)  # type: ignore[no-untyped-call,no-any-return]
+
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         """Rows of a read-only query on the reader connection."""
         cursor = await self._reader.execute(sql, params)

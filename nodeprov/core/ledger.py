@@ -21,6 +21,7 @@ and the single ``operator`` account that collects earnings.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,7 +173,10 @@ class AuditLine:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """What the node holds at each mint against what it owes (users + holds + operator)."""
+    """What the node holds at each mint against what it owes.
+
+    Owed: every balance (users, holds included, and the operator) plus payouts under way.
+    """
 
     lines: tuple[AuditLine, ...]
     assets_msat: int
@@ -397,40 +401,49 @@ class Ledger:
 
     async def audit(self) -> AuditReport:
         """Compare the books with the proofs held, per mint and unit, and replay the log."""
-        books = await self.db.fetchall("SELECT mint_url, unit, value_msat FROM assets")
-        held = await self.db.fetchall(
-            "SELECT mint_url, unit, SUM(amount) AS total FROM proofs "
+        return await self.db.snapshot(_audit)
+
+
+def _audit(raw: sqlite3.Connection) -> AuditReport:
+    """The audit's queries, all on one snapshot so concurrent writes cannot fake a mismatch."""
+    books = {(m, u): v for m, u, v in raw.execute("SELECT mint_url, unit, value_msat FROM assets")}
+    proofs = {
+        (m, u): total * (1000 if u == "sat" else 1)
+        for m, u, total in raw.execute(
+            "SELECT mint_url, unit, SUM(amount) FROM proofs "
             "WHERE state IN ('unspent', 'reserved') GROUP BY mint_url, unit"
         )
-        proofs = {
-            (r["mint_url"], r["unit"]): r["total"] * (1000 if r["unit"] == "sat" else 1)
-            for r in held
-        }
-        keys = sorted({(r["mint_url"], r["unit"]) for r in books} | set(proofs))
-        by_key = {(r["mint_url"], r["unit"]): r["value_msat"] for r in books}
-        lines = tuple(
-            AuditLine(mint, unit, by_key.get((mint, unit), 0), proofs.get((mint, unit), 0))
-            for mint, unit in keys
-        )
-        total = await self.db.fetchone("SELECT COALESCE(SUM(balance_msat), 0) FROM accounts")
-        mismatches = await self.db.fetchall(
+    }
+    lines = tuple(
+        AuditLine(mint, unit, books.get((mint, unit), 0), proofs.get((mint, unit), 0))
+        for mint, unit in sorted(set(books) | set(proofs))
+    )
+    (balances,) = raw.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM accounts").fetchone()
+    # A payout under way has left the account but not yet the node's proofs.
+    (in_flight,) = raw.execute(
+        "SELECT COALESCE(SUM(debit_msat), 0) FROM wallet_ops "
+        "WHERE state = 'pending' AND kind IN ('send', 'melt')"
+    ).fetchone()
+    problems = [
+        f"balance != log for {account_id}"
+        for (account_id,) in raw.execute(
             "SELECT a.id FROM accounts a LEFT JOIN "
             "(SELECT account_id, SUM(delta_msat) AS s FROM transactions GROUP BY account_id) t "
             "ON t.account_id = a.id WHERE a.balance_msat != COALESCE(t.s, 0)"
         )
-        held_total = await self.db.fetchone(
-            "SELECT COALESCE(SUM(amount_msat), 0) FROM holds WHERE state = 'open'"
-        )
-        reserved = await self.db.fetchone("SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts")
-        log_mismatches = [f"balance != log for {r[0]}" for r in mismatches]
-        if held_total is not None and reserved is not None and held_total[0] != reserved[0]:
-            log_mismatches.append(f"open holds {held_total[0]} != reserved {reserved[0]}")
-        return AuditReport(
-            lines=lines,
-            assets_msat=sum(line.books_msat for line in lines),
-            liabilities_msat=int(total[0]) if total else 0,
-            log_mismatches=tuple(log_mismatches),
-        )
+    ]
+    (held,) = raw.execute(
+        "SELECT COALESCE(SUM(amount_msat), 0) FROM holds WHERE state = 'open'"
+    ).fetchone()
+    (reserved,) = raw.execute("SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts").fetchone()
+    if held != reserved:
+        problems.append(f"open holds {held} != reserved {reserved}")
+    return AuditReport(
+        lines=lines,
+        assets_msat=sum(line.books_msat for line in lines),
+        liabilities_msat=int(balances) + int(in_flight),
+        log_mismatches=tuple(problems),
+    )
 
 
 async def open_ledger(path: Path, extra: Sequence[Migration] = (), **kwargs: Any) -> Ledger:
