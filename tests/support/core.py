@@ -77,12 +77,17 @@ async def build_core(
     units: Sequence[str] = ("sat", "msat"),
     mint_timeout: float = 10.0,
     routes: Mapping[str, str] | None = None,
+    models: Mapping[str, ModelPrice] | None = None,
 ) -> Core:
-    """The core for ``mints``; ``routes`` sends a mint's traffic through another address."""
+    """The core for ``mints``; ``routes`` sends a mint's traffic through another address.
+
+    ``models`` replaces the default price list (``TEST_MODEL`` only).
+    """
     ledger = await open_ledger(path)
     transport = Rerouting(routes) if routes else None
     client = httpx.AsyncClient(timeout=mint_timeout, transport=transport)
     wallet = Wallet(ledger, mints, units, client)
     await wallet.start()
-    pricer = Pricer(MappingProxyType({TEST_MODEL: TEST_PRICE}), Fraction(1), None)
+    prices = MappingProxyType(dict(models) if models else {TEST_MODEL: TEST_PRICE})
+    pricer = Pricer(prices, Fraction(1), None)
     return Core(ledger, wallet, pricer, Payments(ledger, wallet, pricer), client)

@@ -1,0 +1,161 @@
+"""The ASGI app: routes, request ids, body limit (413), CORS, OpenAI-shaped errors; the server.
+
+Middleware is plain ASGI (no per-request objects beyond a request id), so the API-key path
+adds little to the payment pipeline's own cost and streams are never buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nodeprov.errors import NodeprovError, RequestTooLarge
+from nodeprov.http import audio_routes, info_routes, openai_routes, wallet_routes
+from nodeprov.http.billing import error_body_and_headers
+from nodeprov.http.context import JSON, HttpContext, context
+
+logger = logging.getLogger(__name__)
+
+EXPOSED_HEADERS = [
+    "X-Cashu",
+    "X-Cost-Msat",
+    "X-Cost-Input-Msat",
+    "X-Cost-Output-Msat",
+    "X-Balance-Msat",
+    "X-Request-Id",
+]
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"the request body is larger than {limit} bytes")
+
+
+class Guard:
+    """Adds ``X-Request-Id`` to every response and enforces the body size limit."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ("req_" + secrets.token_hex(8)).encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                body = _too_large(self.limit).to_openai()
+                await JSON(body, status_code=413)(scope, receive, send_with_id)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _too_large(self.limit)
+            return message
+
+        await self.app(scope, limited, send_with_id)
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, NodeprovError):
+        body, headers = error_body_and_headers(context(request), exc)
+        return JSON(body, status_code=exc.status, headers=headers)
+    if isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
+        return JSON(body, status_code=exc.status_code, headers=exc.headers)
+    logger.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    body = {"error": {"type": "server_error", "code": "internal_error", "message": "internal"}}
+    return JSON(body, status_code=500)
+
+
+def create_app(ctx: HttpContext) -> Starlette:
+    """The HTTP channel over ``ctx`` (built once; routes share it read-only)."""
+    http = ctx.config.http
+    middleware = [Middleware(Guard, max_body_bytes=http.max_body_bytes)]
+    if http.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(http.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=EXPOSED_HEADERS,
+            )
+        )
+    app = Starlette(
+        routes=[
+            *openai_routes.ROUTES,
+            *audio_routes.ROUTES,
+            *wallet_routes.ROUTES,
+            *info_routes.ROUTES,
+        ],
+        middleware=middleware,
+        exception_handlers={NodeprovError: on_error, HTTPException: on_error, Exception: on_error},
+    )
+    app.state.ctx = ctx
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon (or the test) decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: Any, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period."""
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        waiter.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+        sock.close()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise RuntimeError("the HTTP server stopped") from task.exception()

@@ -1,0 +1,164 @@
+"""Transcription and translation (multipart uploads), priced per second of audio.
+
+``core.pricing`` has no audio endpoint yet, so :class:`AudioPricer` adds one ("audio"):
+``ceil(fee * (request + audio_per_second * seconds))``, seconds rounded up to whole seconds.
+The hold bounds the duration from the upload (WAV: from its byte rate; other formats at no
+less than :data:`MIN_BYTES_PER_SECOND`); settlement uses the upstream's reported duration
+(``usage.seconds`` or ``duration``); without one (e.g. ``response_format=text``) the hold.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from decimal import Decimal, InvalidOperation
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import HTTP
+from fractions import Fraction
+from typing import Any, cast
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from nodeprov.core.payments import Payments
+from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable, _Converter, make_cost
+from nodeprov.errors import InvalidRequest, UpstreamError
+from nodeprov.http.auth import request_payer
+from nodeprov.http.billing import cost_headers, fail, payment_required, settle
+from nodeprov.http.context import UnsupportedMediaType, context
+from nodeprov.http.openai_routes import call
+from nodeprov.upstream import Route
+
+AUDIO = cast(Endpoint, "audio")
+# 4 kbit/s: below any codec usable for speech, so the bound is never short.
+MIN_BYTES_PER_SECOND = 500
+
+
+class AudioPricer(Pricer):
+    """A :class:`Pricer` that also prices the "audio" endpoint (per second of audio)."""
+
+    def __init__(self, base: Pricer) -> None:
+        super().__init__(base._models, base._fee, base._rates)
+
+    def max_cost(self, model: str, body: Any, endpoint: Endpoint = "chat") -> Cost:
+        if endpoint == AUDIO:
+            return self._audio(model, body.get("seconds"))
+        return super().max_cost(model, body, endpoint)
+
+    def actual_cost(self, model: str, usage: Any, endpoint: Endpoint = "chat") -> Cost:
+        if endpoint == AUDIO:
+            if not isinstance(usage, dict):
+                raise UsageUnavailable("the upstream reported no audio duration")
+            return self._audio(model, usage.get("seconds"))
+        return super().actual_cost(model, usage, endpoint)
+
+    def _audio(self, model: str, seconds: Any) -> Cost:
+        price = self.price(model)
+        if type(seconds) is not int or seconds < 0:
+            raise UsageUnavailable(f"invalid audio duration {seconds!r}")
+        if price.audio_per_second is None:
+            raise InvalidRequest(f"model {model!r} does not take audio here")
+        convert = _Converter(self._rates)
+        audio = convert(price.audio_per_second) * seconds
+        return make_cost(self._fee, convert(price.request), audio, Fraction(0))
+
+
+def audio_payments(payments: Payments) -> Payments:
+    """The payment pipeline over the same books, with audio pricing added."""
+    return Payments(payments.ledger, payments.wallet, AudioPricer(payments.pricer))
+
+
+def seconds_bound(audio: bytes) -> int:
+    """Whole seconds the upload can last at most (WAV exactly from its header)."""
+    if len(audio) >= 44 and audio[:4] == b"RIFF" and audio[8:12] == b"WAVE":
+        byte_rate = struct.unpack_from("<I", audio, 28)[0]
+        if byte_rate > 0:
+            return max(1, math.ceil(len(audio) / int(byte_rate)))
+    return max(1, math.ceil(len(audio) / MIN_BYTES_PER_SECOND))
+
+
+def reported_seconds(data: Any) -> int | None:
+    """The duration the upstream reports, rounded up to whole seconds."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    value = usage.get("seconds") if isinstance(usage, dict) else None
+    value = data.get("duration") if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        exact = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return math.ceil(exact) if exact.is_finite() and exact >= 0 else None
+
+
+async def read_form(request: Request) -> tuple[dict[str, Any], tuple[str, bytes, str]]:
+    """The text fields and the ``file`` part of a multipart/form-data body."""
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("expected Content-Type multipart/form-data")
+    raw = await request.body()
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + kind.encode("latin-1") + b"\r\n\r\n" + raw
+    )
+    if not isinstance(message, EmailMessage) or not message.is_multipart():
+        raise InvalidRequest("the multipart body is malformed")
+    fields: dict[str, Any] = {}
+    upload: tuple[str, bytes, str] | None = None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            continue
+        if name == "file":
+            upload = (part.get_filename() or "audio", payload, part.get_content_type())
+        elif name in fields:
+            previous = fields[name]
+            fields[name] = (
+                [*previous, payload.decode()]
+                if isinstance(previous, list)
+                else [
+                    previous,
+                    payload.decode(),
+                ]
+            )
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
+    if upload is None or not upload[1]:
+        raise InvalidRequest("'file' is required")
+    return fields, upload
+
+
+async def audio_job(request: Request) -> Response:
+    ctx = context(request)
+    fields, upload = await read_form(request)
+    model = fields.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string")
+    route: Route = ctx.upstreams.route(model)
+    hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
+    payer = request_payer(request.headers)
+    payments = ctx.audio_payments
+    if payer is None:
+        raise payment_required(ctx, route.model, hold_body, AUDIO)
+    charge = await payments.begin(payer, route.model, hold_body, AUDIO)
+    path = request.url.path.removeprefix("/v1/")
+    response = await call(ctx, charge, route, path, request, data=fields, files={"file": upload})
+    try:
+        data: Any = response.json() if "json" in response.headers.get("content-type", "") else None
+    except ValueError:
+        raise await fail(charge, UpstreamError("the upstream sent an unreadable answer")) from None
+    seconds = reported_seconds(data)
+    usage = {"seconds": seconds} if seconds is not None else None
+    settled = await settle(charge, usage, hold_body, payments.pricer)
+    media = response.headers.get("content-type", "application/json")
+    return Response(response.content, headers=cost_headers(settled), media_type=media)
+
+
+ROUTES = [
+    HttpRoute("/v1/audio/transcriptions", audio_job, methods=["POST"]),
+    HttpRoute("/v1/audio/translations", audio_job, methods=["POST"]),
+]

@@ -1,0 +1,139 @@
+"""Money rules of the HTTP channel: 402 payment requests, settlement fallbacks, cost headers.
+
+Settlement rules (all amounts through ``core.payments``):
+
+- With the upstream's ``usage``: the actual cost from it.
+- Usage missing or malformed (``UsageUnavailable``): settle at the hold, the maximum the
+  client agreed to before the job ran (pricing's documented guidance).
+- Client gone mid-stream (or the upstream broke off after output began): the prompt bound of
+  the hold plus one output token per content-bearing chunk seen, capped at the hold's output
+  bound. Nothing produced yet: nothing is charged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from nodeprov.core.money import ceil_div
+from nodeprov.core.payments import Charge, PaymentFailed, Settled
+from nodeprov.core.pricing import Endpoint, Pricer, UsageUnavailable
+from nodeprov.errors import InsufficientBalance, NodeprovError
+from nodeprov.http.context import HttpContext
+from nodeprov.protocol.payment_request import PaymentRequest, encode_payment_request
+
+logger = logging.getLogger(__name__)
+
+
+def payment_request(ctx: HttpContext, required_msat: int) -> str:
+    """A NUT-18 ``creqA`` for ``required_msat`` in the first accepted unit (sat rounds up)."""
+    unit = "sat" if "sat" in ctx.config.wallet.units else "msat"
+    amount = ceil_div(required_msat, 1000) if unit == "sat" else required_msat
+    return encode_payment_request(
+        PaymentRequest(amount=max(1, amount), unit=unit, mints=ctx.mints, single_use=True)
+    )
+
+
+def payment_required(ctx: HttpContext, model: str, body: Any, endpoint: Endpoint) -> NodeprovError:
+    """The 402 for a request without payment (its max cost priced first: bad input is a 400)."""
+    cost = ctx.pricer.max_cost(model, body, endpoint)
+    return unpaid(cost.total_msat)
+
+
+def unpaid(required_msat: int) -> InsufficientBalance:
+    return InsufficientBalance(
+        f"Insufficient balance. Current: 0 sats, Required: {ceil_div(required_msat, 1000)} sats",
+        available_msat=0,
+        required_msat=required_msat,
+    )
+
+
+def hold_usage(
+    pricer: Pricer, model: str, body: Mapping[str, Any], endpoint: str
+) -> dict[str, Any]:
+    """A usage that prices to exactly the hold (:meth:`Pricer.max_cost`) of ``body``."""
+    if endpoint in ("chat", "completions", "embeddings"):
+        bounds = pricer.token_bounds(model, body, endpoint)  # type: ignore[arg-type]
+        return {
+            "prompt_tokens": bounds.prompt_tokens,
+            "completion_tokens": bounds.completion_tokens,
+        }
+    if endpoint == "images":
+        n = body.get("n") or 1
+        return {"n": n, "size": body.get("size"), "quality": body.get("quality")}
+    if endpoint == "speech":
+        return {"characters": len(body.get("input") or "")}
+    return dict(body)  # endpoints priced elsewhere take their hold body as usage
+
+
+def produced_usage(
+    pricer: Pricer, model: str, body: Mapping[str, Any], endpoint: str, output_chunks: int
+) -> dict[str, Any]:
+    """The usage charged when a stream stops early: prompt bound + chunks seen (one token each)."""
+    usage = hold_usage(pricer, model, body, endpoint)
+    usage["completion_tokens"] = min(output_chunks, int(usage.get("completion_tokens", 0)))
+    return usage
+
+
+async def settle(
+    charge: Charge, usage: Any, body: Mapping[str, Any], pricer: Pricer | None = None
+) -> Settled:
+    """Settle ``charge`` from ``usage``, or at the hold when the usage is unusable."""
+    pricer = pricer or charge.payments.pricer
+    try:
+        pricer.actual_cost(charge.model, usage, charge.endpoint)
+    except UsageUnavailable as exc:
+        logger.warning("%s: %s; settling at the hold", charge.model, exc.message)
+        usage = hold_usage(pricer, charge.model, body, charge.endpoint)
+    return await charge.settle(usage)
+
+
+async def fail(charge: Charge, error: NodeprovError) -> PaymentFailed:
+    """Cancel ``charge`` (nothing charged) and wrap ``error`` with any refund token."""
+    refund = await charge.cancel()
+    return PaymentFailed(error, refund)
+
+
+def cost_fields(settled: Settled) -> dict[str, int]:
+    return {
+        "cost_msat": settled.charged_msat,
+        "cost_input_msat": settled.cost.input_msat,
+        "cost_output_msat": settled.cost.output_msat,
+    }
+
+
+def cost_headers(settled: Settled) -> dict[str, str]:
+    """``X-Cost-*`` headers, plus the change token in ``X-Cashu`` for per-request payers."""
+    headers = {
+        "X-Cost-Msat": str(settled.charged_msat),
+        "X-Cost-Input-Msat": str(settled.cost.input_msat),
+        "X-Cost-Output-Msat": str(settled.cost.output_msat),
+    }
+    if settled.balance_msat is not None:
+        headers["X-Balance-Msat"] = str(settled.balance_msat)
+    if settled.change is not None:
+        headers["X-Cashu"] = settled.change.token
+    return headers
+
+
+def error_body_and_headers(
+    ctx: HttpContext, exc: NodeprovError
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The OpenAI error body and headers: 402 carries ``X-Cashu: creqA…``, refunds a token."""
+    body = exc.to_openai()
+    headers: dict[str, str] = {}
+    inner = exc.error if isinstance(exc, PaymentFailed) else exc
+    refund = exc.refund if isinstance(exc, PaymentFailed) else None
+    if isinstance(inner, InsufficientBalance):
+        required = inner.details.get("required_msat")
+        if isinstance(required, int) and required > 0:
+            headers["X-Cashu"] = payment_request(ctx, required)
+        if refund is not None:
+            body["error"]["refund"] = refund.token
+    elif refund is not None:
+        headers["X-Cashu"] = refund.token
+    retry_after = inner.details.get("retry_after")
+    if isinstance(retry_after, int | float):
+        headers["Retry-After"] = str(max(0, round(retry_after)))
+    return body, headers

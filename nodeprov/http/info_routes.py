@@ -1,0 +1,63 @@
+"""Free routes: ``GET /v1/models`` (priced models with msat and sats prices) and ``/v1/info``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from nodeprov.errors import NodeprovError
+from nodeprov.http.context import JSON, HttpContext, context
+
+
+def model_entry(ctx: HttpContext, name: str, target: str) -> dict[str, Any]:
+    """One OpenAI model object plus ``pricing_msat`` and Routstr's ``sats_pricing``."""
+    price = ctx.pricer.price(target)
+    entry: dict[str, Any] = {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": ctx.config.node.name,
+        "context_length": price.context_tokens,
+        "max_output_tokens": price.max_output_tokens,
+    }
+    try:
+        entry["pricing_msat"] = ctx.pricer.prices_msat(target)
+        entry["sats_pricing"] = ctx.pricer.sats_pricing(target)
+    except NodeprovError:  # no exchange rate right now: list the model without prices
+        entry["pricing_msat"] = entry["sats_pricing"] = None
+    return entry
+
+
+async def models(request: Request) -> Response:
+    ctx = context(request)
+    names = ctx.upstreams.models()
+    data = [model_entry(ctx, name, ctx.upstreams.route(name).model) for name in names]
+    return JSON({"object": "list", "data": data})
+
+
+async def info(request: Request) -> Response:
+    ctx = context(request)
+    node = ctx.config.node
+    return JSON(
+        {
+            "name": node.name,
+            "description": node.description,
+            "version": ctx.version,
+            "npub": ctx.npub,
+            "relays": list(ctx.config.nostr.relays),
+            "mints": list(ctx.mints),
+            "units": list(ctx.config.wallet.units),
+            "http_url": node.http_url or None,
+            "onion_url": node.onion_url or None,
+            "models": ctx.upstreams.models(),
+        }
+    )
+
+
+ROUTES = [
+    HttpRoute("/v1/models", models, methods=["GET"]),
+    HttpRoute("/v1/info", info, methods=["GET"]),
+]

@@ -1,0 +1,178 @@
+"""Streamed completions: each upstream SSE line goes to the client the moment it arrives.
+
+The upstream's ``data: [DONE]`` is held back until the job is settled; then the client gets
+an SSE comment ``: nodeprov {"cost_msat", "cost_input_msat", "cost_output_msat", "change"}``
+(comments are ignored by SSE parsers, the openai SDK included), ``data: [DONE]``, and after
+it a named event ``event: nodeprov`` with the same JSON (SDKs stop reading at ``[DONE]``).
+The change of an ``X-Cashu`` payment also stays claimable at ``GET /v1/wallet/change``.
+Settlement follows :mod:`nodeprov.http.billing` (usage; hold; produced-so-far; nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from nodeprov.core.payments import Charge, Settled
+from nodeprov.core.pricing import Pricer
+from nodeprov.errors import NodeprovError, UpstreamError
+from nodeprov.http.billing import cost_fields, produced_usage, settle
+from nodeprov.upstream import iter_stream
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def with_usage(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body to forward: ``stream_options.include_usage`` forced on."""
+    options = body.get("stream_options")
+    options = dict(options) if isinstance(options, Mapping) else {}
+    options["include_usage"] = True
+    return {**body, "stream_options": options}
+
+
+class SSERelay:
+    """ASGI response relaying an upstream SSE stream, then settling its charge."""
+
+    def __init__(
+        self,
+        charge: Charge,
+        response: httpx.Response,
+        body: Mapping[str, Any],
+        upstream: str,
+        pricer: Pricer,
+    ) -> None:
+        self.charge = charge
+        self.response = response
+        self.body = body
+        self.upstream = upstream
+        self.pricer = pricer
+        self.usage: Any = None
+        self.output_chunks = 0
+        self.done = False
+        self.client_gone = False
+        self.error: NodeprovError | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    self.client_gone = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                try:
+                    await self._pump(send)
+                except NodeprovError as exc:
+                    self.error = exc
+                except OSError:
+                    self.client_gone = True
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.response.aclose()
+                tail = await self._finish()
+                if not self.client_gone:
+                    with contextlib.suppress(OSError):
+                        await send({"type": "http.response.body", "body": tail})
+
+    async def _pump(self, send: Send) -> None:
+        pending = b""
+        async for chunk in iter_stream(self.response, self.upstream):
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if not cut:
+                continue
+            out = self._scan(pending[:cut])
+            pending = pending[cut:]
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if self.done:
+                return
+        if pending:
+            out = self._scan(pending + b"\n")
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+
+    def _scan(self, lines: bytes) -> bytes:
+        """Forwardable lines of ``lines``; notes usage, output chunks, errors and [DONE]."""
+        out = bytearray()
+        for line in lines.splitlines(keepends=True):
+            if self.done:
+                break
+            text = line.rstrip(b"\r\n")
+            if text.startswith(b"data:"):
+                payload = text[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    continue
+                self._note(payload)
+            out += line
+        return bytes(out)
+
+    def _note(self, payload: bytes) -> None:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        if data.get("usage"):
+            self.usage = data["usage"]
+        if data.get("error") and self.error is None:
+            self.error = UpstreamError("the upstream reported an error mid-stream")
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            if choice.get("text") or any(
+                delta.get(k) for k in ("content", "tool_calls", "reasoning_content", "refusal")
+            ):
+                self.output_chunks += 1
+
+    async def _finish(self) -> bytes:
+        """Settle by the rules of :mod:`nodeprov.http.billing`; the bytes that end the stream."""
+        charge, endpoint = self.charge, self.charge.endpoint
+        settled: Settled | None = None
+        refund = None
+        try:
+            complete = self.error is None and not self.client_gone
+            if self.usage is not None or complete:
+                settled = await settle(charge, self.usage, self.body, self.pricer)
+            elif self.output_chunks:
+                usage = produced_usage(
+                    self.pricer, charge.model, self.body, endpoint, self.output_chunks
+                )
+                settled = await settle(charge, usage, self.body, self.pricer)
+            else:
+                refund = await charge.cancel()
+        except Exception:
+            logger.exception("settling a stream failed; the hold is released by the sweep")
+        info: dict[str, Any] = cost_fields(settled) if settled else {"cost_msat": 0}
+        change = settled.change if settled else refund
+        info["change"] = change.token if change else None
+        if settled is not None and settled.balance_msat is not None:
+            info["balance_msat"] = settled.balance_msat
+        note = json.dumps(info, separators=(",", ":")).encode()
+        tail = b": nodeprov " + note + b"\n\n"
+        if self.error is not None and not (self.done or self.usage is not None):
+            err = json.dumps(self.error.to_openai(), separators=(",", ":")).encode()
+            return tail + b"data: " + err + b"\n\n"
+        return tail + b"data: [DONE]\n\nevent: nodeprov\ndata: " + note + b"\n\n"

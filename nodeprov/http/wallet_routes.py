@@ -1,0 +1,165 @@
+"""API keys and balances (Routstr's shapes, amounts in msat), all through ``core.payments``.
+
+``/v1/wallet/*`` plus Routstr's ``/v1/balance/create|info|topup|refund`` aliases. A key is
+``Authorization: Bearer sk-…`` (a token used as a key works too).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from nodeprov.core.ledger import Account
+from nodeprov.core.payments import Payer
+from nodeprov.errors import InvalidRequest, Unauthorized
+from nodeprov.http.auth import key_payer
+from nodeprov.http.context import JSON, HttpContext, context, read_json
+
+
+def _mask(key: str) -> str:
+    return key[:7] + "…" + key[-4:] if len(key) > 16 else "…"
+
+
+async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
+    payer = key_payer(request.headers)
+    if payer is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-…'")
+    account_id = await ctx.payments.account_for(payer)
+    # TODO(core): a read-only Payments.account(id) accessor; this is the only ledger read here.
+    account = await ctx.payments.ledger.account(account_id)
+    if account is None:
+        raise Unauthorized("Unknown API key")
+    return payer, account
+
+
+def _view(account: Account) -> dict[str, Any]:
+    return {
+        "balance": account.balance_msat,
+        "available": account.available_msat,
+        "reserved": account.reserved_msat,
+        "total_deposited": account.total_deposited_msat,
+        "total_spent": account.total_spent_msat,
+        "last_used": account.last_used_at,
+        "created_at": account.created_at,
+        "expires_at": account.expires_at,
+        "refund_address": account.refund_address,
+    }
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """JSON body for POST (query parameters are accepted too, as Routstr does)."""
+    params: dict[str, Any] = dict(request.query_params)
+    if request.method == "POST" and request.headers.get("content-length", "0") != "0":
+        params.update(await read_json(request))
+    return params
+
+
+def _token_field(params: dict[str, Any]) -> str:
+    token = params.get("cashu_token") or params.get("initial_balance_token")
+    if not isinstance(token, str) or not token.strip():
+        raise InvalidRequest("'cashu_token' is required")
+    return token.strip()
+
+
+def _expiry(params: dict[str, Any]) -> tuple[int | None, str | None]:
+    expires_at = params.get("expires_at")
+    if isinstance(expires_at, str) and expires_at.isdigit():
+        expires_at = int(expires_at)
+    if expires_at is not None and (type(expires_at) is not int or expires_at <= time.time()):
+        raise InvalidRequest("'expires_at' must be a future unix time in seconds")
+    address = params.get("refund_address")
+    if address is not None:
+        user, _, host = str(address).partition("@")
+        if not isinstance(address, str) or not user or "." not in host or " " in address:
+            raise InvalidRequest("'refund_address' must be a Lightning address (user@domain)")
+    return expires_at, address
+
+
+async def create(request: Request) -> Response:
+    ctx = context(request)
+    params = await _body(request)
+    token = _token_field(params)
+    expires_at, address = _expiry(params)
+    api_key, account = await ctx.payments.create_key(
+        token, expires_at=expires_at, refund_address=address
+    )
+    return JSON(
+        {
+            "api_key": api_key,
+            "balance": account.balance_msat,
+            "created_at": account.created_at,
+            "expires_at": account.expires_at,
+            "refund_address": account.refund_address,
+        }
+    )
+
+
+async def balance(request: Request) -> Response:
+    payer, account = await _account(context(request), request)
+    return JSON({"api_key": _mask(payer.credential), **_view(account)})
+
+
+async def topup(request: Request) -> Response:
+    ctx = context(request)
+    params = await _body(request)
+    token = _token_field(params)
+    _, account = await _account(ctx, request)
+    received = await ctx.payments.topup(account.id, token)
+    _, after = await _account(ctx, request)
+    return JSON({"msats": received.credited_msat, **_view(after)})
+
+
+async def withdraw(request: Request) -> Response:
+    ctx = context(request)
+    params = await _body(request) if request.url.path.endswith("withdraw") else {}
+    amount = params.get("amount")
+    if isinstance(amount, str) and amount.isdigit():
+        amount = int(amount)
+    if amount is not None and (type(amount) is not int or amount <= 0):
+        raise InvalidRequest("'amount' must be a positive whole number of msat")
+    mint, unit = params.get("mint"), params.get("unit")
+    if mint is not None and (not isinstance(mint, str) or mint.rstrip("/") not in ctx.mints):
+        raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")
+    if unit is not None and unit not in ctx.config.wallet.units:
+        raise InvalidRequest(f"'unit' must be one of {', '.join(ctx.config.wallet.units)}")
+    _, account = await _account(ctx, request)
+    sent = await ctx.payments.withdraw(
+        account.id, amount, mint_url=mint.rstrip("/") if mint else None, unit=unit
+    )
+    return JSON(
+        {
+            "token": sent.token,
+            "amount": sent.amount,
+            "unit": sent.unit,
+            "mint": sent.mint_url,
+            "msats": sent.debited_msat,
+        }
+    )
+
+
+async def change(request: Request) -> Response:
+    ctx = context(request)
+    token = request.headers.get("x-cashu") or request.query_params.get("token")
+    if not token or not token.strip():
+        raise InvalidRequest("send the original token in X-Cashu or ?token=")
+    tokens = await ctx.payments.claim_change(token.strip())
+    return JSON({"tokens": tokens})
+
+
+ROUTES = [
+    HttpRoute("/v1/wallet/create", create, methods=["POST", "GET"]),
+    HttpRoute("/v1/balance/create", create, methods=["POST", "GET"]),
+    HttpRoute("/v1/wallet/balance", balance, methods=["GET"]),
+    HttpRoute("/v1/wallet/info", balance, methods=["GET"]),
+    HttpRoute("/v1/balance/info", balance, methods=["GET"]),
+    HttpRoute("/v1/wallet/topup", topup, methods=["POST"]),
+    HttpRoute("/v1/balance/topup", topup, methods=["POST"]),
+    HttpRoute("/v1/wallet/withdraw", withdraw, methods=["POST"]),
+    HttpRoute("/v1/wallet/refund", withdraw, methods=["POST"]),
+    HttpRoute("/v1/balance/refund", withdraw, methods=["POST"]),
+    HttpRoute("/v1/wallet/change", change, methods=["GET"]),
+]

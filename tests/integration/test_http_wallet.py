@@ -1,0 +1,142 @@
+"""Wallet routes, models/info, CORS, request ids and concurrency on one key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+
+from nodeprov.core.payments import api_key_account
+from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
+
+CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+async def test_key_lifecycle_create_balance_topup_withdraw_refund(node: Node, make_token) -> None:
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.post("/wallet/create", json={"cashu_token": await make_token(21)})
+        assert r.status_code == 200
+        created = r.json()
+        key = created["api_key"]
+        assert key.startswith("sk-") and created["balance"] == 21_000
+        auth = {"Authorization": f"Bearer {key}"}
+        info = (await http.get("/wallet/balance", headers=auth)).json()
+        assert info["balance"] == 21_000 and info["reserved"] == 0
+        assert info["total_deposited"] == 21_000 and info["total_spent"] == 0
+        assert key not in str(info)
+        r = await http.post(
+            "/balance/topup", json={"cashu_token": await make_token(4)}, headers=auth
+        )
+        assert r.json()["msats"] == 4000 and r.json()["balance"] == 25_000
+        r = await http.post("/wallet/withdraw", json={"amount": 5_000}, headers=auth)
+        out = r.json()
+        assert (
+            out["amount"] == 5 and out["unit"] == "sat" and out["mint"] == node.core.wallet.mints[0]
+        )
+        assert await make_token.redeem(out["token"]) == 5
+        r = await http.post("/wallet/withdraw", json={"amount": 10**9}, headers=auth)
+        assert r.status_code == 402
+        r = await http.post("/balance/refund", headers=auth)
+        assert r.status_code == 200, r.text
+        assert await make_token.redeem(r.json()["token"]) == 20
+        info = (await http.get("/balance/info", headers=auth)).json()
+        assert info["balance"] == 0
+        assert (await http.get("/wallet/balance")).status_code == 401
+        r = await http.get("/balance/create", params={"initial_balance_token": await make_token(2)})
+        assert r.json()["balance"] == 2000
+
+
+async def test_create_with_expiry_and_refund_address(node: Node, make_token) -> None:
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.post(
+            "/wallet/create", json={"cashu_token": await make_token(3), "expires_at": 1}
+        )
+        assert r.status_code == 400
+        soon = int(time.time()) + 1
+        r = await http.post(
+            "/wallet/create",
+            json={
+                "cashu_token": await make_token(3),
+                "expires_at": soon,
+                "refund_address": "me@example.com",
+            },
+        )
+        body = r.json()
+        assert body["expires_at"] == soon
+        account = await node.core.ledger.account(api_key_account(body["api_key"]))
+        assert account is not None and account.refund_address == "me@example.com"
+        await asyncio.sleep(2.1)
+        r = await http.post(
+            "/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {body['api_key']}"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "account_expired"
+
+
+async def test_models_and_info(node: Node) -> None:
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        models = (await http.get("/models")).json()
+        info = (await http.get("/info")).json()
+    entry = next(m for m in models["data"] if m["id"] == "fake-chat")
+    assert models["object"] == "list" and entry["object"] == "model"
+    assert entry["pricing_msat"]["request"] == 1000
+    assert entry["pricing_msat"]["input_per_1m"] == 2_000_000
+    assert entry["sats_pricing"]["prompt"] == 0.002 and entry["sats_pricing"]["request"] == 1
+    assert info["name"] == "test-node" and info["mints"] == list(node.core.wallet.mints)
+    assert info["units"] == ["sat", "msat"] and info["npub"] is None
+    sdk = openai.AsyncOpenAI(base_url=node.base, api_key="none")
+    listed = [m.id async for m in sdk.models.list()]
+    assert "fake-chat" in listed
+
+
+async def test_cors_and_request_ids(node: Node) -> None:
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.options(
+            "/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-cashu,authorization",
+            },
+        )
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = await http.get("/info", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        ids = {(await http.get("/info")).headers["x-request-id"] for _ in range(3)}
+        assert len(ids) == 3
+
+
+async def test_100_concurrent_requests_on_a_key_funded_for_50(node: Node, make_token) -> None:
+    body = {**CHAT, "model": "fake-chat+nousage"}  # settles at the hold: each costs the max
+    hold = node.core.pricer.max_cost(body["model"], body, "chat").total_msat
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.post(
+            "/wallet/create", json={"cashu_token": await make_token(50 * hold, unit="msat")}
+        )
+        key = r.json()["api_key"]
+    client = openai.AsyncOpenAI(base_url=node.base, api_key=key, max_retries=0)
+    low = []
+
+    async def one() -> bool:
+        try:
+            await client.chat.completions.create(**body)
+            return True
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402
+            return False
+
+    async def watch() -> None:
+        while True:
+            account = await node.account(key)
+            low.append(account.available_msat)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(one() for _ in range(100)))
+    watcher.cancel()
+    assert sum(results) == 50
+    account = await node.account(key)
+    assert account.balance_msat == 0 and account.total_spent_msat == 50 * hold
+    assert min(low) >= 0
