@@ -23,6 +23,7 @@ from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.rates import ExchangeRates
 from nodeprov.core.wallet import Wallet
+from nodeprov.upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ class Core:
     payments: Payments
     client: httpx.AsyncClient
     rates: ExchangeRates | None
+    upstreams: Upstreams
+    npub: str | None = None
 
     async def close(self) -> None:
+        await self.upstreams.aclose()
         await self.client.aclose()
         await self.ledger.db.close()
 
@@ -69,16 +73,19 @@ async def open_books(config: Config) -> tuple[Ledger, Wallet, httpx.AsyncClient]
 async def build_core(config: Config) -> Core:
     """Open the ledger, start the wallet (loading mint keysets) and wire up payments."""
     ledger, wallet, client = await open_books(config)
+    upstreams = Upstreams.from_config(config)
     try:
         await wallet.start()
+        await upstreams.start()
         rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
         pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
         payments = Payments(ledger, wallet, pricer)
     except BaseException:
+        await upstreams.aclose()
         await client.aclose()
         await ledger.db.close()
         raise
-    return Core(config, ledger, wallet, pricer, payments, client, rates)
+    return Core(config, ledger, wallet, pricer, payments, client, rates, upstreams)
 
 
 async def recover(core: Core) -> None:
@@ -149,11 +156,18 @@ async def refresh_rates(core: Core, stop: asyncio.Event) -> None:
 CORE_SERVICES: tuple[Service, ...] = (refresh_rates, sweep_holds, retry_recovery)
 
 
+def default_services() -> tuple[Service, ...]:
+    """What ``nodeprov start`` runs: the core's housekeeping and the channels."""
+    from nodeprov.http import http_service  # the channels import this module
+
+    return (*CORE_SERVICES, http_service)
+
+
 async def run(
     config: Config,
     stop: asyncio.Event,
     *,
-    services: Sequence[Service] = CORE_SERVICES,
+    services: Sequence[Service] | None = None,
     on_ready: Callable[[Core], None] | None = None,
     handle_signals: bool = True,
 ) -> None:
@@ -168,7 +182,7 @@ async def run(
             await recover(core)
             if on_ready is not None:
                 on_ready(core)
-            await _supervise(core, stop, services)
+            await _supervise(core, stop, default_services() if services is None else services)
         finally:
             await core.close()
             log.info("stopped")

@@ -23,12 +23,13 @@ from typing import Any, Literal, TypeVar
 
 from nodeprov.core.ledger import OPERATOR, Account, Hold, Ledger, credit, debit
 from nodeprov.core.money import check_unit, from_msat_floor
-from nodeprov.core.pricing import Cost, Endpoint, Pricer
+from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable
 from nodeprov.core.wallet import Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     MintError,
     NodeprovError,
+    PriceUnavailable,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -68,7 +69,7 @@ class Charge:
     closed: bool = field(default=False)
 
     async def settle(self, usage: Mapping[str, Any]) -> Settled:
-        """Charge the actual cost from ``usage``; per-request tokens get their change."""
+        """Charge the actual cost from ``usage`` (the hold if it is unreadable); give change."""
         return await self.payments._settle(self, usage)
 
     async def cancel(self) -> Sent | None:
@@ -252,8 +253,13 @@ class Payments:
     async def _settle(self, charge: Charge, usage: Mapping[str, Any]) -> Settled:
         if charge.closed:
             raise RuntimeError("charge already closed")
+        try:
+            cost = self.pricer.actual_cost(charge.model, usage, charge.endpoint)
+        except (UsageUnavailable, PriceUnavailable) as exc:
+            # The job ran but its cost cannot be read: charge what the payer agreed to hold.
+            logger.warning("%s: %s; settling at the hold", charge.model, exc.message)
+            cost = charge.max_cost
         charge.closed = True
-        cost = self.pricer.actual_cost(charge.model, usage, charge.endpoint)
         # A per-request token pays at most the price it was quoted (its hold).
         settlement = await self.ledger.settle(
             charge.hold, cost.total_msat, ref=charge.model, cap_at_hold=charge.received is not None
@@ -307,6 +313,10 @@ class Payments:
         except (MintError, TokenTooSmall) as exc:
             logger.warning("change kept claimable for %s: %s", account_id, exc)
             return None
+
+    async def account(self, account_id: str) -> Account | None:
+        """An account as the channels may show it (balance, spent, last used)."""
+        return await self.ledger.account(account_id)
 
     async def claim_change(self, token: str) -> list[str]:
         """Change tokens issued for a per-request token, issuing any still owed."""

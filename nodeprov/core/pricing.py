@@ -41,8 +41,15 @@ __all__ = [
     "UsageUnavailable",
 ]
 
-Endpoint = Literal["chat", "completions", "embeddings", "images", "speech"]
-ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "embeddings", "images", "speech")
+Endpoint = Literal["chat", "completions", "embeddings", "images", "speech", "audio"]
+ENDPOINTS: tuple[Endpoint, ...] = (
+    "chat",
+    "completions",
+    "embeddings",
+    "images",
+    "speech",
+    "audio",
+)
 
 PER_MILLION = 1_000_000
 # Chat templates wrap each message (and the reply) in a few special tokens; 8 is generous.
@@ -199,6 +206,8 @@ class Pricer:
             if not isinstance(text, str):
                 raise InvalidRequest("'input' must be a string")
             return self._speech(convert, price, len(text))
+        if endpoint == "audio":
+            return self._audio(convert, price, model, body.get("seconds"), InvalidRequest)
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}")
         bounds = self.token_bounds(model, body, endpoint)
@@ -209,7 +218,7 @@ class Pricer:
 
         Chat/completions: ``prompt_tokens``/``completion_tokens`` (or ``input_tokens``/
         ``output_tokens``); embeddings: the prompt count only; images: ``{"n", "size",
-        "quality"}`` (images returned); speech: ``{"characters"}``.
+        "quality"}`` (images returned); speech: ``{"characters"}``; audio: ``{"seconds"}``.
         """
         price = self.price(model)
         if not isinstance(usage, Mapping):
@@ -228,6 +237,8 @@ class Pricer:
             return self._cost(convert, price, output=convert(rate) * n)
         if endpoint == "speech":
             return self._speech(convert, price, _usage_int(usage, "characters"))
+        if endpoint == "audio":
+            return self._audio(convert, price, model, usage.get("seconds"), UsageUnavailable)
         raise ValueError(f"unknown endpoint {endpoint!r}")
 
     def _tokens(self, convert: _Converter, price: ModelPrice, prompt: int, output: int) -> Cost:
@@ -243,6 +254,21 @@ class Pricer:
         return self._cost(
             convert, price, input_=convert(price.speech_per_1m_chars) * chars / PER_MILLION
         )
+
+    def _audio(
+        self,
+        convert: _Converter,
+        price: ModelPrice,
+        model: str,
+        seconds: Any,
+        error: type[InvalidRequest] | type[UsageUnavailable],
+    ) -> Cost:
+        # Transcription and translation: per second of audio (whole seconds), an input cost.
+        if type(seconds) is not int or seconds < 0:
+            raise error(f"invalid audio duration {seconds!r}")
+        if price.audio_per_second is None:
+            raise InvalidRequest(f"model {model!r} does not take audio here")
+        return self._cost(convert, price, input_=convert(price.audio_per_second) * seconds)
 
     def _cost(
         self,

@@ -1,7 +1,7 @@
 """Transcription and translation (multipart uploads), priced per second of audio.
 
-``core.pricing`` has no audio endpoint yet, so :class:`AudioPricer` adds one ("audio"):
-``ceil(fee * (request + audio_per_second * seconds))``, seconds rounded up to whole seconds.
+Priced by ``core.pricing``'s "audio" endpoint: ``ceil(fee * (request + audio_per_second *
+seconds))``, seconds rounded up to whole seconds.
 The hold bounds the duration from the upload (WAV: from its byte rate; other formats at no
 less than :data:`MIN_BYTES_PER_SECOND`); settlement uses the upstream's reported duration
 (``usage.seconds`` or ``duration``); without one (e.g. ``response_format=text``) the hold.
@@ -15,59 +15,23 @@ from decimal import Decimal, InvalidOperation
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import HTTP
-from fractions import Fraction
-from typing import Any, cast
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from nodeprov.core.payments import Payments
-from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable, _Converter, make_cost
+from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, UpstreamError
 from nodeprov.http.auth import request_payer
-from nodeprov.http.billing import cost_headers, fail, payment_required, settle
+from nodeprov.http.billing import cost_headers, fail, payment_required
 from nodeprov.http.context import UnsupportedMediaType, context
 from nodeprov.http.openai_routes import call
 from nodeprov.upstream import Route
 
-AUDIO = cast(Endpoint, "audio")
+AUDIO: Endpoint = "audio"
 # 4 kbit/s: below any codec usable for speech, so the bound is never short.
 MIN_BYTES_PER_SECOND = 500
-
-
-class AudioPricer(Pricer):
-    """A :class:`Pricer` that also prices the "audio" endpoint (per second of audio)."""
-
-    def __init__(self, base: Pricer) -> None:
-        super().__init__(base._models, base._fee, base._rates)
-
-    def max_cost(self, model: str, body: Any, endpoint: Endpoint = "chat") -> Cost:
-        if endpoint == AUDIO:
-            return self._audio(model, body.get("seconds"))
-        return super().max_cost(model, body, endpoint)
-
-    def actual_cost(self, model: str, usage: Any, endpoint: Endpoint = "chat") -> Cost:
-        if endpoint == AUDIO:
-            if not isinstance(usage, dict):
-                raise UsageUnavailable("the upstream reported no audio duration")
-            return self._audio(model, usage.get("seconds"))
-        return super().actual_cost(model, usage, endpoint)
-
-    def _audio(self, model: str, seconds: Any) -> Cost:
-        price = self.price(model)
-        if type(seconds) is not int or seconds < 0:
-            raise UsageUnavailable(f"invalid audio duration {seconds!r}")
-        if price.audio_per_second is None:
-            raise InvalidRequest(f"model {model!r} does not take audio here")
-        convert = _Converter(self._rates)
-        audio = convert(price.audio_per_second) * seconds
-        return make_cost(self._fee, convert(price.request), audio, Fraction(0))
-
-
-def audio_payments(payments: Payments) -> Payments:
-    """The payment pipeline over the same books, with audio pricing added."""
-    return Payments(payments.ledger, payments.wallet, AudioPricer(payments.pricer))
 
 
 def seconds_bound(audio: bytes) -> int:
@@ -141,7 +105,7 @@ async def audio_job(request: Request) -> Response:
     route: Route = ctx.upstreams.route(model)
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
     payer = request_payer(request.headers)
-    payments = ctx.audio_payments
+    payments = ctx.payments
     if payer is None:
         raise payment_required(ctx, route.model, hold_body, AUDIO)
     charge = await payments.begin(payer, route.model, hold_body, AUDIO)
@@ -153,7 +117,7 @@ async def audio_job(request: Request) -> Response:
         raise await fail(charge, UpstreamError("the upstream sent an unreadable answer")) from None
     seconds = reported_seconds(data)
     usage = {"seconds": seconds} if seconds is not None else None
-    settled = await settle(charge, usage, hold_body, payments.pricer)
+    settled = await charge.settle(usage)
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)
 

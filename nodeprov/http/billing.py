@@ -18,7 +18,7 @@ from typing import Any
 
 from nodeprov.core.money import ceil_div
 from nodeprov.core.payments import Charge, PaymentFailed, Settled
-from nodeprov.core.pricing import Endpoint, Pricer, UsageUnavailable
+from nodeprov.core.pricing import Endpoint, Pricer
 from nodeprov.errors import InsufficientBalance, NodeprovError
 from nodeprov.http.context import HttpContext
 from nodeprov.protocol.payment_request import PaymentRequest, encode_payment_request
@@ -74,19 +74,6 @@ def produced_usage(
     usage = hold_usage(pricer, model, body, endpoint)
     usage["completion_tokens"] = min(output_chunks, int(usage.get("completion_tokens", 0)))
     return usage
-
-
-async def settle(
-    charge: Charge, usage: Any, body: Mapping[str, Any], pricer: Pricer | None = None
-) -> Settled:
-    """Settle ``charge`` from ``usage``, or at the hold when the usage is unusable."""
-    pricer = pricer or charge.payments.pricer
-    try:
-        pricer.actual_cost(charge.model, usage, charge.endpoint)
-    except UsageUnavailable as exc:
-        logger.warning("%s: %s; settling at the hold", charge.model, exc.message)
-        usage = hold_usage(pricer, charge.model, body, charge.endpoint)
-    return await charge.settle(usage)
 
 
 async def fail(charge: Charge, error: NodeprovError) -> PaymentFailed:

@@ -31,7 +31,6 @@ class HttpContext:
     config: Config
     payments: Payments
     upstreams: Upstreams
-    audio_payments: Payments
     npub: str | None = None
     version: str = __version__
 

@@ -21,7 +21,7 @@ from nodeprov.core.payments import Charge, Payer
 from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, NodeprovError, UpstreamError
 from nodeprov.http.auth import request_payer
-from nodeprov.http.billing import cost_headers, fail, payment_required, settle
+from nodeprov.http.billing import cost_headers, fail, payment_required
 from nodeprov.http.context import HttpContext, context, read_json
 from nodeprov.http.streaming import SSERelay, with_usage
 from nodeprov.upstream import Route
@@ -93,7 +93,7 @@ async def openai_job(request: Request) -> Response:
                 usage = {"n": count, "size": body.get("size"), "quality": body.get("quality")}
     except ValueError:
         raise await fail(charge, UpstreamError("the upstream sent an unreadable answer")) from None
-    settled = await settle(charge, usage, body)
+    settled = await charge.settle(usage)
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)
 

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from nodeprov.core.payments import Charge, Settled
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import NodeprovError, UpstreamError
-from nodeprov.http.billing import cost_fields, produced_usage, settle
+from nodeprov.http.billing import cost_fields, produced_usage
 from nodeprov.upstream import iter_stream
 
 logger = logging.getLogger(__name__)
@@ -155,12 +155,12 @@ class SSERelay:
         try:
             complete = self.error is None and not self.client_gone
             if self.usage is not None or complete:
-                settled = await settle(charge, self.usage, self.body, self.pricer)
+                settled = await charge.settle(self.usage)
             elif self.output_chunks:
                 usage = produced_usage(
                     self.pricer, charge.model, self.body, endpoint, self.output_chunks
                 )
-                settled = await settle(charge, usage, self.body, self.pricer)
+                settled = await charge.settle(usage)
             else:
                 refund = await charge.cancel()
         except Exception:

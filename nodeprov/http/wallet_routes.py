@@ -30,7 +30,7 @@ async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-…'")
     account_id = await ctx.payments.account_for(payer)
     # TODO(core): a read-only Payments.account(id) accessor; this is the only ledger read here.
-    account = await ctx.payments.ledger.account(account_id)
+    account = await ctx.payments.account(account_id)
     if account is None:
         raise Unauthorized("Unknown API key")
     return payer, account

@@ -29,7 +29,6 @@ from nodeprov.config import (
 )
 from nodeprov.http import HttpContext, create_app
 from nodeprov.http.app import bind, serve
-from nodeprov.http.audio_routes import audio_payments
 from nodeprov.upstream import Upstreams
 from tests.support.core import TEST_PRICE, Core, build_core
 from tests.support.fake_upstream import FakeUpstream
@@ -134,7 +133,7 @@ async def start_node(
         models=MappingProxyType({m: PRICE for m in MODELS}),
     )
     upstreams = Upstreams.from_config(config)
-    ctx = HttpContext(config, core.payments, upstreams, audio_payments(core.payments))
+    ctx = HttpContext(config, core.payments, upstreams)
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
