@@ -17,13 +17,15 @@ from typing import Any
 import httpx
 
 from nodeprov.config import Config
+from nodeprov.core.expiry import refund_expired_keys
 from nodeprov.core.ledger import OPERATOR, Ledger, now, open_ledger
+from nodeprov.core.lightning_funding import LightningFunding, poll_lightning_funding
 from nodeprov.core.melt import Melter
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.rates import ExchangeRates
 from nodeprov.core.wallet import Wallet
-from nodeprov.upstream import Upstreams
+from nodeprov.upstream import Upstreams, nodelay_transport
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,10 @@ async def open_books(config: Config) -> tuple[Ledger, Wallet, httpx.AsyncClient]
     ledger = await open_ledger(
         config.ledger_path, hold_timeout_seconds=config.ledger.hold_timeout_seconds
     )
-    client = httpx.AsyncClient(timeout=float(config.wallet.mint_timeout_seconds))
+    client = httpx.AsyncClient(
+        timeout=float(config.wallet.mint_timeout_seconds),
+        transport=nodelay_transport(httpx.Limits(max_connections=50)),
+    )
     return ledger, Wallet(ledger, config.wallet.mints, config.wallet.units, client), client
 
 
@@ -90,7 +95,11 @@ async def build_core(config: Config) -> Core:
 
 async def recover(core: Core) -> None:
     """Start-up recovery: settle interrupted wallet operations, release every hold."""
-    outcome = await core.wallet.recover()
+    # Mint ops first: a paid quote credits an account that a later step may pay out of.
+    outcome = {
+        f"mint_{state}": n for state, n in (await LightningFunding(core.wallet).recover()).items()
+    }
+    outcome.update(await core.wallet.recover())
     for state, n in (await Melter(core.wallet).recover()).items():
         outcome[f"melt_{state}"] = n
     if outcome:
@@ -153,7 +162,13 @@ async def refresh_rates(core: Core, stop: asyncio.Event) -> None:
     await core.rates.run(stop)
 
 
-CORE_SERVICES: tuple[Service, ...] = (refresh_rates, sweep_holds, retry_recovery)
+CORE_SERVICES: tuple[Service, ...] = (
+    refresh_rates,
+    sweep_holds,
+    retry_recovery,
+    poll_lightning_funding,
+    refund_expired_keys,
+)
 
 
 def default_services() -> tuple[Service, ...]:

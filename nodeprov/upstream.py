@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
+import socket
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,9 +263,19 @@ def _make_client(
     return httpx.AsyncClient(
         base_url=up.base_url.rstrip("/") + "/",
         headers=headers,
-        limits=POOL_LIMITS,
         timeout=timeout,
-        transport=transport,
+        transport=transport or nodelay_transport(POOL_LIMITS),
+    )
+
+
+def nodelay_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """A pooled transport with TCP_NODELAY: a request's headers and body leave at once.
+
+    Without it Nagle's algorithm holds the body until the server acknowledges the headers,
+    and delayed ACKs turn that into ~40 ms on every request.
+    """
+    return httpx.AsyncHTTPTransport(
+        limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
 
 

@@ -33,6 +33,7 @@ class Hold:
 class Settlement:
     charged_msat: int
     written_off_msat: int
+    available_msat: int = 0  # the account's available balance right after
 
 
 def _log(
@@ -118,7 +119,10 @@ def settle(
         "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
     )
     _log(raw, at, OPERATOR, "earning", charged, ref, "")
-    return Settlement(charged, written_off)
+    (after,) = raw.execute(
+        "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?", (held.account_id,)
+    ).fetchone()
+    return Settlement(charged, written_off, after)
 
 
 def release(raw: sqlite3.Connection, hold_id: int) -> None:

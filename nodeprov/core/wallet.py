@@ -414,7 +414,7 @@ class Wallet:
         (a time) so that swaps still awaited by a live request are left alone.
         """
         rows = await self.ledger.db.fetchall(
-            "SELECT * FROM wallet_ops WHERE state = 'pending' AND kind != 'melt' "
+            "SELECT * FROM wallet_ops WHERE state = 'pending' AND kind IN ('receive', 'send') "
             "AND updated_at <= ? ORDER BY id",
             (older_than if older_than is not None else 2**62,),
         )

@@ -24,7 +24,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodeprov.errors import NodeprovError, RequestTooLarge
-from nodeprov.http import audio_routes, info_routes, openai_routes, wallet_routes
+from nodeprov.http import (
+    audio_routes,
+    info_routes,
+    lightning_routes,
+    openai_routes,
+    wallet_routes,
+)
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
 
@@ -114,6 +120,7 @@ def create_app(ctx: HttpContext) -> Starlette:
             *openai_routes.ROUTES,
             *audio_routes.ROUTES,
             *wallet_routes.ROUTES,
+            *lightning_routes.ROUTES,
             *info_routes.ROUTES,
         ],
         middleware=middleware,
@@ -134,7 +141,9 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio turns on TCP_NODELAY only for sockets that do, and without
+    # it every keep-alive response waits ~40 ms (Nagle against the client's delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)

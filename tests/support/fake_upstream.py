@@ -47,6 +47,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from nodeprov.devstack.openai_wire import DONE, completion_body, embeddings_body, models_list
 from tests.support.fake_openai import (
     MAX_COMPLETION,
     PNG,
@@ -55,7 +56,6 @@ from tests.support.fake_openai import (
     Behaviour,
     DropConnection,
     completion_limit,
-    embedding,
     error_response,
     expected_duration,
     expected_text,
@@ -150,7 +150,8 @@ class FakeUpstream:
     def start(self, timeout: float = 10.0) -> FakeUpstream:
         if self._thread is not None:
             return self
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP so asyncio sets TCP_NODELAY (else ~40 ms per keep-alive response).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind((LOOPBACK, 0))
         self._sock, self.port = sock, sock.getsockname()[1]
         config = uvicorn.Config(
@@ -293,19 +294,7 @@ class FakeUpstream:
             include = bool((body.get("stream_options") or {}).get("include_usage")) and b.usage
             events = stream_events(head, chat, words, finish, usage if include else None)
             return StreamingResponse(self._drip(rec, b, events), media_type="text/event-stream")
-        text = " ".join(words)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        out = {
-            **head,
-            "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice],
-        }
-        if b.usage:
-            out["usage"] = usage
+        out = completion_body(head, chat, " ".join(words), finish, usage if b.usage else None)
         return self._done(rec, JSONResponse(out))
 
     async def _drip(
@@ -321,7 +310,7 @@ class FakeUpstream:
                 if is_word and b.chunk_delay and await self._sleep(b.chunk_delay):
                     return
                 yield event
-            yield b"data: [DONE]\n\n"
+            yield DONE
         finally:
             rec.finished_at = time.monotonic()
 
@@ -336,16 +325,8 @@ class FakeUpstream:
         if early is not None:
             return self._done(rec, early)
         body: dict[str, Any] = rec.json
-        inputs = body.get("input", "")
-        many = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
-        dims = int(body.get("dimensions") or 8)
-        data = []
-        for i, item in enumerate(inputs if many else [inputs]):
-            data.append({"object": "embedding", "index": i, "embedding": embedding(item, dims)})
-        out: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model", "")}
-        if b.usage:
-            out["usage"] = expected_usage(body, "embeddings")
-        return self._done(rec, JSONResponse(out))
+        usage = expected_usage(body, "embeddings") if b.usage else None
+        return self._done(rec, JSONResponse(embeddings_body(body, usage)))
 
     async def _images(self, request: Request) -> Response:
         rec, _, early = await self._begin(request)
@@ -398,11 +379,7 @@ class FakeUpstream:
 
     async def _models(self, request: Request) -> Response:
         rec, _, early = await self._begin(request)
-        data = [
-            {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
-            for m in self.models
-        ]
-        return self._done(rec, early or JSONResponse({"object": "list", "data": data}))
+        return self._done(rec, early or JSONResponse(models_list(self.models, "fake")))
 
     async def _file(self, request: Request) -> Response:
         return Response(PNG, media_type="image/png")

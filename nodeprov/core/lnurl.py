@@ -1,0 +1,212 @@
+"""LNURL-pay for Lightning addresses (LUD-16, LUD-06): parse, validate, build URLs.
+
+Pure functions over URLs and decoded JSON, plus :func:`fetch_invoice`, the one coroutine
+that does the two HTTP requests. Invoices are checked by decoding the BOLT11 amount
+(human-readable part, with the bech32 checksum verified); the ``description_hash`` is
+not compared with the metadata (LUD-06 no longer requires it, and many servers differ).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from nodeprov.errors import NodeprovError
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_USER = re.compile(r"^[a-z0-9\-_.+]+$")  # LUD-16: the username's character set
+_HOST = re.compile(r"^[a-z0-9.\-]+(:[0-9]{1,5})?$")
+_HRP = re.compile(r"^ln(bcrt|bc|tbs|tb|sb)([1-9][0-9]*|0)?([munp])?$")
+_BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_MULTIPLIER_MSAT = {"": 100_000_000_000, "m": 100_000_000, "u": 100_000, "n": 100}
+
+
+class LnurlError(NodeprovError):
+    """A Lightning address or LNURL server that cannot be paid (bad answer, unreachable)."""
+
+    status = 502
+    type = "payout_error"
+    code = "lnurl_error"
+    retryable = True
+
+
+@dataclass(frozen=True)
+class PayRequest:
+    """A validated LNURL-pay answer: where to ask for an invoice and the allowed range."""
+
+    callback: str
+    min_sendable_msat: int
+    max_sendable_msat: int
+    metadata: str
+
+
+def _check_url(url: str, what: str) -> str:
+    """``url`` if it is https, or http on a loopback host (tests, local dev)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and host in LOCAL_HOSTS:
+        return url
+    raise LnurlError(f"{what} {url!r} is not an https URL")
+
+
+def address_url(address: str) -> str:
+    """``user@domain`` -> ``https://domain/.well-known/lnurlp/user`` (http for localhost)."""
+    user, sep, host = address.strip().partition("@")
+    user, host = user.lower(), host.lower()
+    if not sep or not _USER.match(user) or not _HOST.match(host):
+        raise LnurlError(f"{address!r} is not a Lightning address (user@domain)")
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    local = name in LOCAL_HOSTS
+    if not local and "." not in name:
+        raise LnurlError(f"{address!r} is not a Lightning address (user@domain)")
+    scheme = "http" if local else "https"
+    return f"{scheme}://{host}/.well-known/lnurlp/{user}"
+
+
+def _error_reason(data: Any) -> str | None:
+    if isinstance(data, dict) and str(data.get("status", "")).upper() == "ERROR":
+        return str(data.get("reason") or "no reason given")
+    return None
+
+
+def _int_field(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if type(value) is int and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise LnurlError(f"the LNURL server sent no valid {key}")
+
+
+def parse_pay_request(data: Any) -> PayRequest:
+    """Validate the JSON of an LNURL-pay endpoint (``tag: payRequest``)."""
+    if (reason := _error_reason(data)) is not None:
+        raise LnurlError(f"the LNURL server refused: {reason}")
+    if not isinstance(data, dict) or data.get("tag") != "payRequest":
+        raise LnurlError("the LNURL server's answer is not a payRequest")
+    callback = data.get("callback")
+    if not isinstance(callback, str):
+        raise LnurlError("the LNURL server sent no callback")
+    low, high = _int_field(data, "minSendable"), _int_field(data, "maxSendable")
+    if low < 1 or high < low:
+        raise LnurlError(f"the LNURL server's range {low}..{high} msat is not valid")
+    metadata = data.get("metadata", "")
+    return PayRequest(
+        _check_url(callback, "callback"), low, high, metadata if isinstance(metadata, str) else ""
+    )
+
+
+def callback_url(request: PayRequest, amount_msat: int) -> str:
+    """The callback URL asking for an invoice of ``amount_msat`` (kept query params intact)."""
+    if not request.min_sendable_msat <= amount_msat <= request.max_sendable_msat:
+        raise LnurlError(
+            f"{amount_msat} msat is outside what the address accepts"
+            f" ({request.min_sendable_msat}..{request.max_sendable_msat} msat)"
+        )
+    parts = urlsplit(request.callback)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "amount"]
+    query.append(("amount", str(amount_msat)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def parse_invoice_response(data: Any, amount_msat: int) -> str:
+    """The ``pr`` invoice of a callback answer, checked to be for exactly ``amount_msat``."""
+    if (reason := _error_reason(data)) is not None:
+        raise LnurlError(f"the LNURL server refused the invoice request: {reason}")
+    invoice = data.get("pr") if isinstance(data, dict) else None
+    if not isinstance(invoice, str) or not invoice:
+        raise LnurlError("the LNURL server sent no invoice")
+    got = invoice_amount_msat(invoice)
+    if got != amount_msat:
+        shown = "no amount" if got is None else f"{got} msat"
+        raise LnurlError(f"the invoice is for {shown}, not the {amount_msat} msat requested")
+    return invoice
+
+
+# --- BOLT11 amount --------------------------------------------------------------------
+
+
+def _polymod(values: list[int]) -> int:
+    generator = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+    chk = 1
+    for value in values:
+        top = chk >> 25
+        chk = (chk & 0x1FFFFFF) << 5 ^ value
+        for i in range(5):
+            chk ^= generator[i] if (top >> i) & 1 else 0
+    return chk
+
+
+def _bech32_hrp(text: str) -> str:
+    """The human-readable part of a bech32 string whose checksum verifies (no length cap)."""
+    if text.lower() != text and text.upper() != text:
+        raise LnurlError("the invoice mixes upper and lower case")
+    text = text.lower()
+    pos = text.rfind("1")
+    if pos < 1 or pos + 7 > len(text) or any(c not in _BECH32 for c in text[pos + 1 :]):
+        raise LnurlError("the invoice is not a bech32 string")
+    hrp = text[:pos]
+    data = [_BECH32.index(c) for c in text[pos + 1 :]]
+    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+    if _polymod(expanded + data) != 1:
+        raise LnurlError("the invoice's checksum is wrong")
+    return hrp
+
+
+def invoice_amount_msat(invoice: str) -> int | None:
+    """The amount of a BOLT11 invoice in msat (None for an invoice without amount)."""
+    text = invoice.strip()
+    if text.lower().startswith("lightning:"):
+        text = text[len("lightning:") :]
+    match = _HRP.match(_bech32_hrp(text))
+    if match is None:
+        raise LnurlError("the invoice is not a BOLT11 Lightning invoice")
+    digits, multiplier = match.group(2), match.group(3) or ""
+    if digits is None:
+        if multiplier:
+            raise LnurlError("the invoice's amount is malformed")
+        return None
+    if multiplier == "p":
+        if int(digits) % 10:
+            raise LnurlError("the invoice's amount is not a whole msat")
+        return int(digits) // 10
+    return int(digits) * _MULTIPLIER_MSAT[multiplier]
+
+
+# --- the two requests -----------------------------------------------------------------
+
+
+async def _get_json(client: httpx.AsyncClient, url: str, what: str) -> Any:
+    try:
+        response = await client.get(url, headers={"Accept": "application/json"})
+    except httpx.HTTPError as exc:
+        raise LnurlError(f"{what} {url} is unreachable: {exc.__class__.__name__}") from None
+    try:
+        data = response.json()
+    except ValueError:
+        raise LnurlError(f"{what} {url} answered {response.status_code}, not JSON") from None
+    if response.status_code >= 400 and _error_reason(data) is None:
+        raise LnurlError(f"{what} {url} answered {response.status_code}")
+    return data
+
+
+async def resolve(client: httpx.AsyncClient, address: str) -> PayRequest:
+    """Fetch and validate the LNURL-pay parameters of a Lightning address."""
+    return parse_pay_request(await _get_json(client, address_url(address), "the address"))
+
+
+async def request_invoice(client: httpx.AsyncClient, request: PayRequest, amount_msat: int) -> str:
+    """Ask the callback for an invoice of ``amount_msat``; returns it, amount verified."""
+    data = await _get_json(client, callback_url(request, amount_msat), "the callback")
+    return parse_invoice_response(data, amount_msat)
+
+
+async def fetch_invoice(client: httpx.AsyncClient, address: str, amount_msat: int) -> str:
+    """Resolve ``address`` and get an invoice for exactly ``amount_msat``."""
+    return await request_invoice(client, await resolve(client, address), amount_msat)

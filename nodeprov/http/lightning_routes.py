@@ -1,0 +1,116 @@
+"""Funding keys over Lightning: an invoice from the node's mint, then a poll for the key.
+
+``POST /v1/wallet/lightning {amount, api_key?, expires_at?, refund_address?, mint?}`` ->
+``{quote_id, invoice, amount, amount_msat, expires_at, mint}`` (``amount`` in sats);
+``GET /v1/wallet/lightning/{quote_id}`` -> its state and, once paid, the balance (msat) and,
+for a new key, the ``api_key`` (in the first answer after payment only).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from nodeprov.core.lightning_funding import LightningFunding
+from nodeprov.core.lnurl import LnurlError, address_url
+from nodeprov.errors import InvalidRequest
+from nodeprov.http.auth import bearer
+from nodeprov.http.context import JSON, HttpContext, context, read_json
+
+
+def _funding(ctx: HttpContext) -> LightningFunding:
+    return LightningFunding(ctx.payments.wallet)
+
+
+def _amount(params: dict[str, Any]) -> int:
+    amount = params.get("amount", params.get("amount_sats"))
+    if isinstance(amount, str) and amount.isdigit():
+        amount = int(amount)
+    if type(amount) is not int or amount <= 0:
+        raise InvalidRequest("'amount' must be a positive whole number of sats")
+    return amount
+
+
+def _api_key(params: dict[str, Any], request: Request) -> str | None:
+    key = params.get("api_key")
+    if key is None:
+        credential = bearer(request.headers)
+        key = credential if credential and credential.startswith("sk-") else None
+    if key is not None and (not isinstance(key, str) or not key.startswith("sk-")):
+        raise InvalidRequest("'api_key' must be an API key (sk-…)")
+    return key
+
+
+def _new_key_options(params: dict[str, Any]) -> tuple[int | None, str | None]:
+    expires_at = params.get("expires_at")
+    if isinstance(expires_at, str) and expires_at.isdigit():
+        expires_at = int(expires_at)
+    if expires_at is not None and (type(expires_at) is not int or expires_at <= time.time()):
+        raise InvalidRequest("'expires_at' must be a future unix time in seconds")
+    address = params.get("refund_address")
+    if address is not None:
+        try:
+            address_url(str(address))
+        except LnurlError:
+            raise InvalidRequest(
+                "'refund_address' must be a Lightning address (user@domain)"
+            ) from None
+    return expires_at, address
+
+
+async def create_invoice(request: Request) -> Response:
+    ctx = context(request)
+    params: dict[str, Any] = dict(request.query_params)
+    if request.headers.get("content-length", "0") != "0":
+        params.update(await read_json(request))
+    amount = _amount(params)
+    api_key = _api_key(params, request)
+    expires_at, address = _new_key_options(params)
+    mint = params.get("mint")
+    if mint is not None and (not isinstance(mint, str) or mint.rstrip("/") not in ctx.mints):
+        raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")
+    quote = await _funding(ctx).create(
+        amount,
+        api_key=api_key,
+        expires_at=expires_at,
+        refund_address=address,
+        mint_url=mint.rstrip("/") if mint else None,
+    )
+    return JSON(
+        {
+            "quote_id": quote.id,
+            "invoice": quote.invoice,
+            "amount": quote.amount,
+            "amount_msat": quote.amount_msat,
+            "expires_at": quote.expires_at,
+            "mint": quote.mint_url,
+        }
+    )
+
+
+async def invoice_status(request: Request) -> Response:
+    status = await _funding(context(request)).status(request.path_params["quote_id"])
+    body: dict[str, Any] = {
+        "quote_id": status.id,
+        "state": status.state,
+        "paid": status.state == "paid",
+        "amount": status.amount,
+        "amount_msat": status.amount_msat,
+        "expires_at": status.expires_at,
+        "new_key": status.new_key,
+    }
+    if status.api_key is not None:
+        body["api_key"] = status.api_key
+    if status.balance_msat is not None:
+        body["balance"] = status.balance_msat
+    return JSON(body)
+
+
+ROUTES = [
+    HttpRoute("/v1/wallet/lightning", create_invoice, methods=["POST"]),
+    HttpRoute("/v1/wallet/lightning/{quote_id}", invoice_status, methods=["GET"]),
+]
