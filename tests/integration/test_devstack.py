@@ -1,0 +1,268 @@
+"""The embedded dev stack: real mint, real relay, demo upstream on free ports; clean stops.
+
+Also ``nodeprov start --dev`` as a subprocess (ports moved by NODEPROV_* overrides): it comes
+up, prints its banner and a demo token, and exits cleanly on SIGTERM with no child left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nodeprov.cli import DEV_CONFIG
+from nodeprov.config import load_config
+from nodeprov.core.ledger import open_ledger
+from nodeprov.core.wallet import Wallet
+from nodeprov.daemon import Core
+from nodeprov.devstack import DevStack, StackError, StackPlan
+from nodeprov.devstack.runner import READY, run_dev
+from nodeprov.devstack.tokens import mint_token
+from nodeprov.protocol.cashu_token import parse_token
+from tests.support.cashu_client import TokenFactory
+from tests.support.services import free_port
+
+pytestmark = pytest.mark.integration
+NODEPROV = Path(sys.executable).parent / "nodeprov"
+
+
+def plan_on_free_ports(data_dir: Path) -> StackPlan:
+    return StackPlan(
+        data_dir=data_dir,
+        mint_url=f"http://127.0.0.1:{free_port()}",
+        relay_url=f"ws://127.0.0.1:{free_port()}",
+        upstream_url=f"http://127.0.0.1:{free_port()}/v1",
+        models=("demo-chat",),
+    )
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` no longer exists (or is a zombie nobody waits for)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def listening(url: str) -> bool:
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[DevStack]:
+    lines: list[str] = []
+    started = DevStack(plan_on_free_ports(tmp_path / "devstack"), say=lines.append)
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def test_stack_answers_and_a_demo_token_redeems(stack: DevStack, tmp_path: Path) -> None:
+    plan = stack.plan
+    assert plan.mint_url and plan.relay_url and plan.upstream_url
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        keysets = (await client.get(f"{plan.mint_url}/v1/keysets")).json()["keysets"]
+        assert {k["unit"] for k in keysets if k["active"]} >= {"sat", "msat"}
+        nip11 = await client.get(
+            plan.relay_url.replace("ws://", "http://"),
+            headers={"Accept": "application/nostr+json"},
+        )
+        assert nip11.json()["name"] == "nodeprov dev relay"
+
+        base = plan.upstream_url
+        chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi there"}]}
+        reply = await client.post(f"{base}/chat/completions", json=chat)
+        assert reply.headers["x-demo-upstream"] == "1"
+        body = reply.json()
+        assert body["choices"][0]["message"]["content"].startswith("[demo]")
+        assert body["usage"]["prompt_tokens"] == 5  # 3 per message + 2 words
+        assert body["system_fingerprint"] == "nodeprov-demo"
+        again = await client.post(f"{base}/chat/completions", json=chat)
+        assert again.json()["choices"] == body["choices"]  # deterministic
+
+        stream = await client.post(
+            f"{base}/chat/completions",
+            json={**chat, "stream": True, "stream_options": {"include_usage": True}},
+        )
+        events = [e for e in stream.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == body["choices"][0]["message"]["content"]
+        assert chunks[-1]["usage"] == body["usage"]
+
+        limited = await client.post(f"{base}/completions", json={"prompt": "a b", "max_tokens": 3})
+        assert limited.json()["choices"][0]["finish_reason"] == "length"
+        assert limited.json()["usage"]["completion_tokens"] == 3
+        embeddings = await client.post(f"{base}/embeddings", json={"input": ["a b", "c"]})
+        assert [len(d["embedding"]) for d in embeddings.json()["data"]] == [8, 8]
+        models = (await client.get(f"{base}/models")).json()["data"]
+        assert {m["id"] for m in models} == {"demo-chat", "demo-embed"}
+        assert {m["owned_by"] for m in models} == {"nodeprov-demo"}
+
+    ledger = await open_ledger(tmp_path / "ledger.sqlite3")
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        wallet = Wallet(ledger, [plan.mint_url], ["sat", "msat"], client)
+        await wallet.start()
+        token = await mint_token(wallet, plan.mint_url, 1000, "sat")
+        msat_token = await mint_token(wallet, plan.mint_url, 1500, "msat")
+    await ledger.db.close()
+    assert parse_token(token).amount == 1000
+    factory = TokenFactory(plan.mint_url, "sat", tmp_path / "wallet")
+    msat_factory = TokenFactory(plan.mint_url, "msat", tmp_path / "wallet-msat")
+    try:
+        assert await factory.redeem(token) == 1000
+        assert await msat_factory.redeem(msat_token) == 1500
+    finally:
+        await factory.aclose()
+        await msat_factory.aclose()
+
+
+async def test_stop_leaves_nothing_running(tmp_path: Path) -> None:
+    lines: list[str] = []
+    stack = DevStack(plan_on_free_ports(tmp_path / "devstack"), say=lines.append)
+    await stack.start()
+    pids = [child.pid for child in stack.children]
+    assert len(pids) == 2
+    plan = stack.plan
+    assert plan.mint_url and plan.relay_url and plan.upstream_url
+    urls = (plan.mint_url, plan.relay_url, plan.upstream_url)
+    assert all(listening(url) for url in urls)
+    await stack.stop()
+    await stack.stop()  # idempotent
+    assert all(gone(pid) for pid in pids)
+    assert not any(listening(url) for url in urls)
+    assert any("mint ready" in line for line in lines)
+    assert any("mint stopped" in line for line in lines)
+    # The mint keeps its key and database: a restart gives the same keysets.
+    assert (plan.data_dir / "mint" / "mint.key").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_compatible_service_is_reused(stack: DevStack) -> None:
+    lines: list[str] = []
+    second = DevStack(stack.plan, say=lines.append)
+    await second.start()
+    assert second.reused == ["Cashu mint", "Nostr relay", "OpenAI-compatible server"]
+    assert second.children == [] and second.demo is None
+    assert any("already running" in line and "reusing it" in line for line in lines)
+    await second.stop()
+    stack.check()  # the first stack's children still run
+    assert stack.plan.mint_url and listening(stack.plan.mint_url)
+
+
+async def test_an_incompatible_port_is_refused(tmp_path: Path) -> None:
+    plan = plan_on_free_ports(tmp_path / "devstack")
+    assert plan.mint_url
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(plan.mint_url.rsplit(":", 1)[1])))
+        squatter.listen()
+        stack = DevStack(plan, say=lambda _: None)
+        with pytest.raises(StackError, match="in use by something that is not a Cashu mint"):
+            await stack.start()
+    assert stack.children == []
+
+
+def dev_overrides(tmp_path: Path, ports: dict[str, int]) -> dict[str, str]:
+    """NODEPROV_* overrides that move every address of config/dev.toml to ``ports``."""
+    return {
+        "NODEPROV_WALLET__MINTS": f'["http://127.0.0.1:{ports["mint"]}"]',
+        "NODEPROV_NOSTR__RELAYS": f'["ws://127.0.0.1:{ports["relay"]}"]',
+        "NODEPROV_UPSTREAMS__0__BASE_URL": f"http://127.0.0.1:{ports['upstream']}/v1",
+        "NODEPROV_HTTP__PORT": str(ports["http"]),
+        "NODEPROV_NODE__HTTP_URL": f"http://127.0.0.1:{ports['http']}",
+        "NODEPROV_NODE__DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+def free_ports() -> dict[str, int]:
+    return {name: free_port() for name in ("mint", "relay", "upstream", "http")}
+
+
+async def test_a_crashing_daemon_still_stops_the_stack(tmp_path: Path) -> None:
+    ports = free_ports()
+    config = load_config(DEV_CONFIG, dev_overrides(tmp_path, ports))
+    started: list[int] = []
+
+    async def crash(core: Core, stop: asyncio.Event) -> None:
+        started.extend(int(p) for p in re.findall(r"\(pid (\d+)", "\n".join(lines)))
+        raise RuntimeError("boom")
+
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        await run_dev(config, say=lines.append, services=[crash])
+    assert len(started) == 2
+    assert all(gone(pid) for pid in started)
+    assert not any(listening(f"http://127.0.0.1:{p}") for p in ports.values())
+
+
+def test_start_dev_subprocess_comes_up_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ports = free_ports()
+    env = {**os.environ, **dev_overrides(tmp_path, ports), "PYTHONUNBUFFERED": "1"}
+    env.pop("NODEPROV_CONFIG", None)
+    proc = subprocess.Popen(
+        [str(NODEPROV), "start", "--dev"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.startswith(READY):
+                break
+        text = "".join(out)
+        assert any(line.startswith(READY) for line in out), text
+        assert "mint ready" in text and "relay ready" in text and "demo upstream at" in text
+        token = re.search(r"export TOKEN=(cashuB\S+)", text)
+        assert token is not None, text
+        assert parse_token(token[1]).amount == 1000
+        assert f"http://127.0.0.1:{ports['http']}/v1" in text
+        pids = [int(p) for p in re.findall(r"ready in [\d.]+ s \(pid (\d+)", text)]
+        assert len(pids) == 2
+        if "HTTP channel not wired" not in text:  # the tour needs the HTTP channel
+            demo = subprocess.run(
+                [str(NODEPROV), "demo", "--amount", "400"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert demo.returncode == 0, demo.stdout + demo.stderr
+            assert "0 step(s) failed" in demo.stdout
+            assert "books balance" in demo.stdout
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, text + rest
+    assert "Traceback" not in text + rest
+    assert "nodeprov stopped." in rest
+    assert all(gone(pid) for pid in pids)
+    assert not any(listening(f"http://127.0.0.1:{p}") for p in ports.values())
