@@ -1,4 +1,4 @@
-"""The ``nodeprov`` command: init, start, status, wallet balance, wallet audit.
+"""The ``nodeprov`` command: init, start, demo, status, wallet balance, wallet audit.
 
 Errors a user can fix (bad config, missing file) are one ``error: …`` line on stderr
 with exit code 2; other failures exit 1. No command prints a traceback for them.
@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
 
 from nodeprov import __version__
+from nodeprov.cli_client import client
+from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import ENV_PREFIX, Config, load_config
 from nodeprov.core.ledger import AuditReport
 from nodeprov.daemon import Core, books, open_books, run
@@ -154,16 +154,22 @@ def init(ctx: click.Context, path: Path | None) -> None:
 @click.option(
     "--dev",
     is_flag=True,
-    help="Use config/dev.toml of the source checkout (mint at 127.0.0.1:3338).",
+    help="Use config/dev.toml and start the embedded dev stack beside the daemon: a local"
+    " mint (FakeWallet), a local relay and a demo upstream (canned answers).",
 )
 @click.pass_context
 def start(ctx: click.Context, dev: bool) -> None:
     """Run the daemon until Ctrl+C or SIGTERM.
 
-    Today this runs the core: ledger, wallet, pricing and payments, start-up recovery
-    of interrupted wallet operations, the hold sweeper and the BTC/USD refresh. The
-    HTTP API, the Nostr channel and the embedded dev stack (mint, relay, demo upstream
-    for --dev) land in later issues.
+    Runs the core (ledger, wallet, pricing, payments, recovery, housekeeping) and the
+    channels that are built in. With --dev it first starts the embedded dev stack at the
+    addresses config/dev.toml names (mint 127.0.0.1:3338, relay :7777, demo upstream
+    :8088, data in config/data/dev), then prints the HTTP URL, the npub, a fresh demo
+    token and examples to paste. Move it with the usual overrides, e.g.
+    NODEPROV_WALLET__MINTS='["http://127.0.0.1:4338"]', NODEPROV_NOSTR__RELAYS='["ws://
+    127.0.0.1:8777"]', NODEPROV_UPSTREAMS__0__BASE_URL=http://127.0.0.1:9088/v1,
+    NODEPROV_HTTP__PORT=9000. A service already running at one of those addresses is
+    reused; the stack's processes are stopped when the daemon stops.
     """
     options = ctx.find_object(Options)
     path = None
@@ -175,24 +181,18 @@ def start(ctx: click.Context, dev: bool) -> None:
         path = DEV_CONFIG
     config = load(ctx, path)
     if dev:
-        for mint in config.wallet.mints:
-            if not _listening(mint):
-                click.echo(
-                    f"dev mint not running at {mint}: the embedded dev stack lands in a later"
-                    " issue; the core runs without it and uses the mint once it is up",
-                    err=True,
-                )
+        from nodeprov.devstack.runner import run_dev
+
+        guarded(run_dev(config, say=_say))
+        click.echo("nodeprov stopped.")
+        return
 
     def ready(core: Core) -> None:
         pid = os.getpid()
         models = len(core.config.models)
         click.echo(
-            f"{config.node.name} running (pid {pid}): core only - ledger {config.ledger_path},"
+            f"{config.node.name} running (pid {pid}): ledger {config.ledger_path},"
             f" {len(core.wallet.mints)} mint(s), {models} priced model(s)."
-        )
-        click.echo(
-            f"Not running yet: the HTTP API ({config.http.host}:{config.http.port}) and the"
-            " Nostr channel; they land in later issues."
         )
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
 
@@ -200,15 +200,40 @@ def start(ctx: click.Context, dev: bool) -> None:
     click.echo("nodeprov stopped.")
 
 
-def _listening(url: str) -> bool:
-    """Whether something accepts TCP connections at ``url``'s host and port."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+def _say(line: str) -> None:
+    click.echo(line)
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--amount",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(min=100),
+    help="Sat to mint for the tour (from the dev mint's FakeWallet: free test money).",
+)
+@click.pass_context
+def demo(ctx: click.Context, amount: int) -> None:
+    """Run a scripted tour against the running dev node (`nodeprov start --dev`).
+
+    Mints demo tokens from the local FakeWallet mint, then: creates an API key from a
+    token, pays a streamed chat with it, pays one request with X-Cashu and shows the
+    change, pays a job by NIP-17 DM, reads the node's announcements back from the relay,
+    and prints the final balances and the audit. Every step prints its amounts; a step
+    whose channel is not running prints "skipped: <why>". Uses config/dev.toml (plus
+    NODEPROV_* overrides) unless --config is given.
+    """
+    from nodeprov.devstack.demo import run_demo
+
+    options = ctx.find_object(Options)
+    on_command_line = bool(options and options.config_on_command_line)
+    config = load(ctx, None if on_command_line or not DEV_CONFIG.is_file() else DEV_CONFIG)
+    ok = guarded(run_demo(config, amount=amount, say=_say))
+    if not ok:
+        raise click.exceptions.Exit(1)
 
 
 # --- status ------------------------------------------------------------------------------
@@ -273,7 +298,13 @@ async def _ledger_status(config: Config) -> dict[str, Any]:
 
 @main.group()
 def wallet() -> None:
-    """Inspect the node's proofs and books (read-only; safe while the daemon runs)."""
+    """The node's proofs and books; withdraw or pay out earnings (safe while running)."""
+
+
+main.add_command(keys)
+main.add_command(client)
+wallet.add_command(withdraw)
+wallet.add_command(payout)
 
 
 @wallet.command()

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -25,6 +25,8 @@ from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.rates import ExchangeRates
 from nodeprov.core.wallet import Wallet
+from nodeprov.nostr.keys import load_or_create_keys
+from nodeprov.observability import Metrics
 from nodeprov.upstream import Upstreams, nodelay_transport
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Core:
     client: httpx.AsyncClient
     rates: ExchangeRates | None
     upstreams: Upstreams
+    metrics: Metrics = field(default_factory=Metrics)
     npub: str | None = None
 
     async def close(self) -> None:
@@ -90,7 +93,9 @@ async def build_core(config: Config) -> Core:
         await client.aclose()
         await ledger.db.close()
         raise
-    return Core(config, ledger, wallet, pricer, payments, client, rates, upstreams)
+    metrics = Metrics(models=config.models)
+    npub = load_or_create_keys(config.nostr_key_path).npub if config.nostr.relays else None
+    return Core(config, ledger, wallet, pricer, payments, client, rates, upstreams, metrics, npub)
 
 
 async def recover(core: Core) -> None:
@@ -173,9 +178,12 @@ CORE_SERVICES: tuple[Service, ...] = (
 
 def default_services() -> tuple[Service, ...]:
     """What ``nodeprov start`` runs: the core's housekeeping and the channels."""
-    from nodeprov.http import http_service  # the channels import this module
+    # The channels and payouts import this module, so they are imported here.
+    from nodeprov.http import http_service
+    from nodeprov.nostr.service import nostr_service
+    from nodeprov.payouts import payout_service
 
-    return (*CORE_SERVICES, http_service)
+    return (*CORE_SERVICES, payout_service, http_service, nostr_service)
 
 
 async def run(

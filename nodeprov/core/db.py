@@ -13,6 +13,7 @@ commits. ``durable=True`` selects ``synchronous=FULL`` for operators who want th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -48,8 +49,8 @@ class Database:
     ) -> Database:
         """Open (creating if needed) the file at ``path`` and apply pending migrations."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(path, isolation_level=None)
-        reader = await aiosqlite.connect(path, isolation_level=None)
+        writer = await _connect(path)
+        reader = await _connect(path)
         for conn in (writer, reader):
             conn.row_factory = aiosqlite.Row
             await conn.execute("PRAGMA journal_mode=WAL")
@@ -85,15 +86,24 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction: commits when the block ends, rolls back if it raises."""
+        """A write transaction: commits when the block ends, rolls back if it raises.
+
+        Also when the task is cancelled at any await inside: the writer runs statements in
+        order, so a rollback queued after a cancelled ``BEGIN``/``COMMIT`` still lands after
+        it, and the next writer never finds a transaction left open.
+        """
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
+                await self._writer.execute("COMMIT")
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await asyncio.shield(self._rollback())
                 raise
-            await self._writer.execute("COMMIT")
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.OperationalError):  # nothing was begun, or committed
+            await self._writer.execute("ROLLBACK")
 
     async def transact(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` as one write transaction inside the writer's thread.
@@ -146,6 +156,14 @@ class Database:
         async with self._lock:
             await self._writer.close()
         await self._reader.close()
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    connection = aiosqlite.connect(path, isolation_level=None)
+    # A connection someone forgot to close must not keep the process alive at exit;
+    # every commit is already durable when it returns.
+    connection.daemon = True
+    return await connection
 
 
 def _statements(script: str) -> list[str]:

@@ -1,6 +1,6 @@
 """``nodeprov start --dev``: the dev stack, then the daemon beside it, then a banner to copy from.
 
-The HTTP and Nostr channels are included when their service modules exist; the stack is
+The daemon runs its default services (HTTP and Nostr channels included); the stack is
 stopped whatever happens (normal stop, SIGINT/SIGTERM, a crashing service).
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import shlex
@@ -16,9 +15,8 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nodeprov import daemon
 from nodeprov.config import Config
-from nodeprov.daemon import CORE_SERVICES, Core, Service, run
+from nodeprov.daemon import Core, Service, default_services, run
 from nodeprov.devstack.processes import DevStack, Say, StackPlan, listening
 from nodeprov.devstack.tokens import mint_token
 from nodeprov.errors import NodeprovError
@@ -28,52 +26,11 @@ log = logging.getLogger(__name__)
 
 READY = "nodeprov dev node ready"
 DEMO_TOKEN_SAT = 1000
-CHANNEL_MODULES = (
-    ("http", "nodeprov.http.service"),
-    ("http", "nodeprov.http"),
-    ("nostr", "nodeprov.nostr.service"),
-)
-SERVICE_NAMES = ("http_service", "nostr_service", "service")
 
 
 def _channel_of(service: Service) -> str | None:
     module = str(getattr(service, "__module__", ""))
     return next((c for c in ("http", "nostr") if module.startswith(f"nodeprov.{c}")), None)
-
-
-def _find_service(channel: str, module_name: str) -> Service | None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            log.warning("the %s channel does not import (%s); running without it", channel, exc)
-        return None
-    except Exception as exc:  # a channel under construction must not take the stack down
-        log.warning("the %s channel does not import (%s); running without it", channel, exc)
-        return None
-    for name in SERVICE_NAMES:
-        candidate = getattr(module, name, None)
-        if callable(candidate) and name.startswith((channel, "service")):
-            found: Service = candidate
-            return found
-    return None
-
-
-def dev_services() -> tuple[list[Service], set[str]]:
-    """The daemon's default services plus any channel service it does not run yet."""
-    make = getattr(daemon, "default_services", None)
-    services = list(CORE_SERVICES)
-    if callable(make):
-        try:
-            services = list(make())
-        except Exception as exc:
-            log.warning("the daemon's channels do not load (%s); running the core only", exc)
-    channels = {c for s in services if (c := _channel_of(s)) is not None}
-    for channel, module_name in CHANNEL_MODULES:
-        if channel not in channels and (found := _find_service(channel, module_name)):
-            services.append(found)
-            channels.add(channel)
-    return services, channels
 
 
 def http_base(config: Config) -> str:
@@ -109,10 +66,8 @@ async def run_dev(
         await stack.start(stop)
         if stop.is_set():
             return
-        if services is None:
-            chosen, channels = dev_services()
-        else:
-            chosen, channels = list(services), {c for s in services if (c := _channel_of(s))}
+        chosen = list(default_services() if services is None else services)
+        channels = {c for s in chosen if (c := _channel_of(s))}
 
         async def watch_stack(core: Core, stop: asyncio.Event) -> None:
             await stack.watch(stop)

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.routing import BaseRoute, Mount
+
 from nodeprov.daemon import Core
+from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, create_app, serve
 from nodeprov.http.context import HttpContext
+from nodeprov.observability import HealthProbes, ops_routes
 from nodeprov.upstream import Upstreams
 
 __all__ = ["HttpContext", "create_app", "http_context", "http_service"]
@@ -17,10 +21,19 @@ __all__ = ["HttpContext", "create_app", "http_context", "http_service"]
 
 def http_context(core: Core, upstreams: Upstreams, npub: str | None = None) -> HttpContext:
     """The routes' wiring over the daemon's core."""
-    return HttpContext(core.config, core.payments, upstreams, npub)
+    return HttpContext(core.config, core.payments, upstreams, npub, metrics=core.metrics)
+
+
+def operator_routes(core: Core) -> list[BaseRoute]:
+    """``/metrics``, ``/health`` and the admin dashboard at ``/admin``."""
+    probes = HealthProbes(upstreams=lambda: {name: True for name in core.upstreams.models()})
+    return [
+        *ops_routes(core, core.metrics, probes),
+        Mount("/admin", app=build_admin_app(core, core.config)),
+    ]
 
 
 async def http_service(core: Core, stop: asyncio.Event) -> None:
     """A daemon service: the HTTP API on ``http.host:http.port`` until ``stop``."""
-    app = create_app(http_context(core, core.upstreams, core.npub))
+    app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
     await serve(app, bind(core.config.http.host, core.config.http.port), stop)

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import secrets
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -21,6 +22,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodeprov.errors import NodeprovError, RequestTooLarge
@@ -33,6 +35,7 @@ from nodeprov.http import (
 )
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
+from nodeprov.observability import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +54,36 @@ def _too_large(limit: int) -> RequestTooLarge:
 
 
 class Guard:
-    """Adds ``X-Request-Id`` to every response and enforces the body size limit."""
+    """Adds ``X-Request-Id``, enforces the body size limit, counts API requests in metrics."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics | None = None) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = ("req_" + secrets.token_hex(8)).encode()
+        started = time.perf_counter()
+        metered = self.metrics is not None and scope["path"].startswith("/v1/")
+        status, cost = 0, 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status, cost
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                status = message["status"]
+                for name, value in message["headers"]:
+                    if name.lower() == b"x-cost-msat" and value.isdigit():
+                        cost = int(value)
             await send(message)
+            final = message["type"] == "http.response.body" and not message.get("more_body")
+            if metered and final and self.metrics is not None:
+                model = scope.get("state", {}).get("model", "none")
+                seconds = time.perf_counter() - started
+                self.metrics.record_request("http", model, status, seconds, cost)
 
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
@@ -101,10 +118,13 @@ async def on_error(request: Request, exc: Exception) -> Response:
     return JSON(body, status_code=500)
 
 
-def create_app(ctx: HttpContext) -> Starlette:
-    """The HTTP channel over ``ctx`` (built once; routes share it read-only)."""
+def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The HTTP channel over ``ctx`` (built once; routes share it read-only).
+
+    ``extra_routes`` adds the operator's pages (``/metrics``, ``/health``, ``/admin``).
+    """
     http = ctx.config.http
-    middleware = [Middleware(Guard, max_body_bytes=http.max_body_bytes)]
+    middleware = [Middleware(Guard, max_body_bytes=http.max_body_bytes, metrics=ctx.metrics)]
     if http.cors_origins:
         middleware.append(
             Middleware(
@@ -122,6 +142,7 @@ def create_app(ctx: HttpContext) -> Starlette:
             *wallet_routes.ROUTES,
             *lightning_routes.ROUTES,
             *info_routes.ROUTES,
+            *extra_routes,
         ],
         middleware=middleware,
         exception_handlers={NodeprovError: on_error, HTTPException: on_error, Exception: on_error},

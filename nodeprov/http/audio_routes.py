@@ -103,6 +103,7 @@ async def audio_job(request: Request) -> Response:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
     route: Route = ctx.upstreams.route(model)
+    request.state.model = route.model  # for the request metrics
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
     payer = request_payer(request.headers)
     payments = ctx.payments

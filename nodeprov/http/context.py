@@ -16,6 +16,7 @@ from nodeprov.config import Config
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import InvalidRequest
+from nodeprov.observability import Metrics
 from nodeprov.upstream import Upstreams
 
 
@@ -33,6 +34,7 @@ class HttpContext:
     upstreams: Upstreams
     npub: str | None = None
     version: str = __version__
+    metrics: Metrics | None = None
 
     @property
     def pricer(self) -> Pricer:

@@ -47,6 +47,7 @@ async def begin(
 ) -> tuple[Route, Charge]:
     """Route the model, find the payer (402 if none), and hold the max cost."""
     route: Route = ctx.upstreams.route(model_of(body))
+    request.state.model = route.model  # for the request metrics
     payer: Payer | None = request_payer(request.headers)
     if payer is None:
         raise payment_required(ctx, route.model, body, endpoint)

@@ -8,6 +8,7 @@ stored. No mint is involved, but the audit sees consistent books.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -490,3 +491,24 @@ async def test_audit_detects_tampered_hold(ledger: Ledger) -> None:
     assert report.log_mismatches == ("open holds 0 != reserved 2000",)
     async with ledger.db.write() as conn:
         await conn.execute("UPDATE accounts SET reserved_msat = 0 WHERE id = 'key:h'")
+
+
+async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> None:
+    ledger = await open_ledger(tmp_path / "c.sqlite3")
+    try:
+        for delay in (0, 0.0001, 0.001):
+
+            async def slow_write() -> None:
+                async with ledger.db.write() as conn:
+                    await conn.execute("UPDATE accounts SET kind = kind WHERE id = 'operator'")
+                    await asyncio.sleep(1)
+
+            task = asyncio.create_task(slow_write())
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with ledger.db.write() as conn:  # would fail inside a leftover transaction
+                await conn.execute("SELECT 1")
+    finally:
+        await ledger.db.close()

@@ -1,4 +1,4 @@
-"""Read-only figures for the dashboard, and the one write it needs besides money moves: revoke.
+"""Read-only figures for the dashboard (revoking is ``core.accounts_admin.revoke``).
 
 Reads go through the ledger's reader connection (WAL: they never block the writer).
 """
@@ -126,7 +126,8 @@ async def transactions_page(
     ledger: Ledger, *, before: int | None, limit: int, account_id: str | None = None
 ) -> tuple[list[dict[str, Any]], int | None]:
     """Newest-first transactions with id < ``before``; returns (rows, next ``before`` or None)."""
-    where, params = ["id < ?"], [before if before is not None else 2**62]
+    where = ["id < ?"]
+    params: list[Any] = [before if before is not None else 2**62]
     if account_id:
         where.append("account_id = ?")
         params.append(account_id)
@@ -142,12 +143,3 @@ async def transactions_page(
 async def count_transactions(ledger: Ledger) -> int:
     row = await ledger.db.fetchone("SELECT COUNT(*) FROM transactions")
     return int(row[0]) if row else 0
-
-
-async def revoke(ledger: Ledger, account_id: str) -> bool:
-    """Mark a user account revoked (no more spending with it); False if there is none."""
-    if account_id == OPERATOR:
-        return False
-    async with ledger.db.write() as conn:
-        cursor = await conn.execute("UPDATE accounts SET revoked = 1 WHERE id = ?", (account_id,))
-        return cursor.rowcount == 1

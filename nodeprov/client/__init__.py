@@ -1,0 +1,1 @@
+"""The user's side of nodeprov: a local Cashu wallet, a paying OpenAI proxy, ask and discover."""

@@ -1,0 +1,183 @@
+"""The admin password store, the login throttle, sessions and the money text (no servers)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeprov.admin_password import (
+    check_hash,
+    hash_password,
+    load_or_create,
+    password_file,
+    set_password,
+    verify_password,
+)
+from nodeprov.config import AdminSection, Config, NodeSection, load_config
+from nodeprov.errors import ConfigError
+from nodeprov.http.admin import build_admin_app
+from nodeprov.http.admin.format import parse_sat, sat_text
+from nodeprov.http.admin.queries import channel_of
+from nodeprov.http.admin.security import Sessions, Throttle, same
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def config_in(tmp_path: Path, password_hash: str = "") -> Config:
+    return Config(
+        node=NodeSection(data_dir=tmp_path / "data"),
+        admin=AdminSection(password_hash=password_hash),
+    )
+
+
+@pytest.mark.parametrize("scheme", ["scrypt", "pbkdf2_sha256"])
+def test_hash_and_verify(scheme: str) -> None:
+    encoded = hash_password("s3cret-password", scheme)
+    assert encoded.startswith(f"{scheme}$")
+    check_hash(encoded)
+    assert verify_password("s3cret-password", encoded)
+    assert not verify_password("s3cret-passwore", encoded)
+    assert hash_password("s3cret-password", scheme) != encoded  # salted
+    tampered = encoded[:-2] + ("AA" if encoded[-2:] != "AA" else "BB")
+    assert not verify_password("s3cret-password", tampered)
+
+
+def test_malformed_hashes_never_verify() -> None:
+    salt_key = "c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5"
+    bad_hashes = (
+        "",
+        "plaintext",
+        "scrypt$14$8$1$AAAA",
+        f"scrypt$99$8$1${salt_key}",
+        f"scrypt$20$32$1${salt_key}",  # would need gigabytes
+        f"pbkdf2_sha256$10${salt_key}",
+        "md5$abc$def",
+    )
+    for bad in bad_hashes:
+        with pytest.raises(ValueError):
+            check_hash(bad)
+        assert not verify_password("anything", bad)
+    with pytest.raises(ValueError, match="at least 8"):
+        hash_password("short")
+
+
+def test_first_start_generates_a_password_once(tmp_path: Path) -> None:
+    config = config_in(tmp_path)
+    encoded, generated = load_or_create(config)
+    assert generated is not None and len(generated) >= 20
+    assert verify_password(generated, encoded)
+    path = password_file(config)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == encoded
+    assert load_or_create(config) == (encoded, None)  # not shown again
+
+
+def test_config_hash_wins_and_set_password_replaces_the_file(tmp_path: Path) -> None:
+    configured = hash_password("from-the-config", "pbkdf2_sha256")
+    assert load_or_create(config_in(tmp_path, configured)) == (configured, None)
+    assert not password_file(config_in(tmp_path)).exists()
+    config = config_in(tmp_path)
+    encoded = set_password(config, "a new password")
+    assert load_or_create(config) == (encoded, None)
+    assert stat.S_IMODE(password_file(config).stat().st_mode) == 0o600
+    password_file(config).write_text("garbage\n")
+    with pytest.raises(ConfigError, match="set-password"):
+        load_or_create(config)
+    with pytest.raises(ConfigError, match=r"admin\.password_hash"):
+        load_or_create(config_in(tmp_path, "scrypt$broken"))
+
+
+def test_config_accepts_the_hash_format(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    encoded = hash_password("from-the-config")
+    file.write_text(
+        f'[wallet]\nmints = ["http://127.0.0.1:1"]\n[admin]\npassword_hash = "{encoded}"\n'
+    )
+    assert load_config(file, {}, require_upstream=False).admin.password_hash == encoded
+
+
+def test_generated_password_is_printed_once(tmp_path: Path, capsys: Any) -> None:
+    config = config_in(tmp_path)
+    build_admin_app(object(), config)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "Admin dashboard password" in err
+    plaintext = err.split("stored hashed): ")[1].split()[0]
+    assert verify_password(plaintext, password_file(config).read_text().strip())
+    build_admin_app(object(), config)  # type: ignore[arg-type]
+    assert "password" not in capsys.readouterr().err
+
+
+def test_throttle_locks_an_ip_and_backs_off() -> None:
+    clock = Clock()
+    throttle = Throttle(per_ip=3, global_limit=100, lock_seconds=60, clock=clock)
+    for _ in range(2):
+        throttle.failed("1.1.1.1")
+    assert throttle.retry_after("1.1.1.1") == 0
+    throttle.failed("1.1.1.1")
+    assert throttle.retry_after("1.1.1.1") == 60
+    assert throttle.retry_after("2.2.2.2") == 0  # other clients are not affected
+    clock.now += 61
+    assert throttle.retry_after("1.1.1.1") == 0
+    throttle.failed("1.1.1.1")  # one more failure doubles the lock
+    assert throttle.retry_after("1.1.1.1") == 120
+    clock.now += 121
+    throttle.succeeded("1.1.1.1")
+    throttle.failed("1.1.1.1")
+    assert throttle.retry_after("1.1.1.1") == 0
+
+
+def test_throttle_global_backoff_across_ips() -> None:
+    clock = Clock()
+    throttle = Throttle(per_ip=5, global_limit=10, lock_seconds=30, max_lock=100, clock=clock)
+    for i in range(10):
+        throttle.failed(f"10.0.0.{i}")  # a spray: one failure per address
+    assert throttle.retry_after("192.168.1.1") == 30  # everyone waits
+    clock.now += 31
+    throttle.failed("10.0.0.99")
+    throttle.failed("10.0.0.98")
+    assert throttle.retry_after("192.168.1.1") == 100  # 30 * 4, capped at max_lock
+    clock.now += 10_000  # failures outside the window are forgotten
+    throttle.failed("10.0.0.1")
+    assert throttle.retry_after("192.168.1.1") == 0
+
+
+def test_sessions_expire_and_are_bounded() -> None:
+    clock = Clock()
+    sessions = Sessions(60, clock=clock)
+    first = sessions.create()
+    assert sessions.get(first.id) is first and first.csrf != first.id
+    assert sessions.get("nope") is None and sessions.get(None) is None
+    clock.now += 61
+    assert sessions.get(first.id) is None
+    made = [sessions.create() for _ in range(100)]
+    assert sessions.get(made[0].id) is None and sessions.get(made[-1].id) is made[-1]
+    sessions.drop(made[-1].id)
+    assert sessions.get(made[-1].id) is None
+    assert same("abc", "abc") and not same("abc", "abd") and not same("", "") and not same(None, "")
+
+
+def test_money_text_is_exact() -> None:
+    assert sat_text(0) == "0.000 sat"
+    assert sat_text(1_234_567) == "1,234.567 sat"
+    assert sat_text(-1060) == "-1.060 sat"
+    assert parse_sat("") is None and parse_sat(" 12 ") == 12_000
+    assert parse_sat("0.001") == 1 and parse_sat("12.5") == 12_500
+    for bad in ("-1", "1.2345", "1e3", "0", "abc", "1,5"):
+        with pytest.raises(ValueError):
+            parse_sat(bad)
+
+
+def test_channel_inference() -> None:
+    assert channel_of("key:ab", "gpt-4o") == ("gpt-4o", "http")
+    assert channel_of("npub:ab", "gpt-4o") == ("gpt-4o", "nostr")
+    assert channel_of("req:ab", "nostr:gpt-4o") == ("gpt-4o", "nostr")
+    assert channel_of("key:ab", "org/model:free") == ("org/model:free", "http")

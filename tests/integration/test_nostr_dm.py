@@ -1,0 +1,351 @@
+"""DM jobs end to end: nostr-sdk client, real relay, DM listener, real mint, fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TokenMaker
+from tests.support.fake_upstream import FakeUpstream, expected_usage
+from tests.support.nostr_client import (
+    CHAT_MODEL,
+    MODELS,
+    SLOW_MODEL,
+    DmNode,
+    SdkClient,
+    chat_cost,
+    start_dm_node,
+)
+from tests.support.services import MintHandle, RelayHandle
+
+pytestmark = pytest.mark.integration
+
+
+def chat_body(text: str = "hello there node", model: str = CHAT_MODEL) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8}
+
+
+def request(body: dict[str, Any], ident: str = "r1", cashu: str | None = None) -> str:
+    msg: dict[str, Any] = {"type": "request", "id": ident, "endpoint": "/v1/chat/completions"}
+    msg["body"] = body
+    if cashu:
+        msg["cashu"] = cashu
+    return json.dumps(msg)
+
+
+async def balance(node: DmNode, pubkey: str) -> int:
+    account = await node.core.ledger.account("npub:" + pubkey)
+    return account.available_msat if account else 0
+
+
+async def idle(node: DmNode) -> None:
+    for _ in range(250):
+        row = await node.core.ledger.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
+            " WHERE state = 'pending')"
+        )
+        if row is not None and row[0] == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("work still in flight")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(models=MODELS) as up:
+        yield up
+
+
+@pytest.fixture
+async def node(
+    tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
+) -> AsyncIterator[DmNode]:
+    started = await start_dm_node(tmp_path, [relay.url], [mint.url], upstream)
+    try:
+        yield started
+        await idle(started)
+        await started.core.assert_books_balance()
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def client(node: DmNode, relay: RelayHandle) -> AsyncIterator[SdkClient]:
+    peer = await SdkClient([relay.url], node.keys.public_key).connect()
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+@pytest.mark.parametrize("nip", ["nip17", "nip04"])
+async def test_request_with_token_gets_response_and_exact_change(
+    node: DmNode, client: SdkClient, make_token: TokenMaker, nip: str
+) -> None:
+    token = await make_token(100)
+    body = chat_body()
+    reply = await client.ask(request(body, cashu=token), nip)
+    assert reply.nip == nip
+    data = reply.json
+    assert data["type"] == "response" and data["id"] == "r1" and data["status"] == 200
+    cost = chat_cost(expected_usage(body))
+    assert data["cost_msat"] == cost
+    assert data["body"]["choices"][0]["message"]["content"]
+    assert data["balance_msat"] is None
+    assert await make_token.redeem(data["change"]) == 100 - -(-cost // 1000)
+
+
+async def test_plain_text_chat_with_pasted_token(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(50)
+    reply = await client.ask(f"Hi there, here is money {token}")
+    assert reply.nip == "nip17"
+    assert "cost" in reply.text and "balance" in reply.text, reply.text
+    body = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "Hi there, here is money"}],
+    }
+    cost = chat_cost(expected_usage(body))
+    assert await balance(node, client.pubkey) == 50_000 - cost
+    # The history is part of the next prompt; /balance and /new answer without a model call.
+    assert "Balance:" in (await client.ask("/balance")).text
+    second = await client.ask("and again")
+    assert "cost" in second.text
+    assert (await client.ask("/new")).text.startswith("Started")
+
+
+async def test_deposit_requests_from_balance_then_withdraw(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(64)
+    dep = (await client.ask(json.dumps({"type": "deposit", "id": "d1", "cashu": token}))).json
+    assert dep == {"type": "balance", "id": "d1", "balance_msat": 64_000}
+    spent = 0
+    for i in range(2):
+        body = chat_body(f"question number {i}")
+        data = (await client.ask(request(body, ident=f"q{i}"))).json
+        assert data["type"] == "response", data
+        spent += chat_cost(expected_usage(body))
+        assert data["change"] is None and data["balance_msat"] == 64_000 - spent
+    bal = (await client.ask(json.dumps({"type": "balance", "id": "b"}))).json
+    assert bal["balance_msat"] == 64_000 - spent
+    out = (await client.ask(json.dumps({"type": "withdraw", "id": "w"}))).json
+    assert out["type"] == "withdrawal", out
+    assert out["amount_msat"] == (64_000 - spent) // 1000 * 1000
+    assert await make_token.redeem(out["cashu"]) == (64_000 - spent) // 1000
+    info = (await client.ask(json.dumps({"type": "info", "id": "i"}), "nip04")).json
+    assert {m["id"] for m in info["models"]} == set(MODELS)
+    assert info["mints"] == list(node.ctx.mints)
+
+
+async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClient) -> None:
+    data = (await client.ask(request(chat_body()))).json
+    assert data["type"] == "error" and data["error"]["code"] == "payment_required"
+    assert data["payment_request"].startswith("creqA")
+    plain = await client.ask("hello, can you help?")
+    assert "creqA" in plain.text
+    assert await balance(node, client.pubkey) == 0
+
+
+async def test_bad_input_gets_error_or_nothing(node: DmNode, client: SdkClient) -> None:
+    data = (await client.ask('{"type": "request", "id": "x", "endpoint": "/v1/nope"}')).json
+    assert data["type"] == "error" and data["error"]["code"] == "invalid_job_message"
+    big = (await client.ask("x" * (node.config.nostr.max_content_bytes + 10))).text
+    assert "larger than" in big
+    # A forged gift wrap (bad signature; a relay would refuse it, so it is handed over
+    # directly) and a stale kind 4 (via the relay) get no reply, no charge and no crash.
+    forged = json.loads(client.nip17("hi").as_json())
+    forged["sig"] = ("0" if forged["sig"][0] != "0" else "1") + forged["sig"][1:]
+    dropped = node.listener.stats["dropped"]
+    await node.listener.process(forged)
+    assert node.listener.stats["dropped"] == dropped + 1
+    node.listener.transport.max_age = -10_000  # everything counts as stale now
+    await client.publish(client.nip04("old"))
+    assert await client.quiet(1.5) == []
+    assert node.listener.stats["dropped"] == dropped + 2
+    node.listener.transport.max_age = 24 * 3600
+    assert (await client.ask('{"type": "balance", "id": "ok"}')).json["balance_msat"] == 0
+
+
+async def test_same_event_twice_is_processed_once(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(32)
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    event = client.nip17(request(chat_body(), ident="once"))
+    await client.publish(event)
+    first = await client.replies(1)
+    assert first[0].json["type"] == "response"
+    after = await balance(node, client.pubkey)
+    # Delivered again: directly, and to a fresh listener that re-reads from its watermark.
+    await node.listener.process(json.loads(event.as_json()))
+    assert node.listener.stats["duplicates"] == 1
+    await node.stop_listener()
+    await node.start_listener()
+    await client.publish(event)
+    assert await client.quiet(2.0) == []
+    assert await balance(node, client.pubkey) == after
+    assert node.listener.stats["handled"] == 0 and node.listener.stats["duplicates"] >= 1
+
+
+async def _wait_accepted(node: DmNode, event_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while (row := await node.store.get(event_id)) is None or row.state != "accepted":
+        assert time.monotonic() < deadline, "job never accepted"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # the upstream call is under way
+
+
+async def test_restart_between_receipt_and_reply_npub(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(40)
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    body = chat_body(model=SLOW_MODEL)
+    event_id = await client.send(request(body, ident="slow"))
+    await _wait_accepted(node, event_id)
+    await node.stop_listener(grace=0)  # cancels the job mid-upstream call
+    assert await balance(node, client.pubkey) == 40_000  # hold released, nothing charged
+    await node.start_listener()
+    data = (await client.replies(1, within=30))[0].json
+    assert data["type"] == "response" and data["id"] == "slow"
+    cost = chat_cost(expected_usage(body))
+    assert data["balance_msat"] == 40_000 - cost
+    assert await balance(node, client.pubkey) == 40_000 - cost
+    assert await client.quiet(1.0) == []
+
+
+async def test_restart_between_receipt_and_reply_token(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(30)
+    body = chat_body(model=SLOW_MODEL)
+    event_id = await client.send(request(body, ident="slowtok", cashu=token), "nip04")
+    await _wait_accepted(node, event_id)
+    await node.stop_listener(grace=0)
+    await node.start_listener()
+    data = (await client.replies(1, within=30))[0].json
+    assert data["type"] == "response", data
+    cost = chat_cost(expected_usage(body))
+    assert await make_token.redeem(data["change"]) == 30 - -(-cost // 1000)
+
+
+async def test_reply_survives_restart_after_the_job(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    """Replies stored but not yet published are published by the next run (once)."""
+    token = await make_token(20)
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    sent = node.listener.transport.send
+
+    async def lost(*args: Any, **kwargs: Any) -> bool:
+        return False
+
+    node.listener.transport.send = lost  # type: ignore[method-assign]
+    event_id = await client.send(json.dumps({"type": "balance", "id": "later"}))
+    deadline = time.monotonic() + 10
+    while (row := await node.store.get(event_id)) is None or row.state != "done":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    node.listener.transport.send = sent  # type: ignore[method-assign]
+    await node.stop_listener()
+    await node.start_listener()
+    assert (await client.replies(1))[0].json == {
+        "type": "balance", "id": "later", "balance_msat": 20_000,
+    }  # fmt: skip
+
+
+async def test_relay_restart_mid_run(
+    node: DmNode, client: SdkClient, relay: RelayHandle, make_token: TokenMaker
+) -> None:
+    token = await make_token(40)
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    relay.stop()
+    await asyncio.sleep(0.5)
+    relay.start()
+    for i in range(2):
+        reply = None
+        for _attempt in range(3):  # the client (not the node) may need a moment to reconnect
+            try:
+                reply = await client.ask(
+                    request(chat_body(f"after restart {i}"), f"a{i}"), within=10
+                )
+                break
+            except AssertionError:
+                await client.client.connect()
+        assert reply is not None and reply.json["type"] == "response"
+
+
+async def test_reply_goes_to_senders_dm_relays(
+    node: DmNode, relay_factory: Any, make_token: TokenMaker, relay: RelayHandle
+) -> None:
+    inbox = relay_factory()
+    peer = await SdkClient([relay.url], node.keys.public_key).connect()
+    reader = await SdkClient([inbox.url], node.keys.public_key).connect()
+    try:
+        await peer.publish_dm_relays([inbox.url])
+        await peer.send('{"type": "balance", "id": "where"}')
+        reader.keys = peer.keys  # read the inbox relay as the same person
+        got = await reader.replies(1)
+        assert got[0].json["id"] == "where"
+    finally:
+        await peer.close()
+        await reader.close()
+
+
+async def test_large_reply_is_split_into_parts(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    token = await make_token(100)
+    big = "word " * 9000
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 4}
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    reply = await client.ask(json.dumps({"type": "info", "id": "i"}))
+    assert reply.json["type"] == "info"
+    # An embeddings reply for a long input is large: 8 floats per input, many inputs.
+    emb = {"model": "fake-embed", "input": ["some words here"] * 700}
+    msg = {"type": "request", "id": "e", "endpoint": "/v1/embeddings", "body": emb}
+    data = await client.ask(json.dumps(msg), within=30)
+    assert len(data.raw) > 1, "expected a reply in parts"
+    assert data.json["type"] == "response" and len(data.json["body"]["data"]) == 700
+    del body
+
+
+async def test_rate_limit_and_concurrency_cap(
+    tmp_path: Path,
+    relay: RelayHandle,
+    mint: MintHandle,
+    upstream: FakeUpstream,
+    make_token: TokenMaker,
+) -> None:
+    node = await start_dm_node(
+        tmp_path, [relay.url], [mint.url], upstream,
+        rate_limit_per_minute=3, max_concurrent_jobs_per_sender=1,
+    )  # fmt: skip
+    peer = await SdkClient([relay.url], node.keys.public_key).connect()
+    try:
+        token = await make_token(30)
+        await peer.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+        # Two slow jobs at once: the second is refused while the first runs.
+        await peer.send(request(chat_body(model=SLOW_MODEL), ident="s1"))
+        await asyncio.sleep(0.8)
+        await peer.send(request(chat_body(model=SLOW_MODEL), ident="s2"))
+        got = {r.json["id"]: r.json for r in await peer.replies(2, within=30)}
+        assert got["s2"]["error"]["code"] == "rate_limited"
+        assert got["s1"]["type"] == "response"
+        third = (await peer.ask('{"type": "balance", "id": "b3"}')).json
+        assert third["type"] == "balance"
+        fourth = (await peer.ask('{"type": "balance", "id": "b4"}')).json
+        assert fourth["error"]["code"] == "rate_limited"
+        await idle(node)
+        assert (await node.core.ledger.audit()).ok
+    finally:
+        await peer.close()
+        await node.close()
