@@ -1,0 +1,214 @@
+"""End to end: ``nodeprov start`` as a subprocess, paid over HTTP and Nostr, stopped, restarted.
+
+Real mint, real relay, the test upstream; the client side is the official openai SDK, plain
+httpx and a nostr-sdk peer. SIGTERM arrives while a stream is running; after the restart the
+balances are as they were and the books audit is clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from nodeprov.protocol.cashu_token import parse_token
+from nodeprov.protocol.nostr_event import Keys
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.nostr_client import SdkClient
+from tests.support.services import MintHandle, RelayHandle, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+NODEPROV = [str(Path(sys.executable).parent / "nodeprov")]
+MODELS = ("fake-chat", "fake-chat+drip-1.0")
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(models=MODELS, api_key="sk-upstream") as up:
+        yield up
+
+
+def write_config(tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str, port: int) -> Path:
+    models = ", ".join(f'"{m}"' for m in MODELS)
+    prices = "\n".join(
+        f'[models."{m}"]\nrequest_msat = 1000\ninput_per_1m_msat = 2000000\n'
+        f"output_per_1m_msat = 5000000\ncontext_tokens = 8192\nmax_output_tokens = 1024\n"
+        for m in MODELS
+    )
+    path = tmp / "nodeprov.toml"
+    path.write_text(
+        f"""
+[node]
+name = "e2e-node"
+data_dir = "{tmp / "data"}"
+http_url = "http://127.0.0.1:{port}"
+
+[http]
+host = "127.0.0.1"
+port = {port}
+
+[nostr]
+relays = ["{relay.url}"]
+
+[wallet]
+mints = ["{mint.url}"]
+
+[admin]
+password_hash = ""
+
+[[upstreams]]
+name = "fake"
+base_url = "{upstream}"
+api_key = "sk-upstream"
+models = [{models}]
+
+{prices}
+"""
+    )
+    return path
+
+
+class Daemon:
+    def __init__(self, config: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(config.parent / "daemon.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*NODEPROV, "-c", str(config), "start"],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/v1/info", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+            assert self.proc.poll() is None, (config.parent / "daemon.log").read_text()
+        raise AssertionError("the daemon did not come up")
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        self.log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def audit(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NODEPROV, "-c", str(config), "wallet", "audit", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def node_npub(config: Path) -> str:
+    secret = (config.parent / "data" / "nostr.key").read_text().strip()
+    return Keys.parse(secret).public_key
+
+
+async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
+    tmp_path: Path,
+    mint: MintHandle,
+    relay: RelayHandle,
+    upstream: FakeUpstream,
+    make_token,
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, mint, relay, upstream.url, port)
+    daemon = Daemon(config, port)
+    try:
+        # HTTP: a key from a token, then a paid chat with the official SDK.
+        created = httpx.post(
+            daemon.url + "/v1/wallet/create",
+            json={"cashu_token": await make_token(100, mint=mint)},
+            timeout=30,
+        ).json()
+        key = created["api_key"]
+        client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key=key)
+        reply = await client.chat.completions.create(
+            model="fake-chat", messages=[{"role": "user", "content": "hello there"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+        info = await client.with_options(max_retries=0).models.list()
+        assert {m.id for m in info.data} >= set(MODELS)
+
+        # Nostr: a NIP-17 DM job paying with its own token, change in the reply.
+        peer = await SdkClient([relay.url], node_npub(config)).connect()
+        try:
+            token = await make_token(20, mint=mint)
+            job = {
+                "type": "request",
+                "id": "e2e-1",
+                "endpoint": "/v1/chat/completions",
+                "body": {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]},
+                "cashu": token,
+            }
+            answer = (await peer.ask(json.dumps(job), within=30)).json
+        finally:
+            await peer.close()
+        assert answer["type"] == "response" and answer["id"] == "e2e-1"
+        change = parse_token(answer["change"]).amount
+        assert change == 20 - -(-answer["cost_msat"] // 1000)
+        assert await make_token.redeem(answer["change"]) == change
+
+        balance = httpx.get(
+            daemon.url + "/v1/wallet/balance", headers={"Authorization": f"Bearer {key}"}
+        ).json()["balance"]
+
+        # SIGTERM in the middle of a slow stream: the daemon stops, nothing is left half-done.
+        stream = await client.chat.completions.create(
+            model="fake-chat+drip-1.0",
+            messages=[{"role": "user", "content": "tell me more"}],
+            max_tokens=16,
+            stream=True,
+        )
+        got = 0
+        stopping: asyncio.Future[int] | None = None
+        try:
+            async for _ in stream:
+                got += 1
+                if got == 3:  # the stream outlives the server's 5 s grace: it is cut
+                    stopping = asyncio.ensure_future(asyncio.to_thread(daemon.terminate))
+        except (openai.APIError, httpx.HTTPError):
+            pass
+        assert stopping is not None and await stopping == 0
+    finally:
+        daemon.kill()
+
+    report = audit(config)
+    assert report.returncode == 0, report.stdout + report.stderr
+
+    daemon = Daemon(config, port)
+    try:
+        after = httpx.get(
+            daemon.url + "/v1/wallet/balance", headers={"Authorization": f"Bearer {key}"}
+        ).json()
+        # The interrupted stream was settled (or released) before the daemon stopped.
+        assert after["reserved"] == 0
+        assert 0 < after["balance"] <= balance
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+    report = audit(config)
+    assert report.returncode == 0, report.stdout + report.stderr
