@@ -122,6 +122,15 @@ def audit(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def balance_of(daemon: Daemon, key: str) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(
+            daemon.url + "/v1/wallet/balance", headers={"Authorization": f"Bearer {key}"}
+        )
+    result: dict[str, int] = response.json()
+    return result
+
+
 def node_npub(config: Path) -> str:
     secret = (config.parent / "data" / "nostr.key").read_text().strip()
     return Keys.parse(secret).public_key
@@ -139,11 +148,13 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
     daemon = Daemon(config, port)
     try:
         # HTTP: a key from a token, then a paid chat with the official SDK.
-        created = httpx.post(
-            daemon.url + "/v1/wallet/create",
-            json={"cashu_token": await make_token(100, mint=mint)},
-            timeout=30,
-        ).json()
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = (
+                await http.post(
+                    daemon.url + "/v1/wallet/create",
+                    json={"cashu_token": await make_token(100, mint=mint)},
+                )
+            ).json()
         key = created["api_key"]
         client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key=key)
         reply = await client.chat.completions.create(
@@ -172,9 +183,7 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
         assert change == 20 - -(-answer["cost_msat"] // 1000)
         assert await make_token.redeem(answer["change"]) == change
 
-        balance = httpx.get(
-            daemon.url + "/v1/wallet/balance", headers={"Authorization": f"Bearer {key}"}
-        ).json()["balance"]
+        balance = (await balance_of(daemon, key))["balance"]
 
         # SIGTERM in the middle of a slow stream: the daemon stops, nothing is left half-done.
         stream = await client.chat.completions.create(
@@ -201,9 +210,7 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
 
     daemon = Daemon(config, port)
     try:
-        after = httpx.get(
-            daemon.url + "/v1/wallet/balance", headers={"Authorization": f"Bearer {key}"}
-        ).json()
+        after = await balance_of(daemon, key)
         # The interrupted stream was settled (or released) before the daemon stopped.
         assert after["reserved"] == 0
         assert 0 < after["balance"] <= balance
