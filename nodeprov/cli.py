@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from nodeprov import __version__
 from nodeprov.cli_client import client
+from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import ENV_PREFIX, Config, load_config
 from nodeprov.core.ledger import AuditReport
@@ -126,8 +127,8 @@ def init(ctx: click.Context, path: Path | None) -> None:
 
     The file is a copy of config/nodeprov.example.toml listing every option; an existing
     file is never overwritten. Edit wallet.mints, [[upstreams]] and [models] before
-    `nodeprov start`. Generating the provider's Nostr key is not done yet: it comes with
-    the Nostr channel.
+    `nodeprov start`. The provider's Nostr key is created by the first `nodeprov start`
+    (data_dir/nostr.key, mode 0600) and its npub printed.
     """
     options = ctx.find_object(Options)
     target = path or (options.config_path if options else None) or DEFAULT_CONFIG
@@ -303,6 +304,8 @@ def wallet() -> None:
 
 main.add_command(keys)
 main.add_command(client)
+main.add_command(announce)
+main.add_command(admin)
 wallet.add_command(withdraw)
 wallet.add_command(payout)
 

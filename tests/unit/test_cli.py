@@ -92,7 +92,7 @@ def test_every_command_has_help(runner: CliRunner) -> None:
 def test_readme_command_list_matches_help(runner: CliRunner) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `nodeprov ([a-z]+(?: [a-z]+)*)([^`]*)`", section, re.M)
+    rows = re.findall(r"^\| `nodeprov ([a-z][a-z-]*(?: [a-z][a-z-]*)*)([^`]*)`", section, re.M)
     assert {tuple(name.split()) for name, _ in rows} == set(commands())
     for name, usage in rows:  # every option the README shows exists
         help_text = invoke(runner, *name.split(), "--help").output
