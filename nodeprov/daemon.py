@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ class Core:
     upstreams: Upstreams
     metrics: Metrics = field(default_factory=Metrics)
     npub: str | None = None
+    # Set by the Nostr service while its relay pool runs, for /health.
+    relay_status: Callable[[], Mapping[str, Any]] | None = None
 
     async def close(self) -> None:
         await self.upstreams.aclose()

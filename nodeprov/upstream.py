@@ -37,6 +37,7 @@ POOL_LIMITS = httpx.Limits(
 CONNECT_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
 POOL_TIMEOUT = 10.0
+HEALTH_TIMEOUT = 3.0
 # Discovery runs at start; a slow /models must not hold the daemon up for a whole read timeout.
 DISCOVERY_TIMEOUT = httpx.Timeout(10.0)
 # Error bodies are read to quote the upstream's message; cap them so a huge one costs nothing.
@@ -192,6 +193,20 @@ class Upstreams:
         finally:
             await response.aclose()
         raise map_status_error(response, body, route.upstream)
+
+    async def check(self) -> dict[str, dict[str, Any]]:
+        """Per upstream: does ``GET models`` answer (any HTTP status means it is reachable)."""
+
+        async def probe(name: str, client: httpx.AsyncClient) -> dict[str, Any]:
+            try:
+                response = await client.get("models", timeout=HEALTH_TIMEOUT)
+            except httpx.HTTPError as exc:
+                return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:200]}
+            return {"ok": response.status_code < 500, "status": response.status_code}
+
+        names = list(self._clients)
+        results = await asyncio.gather(*(probe(n, self._clients[n]) for n in names))
+        return dict(zip(names, results, strict=True))
 
     async def aclose(self) -> None:
         """Close every upstream client (idempotent)."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.routing import BaseRoute, Mount
 
@@ -26,7 +27,17 @@ def http_context(core: Core, upstreams: Upstreams, npub: str | None = None) -> H
 
 def operator_routes(core: Core) -> list[BaseRoute]:
     """``/metrics``, ``/health`` and the admin dashboard at ``/admin``."""
-    probes = HealthProbes(upstreams=lambda: {name: True for name in core.upstreams.models()})
+
+    def relays() -> dict[str, Any]:
+        status = core.relay_status() if core.relay_status else {}
+        return {
+            url: {"ok": bool(s.get("connected")), "last_error": s.get("last_error")}
+            for url, s in status.items()
+        }
+
+    probes = HealthProbes(
+        relays=relays if core.config.nostr.relays else None, upstreams=core.upstreams.check
+    )
     return [
         *ops_routes(core, core.metrics, probes),
         Mount("/admin", app=build_admin_app(core, core.config)),

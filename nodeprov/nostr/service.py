@@ -42,6 +42,7 @@ async def nostr_service(core: Core, stop: asyncio.Event) -> None:
     log.info("Nostr identity %s", keys.npub)
     upstreams = core.upstreams
     pool = RelayPool(config.nostr.relays, sign=signer(keys))
+    core.relay_status = pool.status
     try:
         store = DmStore(core.ledger.db)
         await store.ensure()
@@ -56,4 +57,5 @@ async def nostr_service(core: Core, stop: asyncio.Event) -> None:
         listener = DmListener(ctx, pool, transport)
         await asyncio.gather(announcer.run(stop), listener.run(stop))
     finally:
+        core.relay_status = None
         await pool.close()

@@ -184,6 +184,12 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
         assert await make_token.redeem(answer["change"]) == change
 
         balance = (await balance_of(daemon, key))["balance"]
+        async with httpx.AsyncClient(timeout=10) as http:
+            health = (await http.get(daemon.url + "/health")).json()
+            metrics = (await http.get(daemon.url + "/metrics")).text
+        assert health["ledger"]["ok"] and health["upstreams"]["fake"]["ok"]
+        assert set(health["relays"]) == {relay.url} and health["mints"]
+        assert 'nodeprov_requests_total{channel="http",model="fake-chat",status="200"}' in metrics
 
         # SIGTERM in the middle of a slow stream: the daemon stops, nothing is left half-done.
         stream = await client.chat.completions.create(

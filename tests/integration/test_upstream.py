@@ -356,3 +356,10 @@ async def test_openai_sdk_async_talks_to_the_fake(fake: FakeUpstream) -> None:
         assert img.data and img.data[0].url and img.data[0].url.startswith(fake.url)
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(**_chat("fail-500"))
+
+
+async def test_health_check_per_upstream(ups: Upstreams) -> None:
+    assert await ups.check() == {"fake": {"ok": True, "status": 200}}
+    async with _upstreams(dead_url() + "/v1", "fake-chat") as down:
+        report = await down.check()
+    assert report["fake"]["ok"] is False and "ConnectError" in report["fake"]["error"]
