@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import tomllib
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from nodeprov.core.ledger import AuditReport
 from nodeprov.daemon import Core, books, open_books, run
 from nodeprov.errors import ConfigError, NodeprovError
 from nodeprov.logging_setup import setup_logging
+from nodeprov.nostr.keys import load_or_create_keys
 
 T = TypeVar("T")
 
@@ -127,8 +129,8 @@ def init(ctx: click.Context, path: Path | None) -> None:
 
     The file is a copy of config/nodeprov.example.toml listing every option; an existing
     file is never overwritten. Edit wallet.mints, [[upstreams]] and [models] before
-    `nodeprov start`. The provider's Nostr key is created by the first `nodeprov start`
-    (data_dir/nostr.key, mode 0600) and its npub printed.
+    `nodeprov start`. Also generates the provider's Nostr key into data_dir/nostr.key
+    (mode 0600; kept if it exists) and prints its npub.
     """
     options = ctx.find_object(Options)
     target = path or (options.config_path if options else None) or DEFAULT_CONFIG
@@ -145,7 +147,18 @@ def init(ctx: click.Context, path: Path | None) -> None:
         fail(f"cannot create {target}: {exc.strerror}")
     with os.fdopen(fd, "wb") as file:
         file.write(example)
+    keys = load_or_create_keys(_key_path(target))
     click.echo(f"wrote {target}; edit it, then run: nodeprov --config {target} start")
+    click.echo(f"Nostr identity {keys.npub} (key in {_key_path(target)})")
+
+
+def _key_path(config_file: Path) -> Path:
+    """Where the config at ``config_file`` keeps the Nostr key (data_dir/key_file)."""
+    raw = tomllib.loads(config_file.read_text())
+    data_dir = Path(raw.get("node", {}).get("data_dir", "./data")).expanduser()
+    key_file = str(raw.get("nostr", {}).get("key_file", "nostr.key"))
+    base = data_dir if data_dir.is_absolute() else config_file.resolve().parent / data_dir
+    return base / key_file
 
 
 # --- start -------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nostr_sdk  # type: ignore[import-untyped]
 import pytest
 
+from nodeprov.protocol.cashu_token import parse_token
+from nodeprov.protocol.payment_request import PaymentRequestPayload, build_payment_payload
 from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream, expected_usage
 from tests.support.nostr_client import (
@@ -145,6 +148,19 @@ async def test_deposit_requests_from_balance_then_withdraw(
     assert info["mints"] == list(node.ctx.mints)
 
 
+async def test_nut18_payment_payload_is_a_deposit(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    """A wallet answering our creqA sends a NUT-18 PaymentRequestPayload: it is a deposit."""
+    token = parse_token(await make_token(21))
+    payload = PaymentRequestPayload(
+        mint=token.mint, unit=token.unit, proofs=token.proofs, id="pay-1", memo="for chat"
+    )
+    data = (await client.ask(build_payment_payload(payload))).json
+    assert data == {"type": "balance", "id": "pay-1", "balance_msat": 21_000}
+    assert await balance(node, client.pubkey) == 21_000
+
+
 async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClient) -> None:
     data = (await client.ask(request(chat_body()))).json
     assert data["type"] == "error" and data["error"]["code"] == "payment_required"
@@ -171,6 +187,15 @@ async def test_bad_input_gets_error_or_nothing(node: DmNode, client: SdkClient) 
     assert await client.quiet(1.5) == []
     assert node.listener.stats["dropped"] == dropped + 2
     node.listener.transport.max_age = 24 * 3600
+    # A kind 4 dated an hour ahead (signed, handed over directly: relays refuse those too).
+    future = nostr_sdk.EventBuilder(
+        nostr_sdk.Kind(4),
+        nostr_sdk.nip04_encrypt(client.keys.secret_key(), client.node, "from the future"),
+    )
+    future = future.tags([nostr_sdk.Tag.parse(["p", client.node.to_hex()])])
+    future = future.custom_created_at(nostr_sdk.Timestamp.from_secs(int(time.time()) + 3600))
+    await node.listener.process(json.loads(future.finalize(client.keys).as_json()))
+    assert node.listener.stats["dropped"] == dropped + 3
     assert (await client.ask('{"type": "balance", "id": "ok"}')).json["balance_msat"] == 0
 
 

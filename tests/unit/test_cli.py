@@ -100,7 +100,7 @@ def test_readme_command_list_matches_help(runner: CliRunner) -> None:
             assert option in help_text, (name, option)
 
 
-def test_init_help_says_nostr_key_comes_later(runner: CliRunner) -> None:
+def test_init_help_names_the_nostr_key(runner: CliRunner) -> None:
     assert "Nostr key" in invoke(runner, "init", "--help").output
 
 
@@ -218,6 +218,9 @@ def test_init_writes_and_refuses_to_overwrite(runner: CliRunner, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert target.read_bytes() == EXAMPLE_CONFIG.read_bytes()
     assert target.stat().st_mode & 0o077 == 0  # may hold API keys
+    key = target.parent / "data" / "nostr.key"  # the example's data_dir, next to the config
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "Nostr identity npub1" in result.stdout
 
     target.write_text("# mine\n")
     again = invoke(runner, "init", target)
