@@ -144,14 +144,19 @@ class Child:
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM the group, SIGKILL it after ``grace`` seconds; reap the leader."""
+        await asyncio.to_thread(self.stop_blocking, grace)
+
+    def stop_blocking(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """:meth:`stop` for synchronous callers (it blocks up to ``grace`` + 5 s)."""
         try:
             if self.popen.poll() is None:
                 self._signal_group(signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    await asyncio.to_thread(self.popen.wait, grace)
+                    self.popen.wait(grace)
             self._signal_group(signal.SIGKILL)  # stragglers, or a leader that ignored SIGTERM
             if self.popen.poll() is None:
-                await asyncio.to_thread(self.popen.wait, 5.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(5.0)
         finally:
             self._log.close()
             _LIVE.discard(self)

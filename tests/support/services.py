@@ -12,24 +12,21 @@ it without an event loop. Each server:
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
+
+from nodeprov.devstack.processes import Child
 
 __all__ = [
     "MintHandle",
@@ -48,8 +45,6 @@ RELAY_BIN = VENV_BIN / "nostr-relay"
 # Derivation paths: the first one gives the sat keyset, the second the msat keyset.
 MINT_DERIVATION_PATHS = ["m/0'/0'/0'", "m/0'/1'/0'"]
 
-_STOP_GRACE_S = 5.0
-_LIVE: set[_Process] = set()
 
 
 class ServiceStartError(RuntimeError):
@@ -72,78 +67,8 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-# Exec'd in front of a server so that Linux SIGTERMs it if the test process dies without cleanup
-# (PR_SET_PDEATHSIG survives execve). A launcher instead of preexec_fn: preexec_fn is unsafe once
-# threads exist (the proxy thread, aiosqlite workers).
-_PDEATHSIG_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "except OSError:\n"
-    "    pass\n"
-    "os.execv(sys.argv[1], sys.argv[1:])\n"
-)
-
-
-def _with_launcher(argv: list[str]) -> list[str]:
-    # The death signal follows the *thread* that forked: only use it from the main thread.
-    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
-        return [sys.executable, "-c", _PDEATHSIG_LAUNCHER, *argv]
-    return argv
-
-
-class _Process:
-    """A child process in its own session/process group, logging to a file."""
-
-    def __init__(self, argv: list[str], *, cwd: Path, env: Mapping[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            _with_launcher(argv),
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _LIVE.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = _STOP_GRACE_S) -> None:
-        try:
-            if self.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGTERM)
-                try:
-                    self.popen.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.popen.pid, signal.SIGKILL)
-                    self.popen.wait(timeout=grace)
-            # The group may still hold stragglers if the leader exited first.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        finally:
-            self._log.close()
-            _LIVE.discard(self)
-
-
-@atexit.register
-def _stop_all_live() -> None:
-    for proc in list(_LIVE):
-        with contextlib.suppress(Exception):
-            proc.stop(grace=2.0)
-
-
 def _wait_ready(
-    proc: _Process,
+    proc: Child,
     url: str,
     *,
     headers: Mapping[str, str] | None = None,
@@ -210,7 +135,7 @@ class MintHandle:
         self.log_path = workdir / "mint.log"
         self.startup_seconds: float = 0.0
         self._owns_workdir = owns_workdir
-        self._proc: _Process | None = None
+        self._proc: Child | None = None
 
     @property
     def url(self) -> str:
@@ -261,14 +186,14 @@ class MintHandle:
         if not MINT_BIN.exists():
             raise ServiceStartError(f"nutshell `mint` script not found at {MINT_BIN}")
         argv = [str(MINT_BIN), "--host", LOOPBACK, "--port", str(self.port)]
-        self._proc = _Process(argv, cwd=self.workdir, env=self._env(), log_path=self.log_path)
+        self._proc = Child("mint", argv, cwd=self.workdir, env=self._env(), log_path=self.log_path)
         try:
             self.startup_seconds = _wait_ready(
                 self._proc, f"{self.url}/v1/info", timeout=timeout, what="mint"
             )
             self._check_keysets()
         except BaseException:
-            self._proc.stop()
+            self._proc.stop_blocking()
             self._proc = None
             raise
 
@@ -287,7 +212,7 @@ class MintHandle:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.stop()
+            self._proc.stop_blocking()
             self._proc = None
 
     def close(self) -> None:
@@ -398,7 +323,7 @@ class RelayHandle:
         self.startup_seconds: float = 0.0
         self._owns_workdir = owns_workdir
         self._extra_config = dict(extra_config or {})
-        self._proc: _Process | None = None
+        self._proc: Child | None = None
 
     @property
     def url(self) -> str:
@@ -444,7 +369,7 @@ class RelayHandle:
         home.mkdir(exist_ok=True)
         env.update({"HOME": str(home), "PYTHONUNBUFFERED": "1"})
         argv = [str(RELAY_BIN), "-c", str(self.config_path), "serve", "--use-uvicorn"]
-        self._proc = _Process(argv, cwd=self.workdir, env=env, log_path=self.log_path)
+        self._proc = Child("relay", argv, cwd=self.workdir, env=env, log_path=self.log_path)
         try:
             self.startup_seconds = _wait_ready(
                 self._proc,
@@ -454,14 +379,14 @@ class RelayHandle:
                 what="nostr-relay",
             )
         except BaseException:
-            self._proc.stop()
+            self._proc.stop_blocking()
             self._proc = None
             raise
 
     def stop(self) -> None:
         """Stop the relay (SIGTERM to its group, SIGKILL after a grace period). Idempotent."""
         if self._proc is not None:
-            self._proc.stop()
+            self._proc.stop_blocking()
             self._proc = None
 
     def restart(self, timeout: float = 30.0) -> None:
