@@ -46,7 +46,6 @@ RELAY_BIN = VENV_BIN / "nostr-relay"
 MINT_DERIVATION_PATHS = ["m/0'/0'/0'", "m/0'/1'/0'"]
 
 
-
 class ServiceStartError(RuntimeError):
     """A server did not come up; the message carries the tail of its log."""
 
