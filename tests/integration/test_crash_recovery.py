@@ -98,6 +98,32 @@ async def wait_inputs_spent(db: Path, mint: MintHandle) -> None:
     raise AssertionError("the mint never did the swap")
 
 
+async def crash_at(step: str, worker: Worker, proxy: TcpProxy, db: Path, mint: MintHandle) -> None:
+    """Let ``worker`` run its operation up to ``step`` through ``proxy``, then kill -9 it."""
+    try:
+        if step == "journalled":
+            proxy.pause()
+            proxy.drop_connections()
+        elif step == "at_mint":
+            proxy.response_delay = 60.0
+        worker.go()
+        if step == "committed":
+            await asyncio.to_thread(worker.wait_done)
+        else:
+            wait_until(lambda: pending_ops(db) == 1)
+            if step == "at_mint":
+                await wait_inputs_spent(db, mint)
+                assert pending_ops(db) == 1
+            else:
+                await asyncio.sleep(0.3)
+        worker.kill()
+    finally:
+        worker.close()
+        # A request still stalled in the proxy must not reach the mint after the crash.
+        proxy.drop_connections()
+        proxy.resume()
+
+
 async def states(make_token, token: str) -> set[str]:
     return set(await make_token.proof_states(token))
 
@@ -126,31 +152,9 @@ async def test_receive_survives_kill_at_each_step(
     token = await make_token(100, mint=mint)
     proxy: TcpProxy = tcp_proxy(mint.url)
     worker = Worker([str(db), mint.url, proxy.url, "receive", token, "key:crash"])
-    try:
-        if step == "journalled":
-            proxy.pause()
-            proxy.drop_connections()
-        elif step == "at_mint":
-            proxy.response_delay = 60.0
-        worker.go()
-        if step == "journalled":
-            wait_until(lambda: pending_ops(db) == 1)
-            await asyncio.sleep(0.3)
-            assert await states(make_token, token) == {"UNSPENT"}
-        elif step == "at_mint":
-            for _ in range(200):
-                if await states(make_token, token) == {"SPENT"}:
-                    break
-                await asyncio.sleep(0.05)
-            assert pending_ops(db) == 1
-        else:
-            await asyncio.to_thread(worker.wait_done)
-        worker.kill()
-    finally:
-        worker.close()
-        # A request still stalled in the proxy must not reach the mint after the crash.
-        proxy.drop_connections()
-        proxy.resume()
+    await crash_at(step, worker, proxy, db, mint)
+    if step == "journalled":
+        assert await states(make_token, token) == {"UNSPENT"}
 
     core = await recovered_core(db, mint, "receive", step)
     try:
@@ -187,27 +191,7 @@ async def test_send_survives_kill_at_each_step(
 
     proxy: TcpProxy = tcp_proxy(mint.url)
     worker = Worker([str(db), mint.url, proxy.url, "send", "1000", "key:s", "sat"])
-    try:
-        if step == "journalled":
-            proxy.pause()
-            proxy.drop_connections()
-        elif step == "at_mint":
-            proxy.response_delay = 60.0
-        worker.go()
-        if step == "committed":
-            await asyncio.to_thread(worker.wait_done)
-        else:
-            wait_until(lambda: pending_ops(db) == 1)
-            if step == "at_mint":
-                await wait_inputs_spent(db, mint)
-            else:
-                await asyncio.sleep(0.3)
-        worker.kill()
-    finally:
-        worker.close()
-        # A request still stalled in the proxy must not reach the mint after the crash.
-        proxy.drop_connections()
-        proxy.resume()
+    await crash_at(step, worker, proxy, db, mint)
 
     core = await recovered_core(db, mint, "send", step)
     try:
@@ -243,26 +227,7 @@ async def test_melt_survives_kill_at_each_step(
 
     proxy: TcpProxy = tcp_proxy(mint.url)
     worker = Worker([str(db), mint.url, proxy.url, "melt", bolt11, "operator"])
-    try:
-        if step == "journalled":
-            proxy.pause()
-            proxy.drop_connections()
-        elif step == "at_mint":
-            proxy.response_delay = 60.0
-        worker.go()
-        if step == "committed":
-            await asyncio.to_thread(worker.wait_done)
-        else:
-            wait_until(lambda: pending_ops(db) == 1)
-            if step == "at_mint":
-                await wait_inputs_spent(db, mint)
-            else:
-                await asyncio.sleep(0.3)
-        worker.kill()
-    finally:
-        worker.close()
-        proxy.drop_connections()
-        proxy.resume()
+    await crash_at(step, worker, proxy, db, mint)
 
     core = await build_core(db, [mint.url])
     try:
