@@ -7,85 +7,31 @@ with exit code 2; other failures exit 1. No command prints a traceback for them.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sqlite3
 import tomllib
-from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from nodeprov import __version__
 from nodeprov.cli_client import client
+from nodeprov.cli_common import DEFAULT_CONFIG, USAGE_EXIT, Options, emit_json, fail, guarded, load
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
-from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.config import Config
+from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.ledger import AuditReport
-from nodeprov.daemon import Core, books, open_books, run
-from nodeprov.errors import ConfigError, NodeprovError
+from nodeprov.core.node import Core, open_books
+from nodeprov.daemon import books, run
 from nodeprov.logging_setup import setup_logging
-from nodeprov.nostr.keys import load_or_create_keys
-
-T = TypeVar("T")
 
 # config/ lives next to the package in a source checkout (and in editable installs).
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "config" / "dev.toml"
 EXAMPLE_CONFIG = REPO / "config" / "nodeprov.example.toml"
-DEFAULT_CONFIG = Path("nodeprov.toml")
-USAGE_EXIT = 2
-
-
-@dataclass(frozen=True)
-class Options:
-    config_path: Path | None
-    config_on_command_line: bool
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with ``code``."""
-    click.echo(f"error: {message}", err=True)
-    raise click.exceptions.Exit(code)
-
-
-def guarded(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; expected failures become one error line instead of a traceback."""
-    try:
-        return asyncio.run(coro)
-    except ConfigError as exc:
-        fail(exc.message, USAGE_EXIT)
-    except NodeprovError as exc:
-        fail(exc.message)
-    except (OSError, sqlite3.Error) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:  # Ctrl+C before the daemon's own handler is installed
-        raise click.exceptions.Exit(130) from None
-
-
-def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool = True) -> Config:
-    """The validated config from ``path``, --config / $NODEPROV_CONFIG, or ./nodeprov.toml."""
-    options = ctx.find_object(Options)
-    path = path or (options.config_path if options else None)
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    if path is None and not any(k.startswith(ENV_PREFIX) and "__" in k for k in os.environ):
-        fail(
-            "no configuration: pass --config FILE, set NODEPROV_CONFIG, or create"
-            " ./nodeprov.toml (`nodeprov init`)",
-            USAGE_EXIT,
-        )
-    try:
-        return load_config(path, require_upstream=require_upstream)
-    except ConfigError as exc:
-        fail(exc.message, USAGE_EXIT)
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,6 +1,6 @@
 """``nodeprov announce`` and ``nodeprov admin set-password``: the node's identity and access.
 
-Registered on the group in :mod:`nodeprov.cli` (which this module imports lazily).
+Registered on the group in :mod:`nodeprov.cli`; shared helpers from :mod:`nodeprov.cli_common`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import Any
 import click
 
 from nodeprov.admin_password import set_password
-from nodeprov.daemon import build_core
+from nodeprov.cli_common import emit_json, fail, guarded, load
+from nodeprov.core.identity import load_or_create_keys
+from nodeprov.core.node import build_core
 from nodeprov.nostr.announcer import Announcer, build_listing
-from nodeprov.nostr.keys import load_or_create_keys
 from nodeprov.nostr.relay_pool import RelayPool
 from nodeprov.nostr.service import signer
 
@@ -30,8 +31,6 @@ def announce(ctx: click.Context, as_json: bool) -> None:
     mints, endpoints) and 31990 (handler info). The daemon republishes them by itself
     whenever they change and every 24 h; this is for checking a relay setup.
     """
-    from nodeprov.cli import emit_json, fail, guarded, load
-
     config = load(ctx, require_upstream=False)
     if not config.nostr.relays:
         fail("no relays: set nostr.relays")
@@ -95,8 +94,6 @@ def set_password_command(ctx: click.Context, password: str) -> None:
     admin.password_hash in the config, when set, takes precedence over this file. Restart
     the daemon for the new password to take effect; open sessions end with the restart.
     """
-    from nodeprov.cli import fail, load
-
     if len(password) < 8:
         fail("the password needs at least 8 characters")
     config = load(ctx, require_upstream=False)

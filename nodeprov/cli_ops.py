@@ -1,8 +1,8 @@
 """CLI commands that act on the books: ``keys list|show|revoke``, ``wallet withdraw|payout``.
 
-Registered on the group in :mod:`nodeprov.cli`; the shared helpers are imported from it
-when a command runs (it imports this module, so not at import time). Safe while the
-daemon runs: every change is one ledger transaction.
+Registered on the group in :mod:`nodeprov.cli`; the shared helpers come from
+:mod:`nodeprov.cli_common`. Safe while the daemon runs: every change is one ledger
+transaction.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 
 import click
 
+from nodeprov.cli_common import USAGE_EXIT, emit_json, fail, guarded, load
 from nodeprov.config import Config
 from nodeprov.core.accounts_admin import account_view, find_account, list_accounts, revoke
 from nodeprov.core.ledger import OPERATOR
-from nodeprov.daemon import build_core, open_books
+from nodeprov.core.node import build_core, open_books
 from nodeprov.payouts import PayoutError, payout_now
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -28,8 +29,6 @@ def _when(epoch: int | None) -> str:
 
 
 def _config(ctx: click.Context) -> Config:
-    from nodeprov.cli import load
-
     return load(ctx, require_upstream=False)
 
 
@@ -57,7 +56,6 @@ def keys_list(
     as_json: bool,
 ) -> None:
     """List accounts, most recently used first (the operator account is not listed)."""
-    from nodeprov.cli import emit_json, guarded
 
     async def query(config: Config) -> list[dict[str, Any]]:
         ledger, _, client = await open_books(config)
@@ -93,7 +91,6 @@ def keys_list(
 @click.pass_context
 def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None:
     """Show one account (by a prefix of its id) and its latest transactions."""
-    from nodeprov.cli import emit_json, guarded
 
     async def query(config: Config) -> dict[str, Any]:
         ledger, _, client = await open_books(config)
@@ -127,7 +124,6 @@ def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None
 @click.pass_context
 def keys_revoke(ctx: click.Context, prefix: str, as_json: bool) -> None:
     """Revoke an account (by a prefix of its id): it can no longer pay; its balance stays."""
-    from nodeprov.cli import emit_json, guarded
 
     async def change(config: Config) -> tuple[dict[str, Any], bool]:
         ledger, _, client = await open_books(config)
@@ -166,7 +162,6 @@ def withdraw(
 
     A sat token carries whole sats; the msat remainder stays as earnings.
     """
-    from nodeprov.cli import emit_json, fail, guarded
 
     async def send(config: Config) -> dict[str, Any]:
         core = await build_core(config)
@@ -224,8 +219,6 @@ def payout(
     The invoice is sized so that amount + Lightning fee reserve + mint input fee fits the
     budget; the unused reserve comes back as earnings.
     """
-    from nodeprov.cli import USAGE_EXIT, emit_json, fail, guarded
-
     config = _config(ctx)
     target = address or config.payouts.lightning_address
     if not target:

@@ -1,7 +1,8 @@
 """Builds the core once and runs the daemon's long-lived tasks until asked to stop.
 
-A *service* is ``async (core, stop) -> None`` that runs until ``stop`` is set. The core's
-housekeeping loops are services today; the HTTP server and the Nostr pool join them later.
+A *service* is ``async (core, stop) -> None`` that runs until ``stop`` is set: the core's
+housekeeping loops, payouts, the HTTP server and the Nostr pool. The :class:`Core` they
+share is built by :mod:`nodeprov.core.node`.
 """
 
 from __future__ import annotations
@@ -10,24 +11,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
-
-import httpx
 
 from nodeprov.config import Config
 from nodeprov.core.expiry import refund_expired_keys
-from nodeprov.core.ledger import OPERATOR, Ledger, now, open_ledger
+from nodeprov.core.ledger import OPERATOR, Ledger, now
 from nodeprov.core.lightning_funding import LightningFunding, poll_lightning_funding
 from nodeprov.core.melt import Melter
-from nodeprov.core.payments import Payments
-from nodeprov.core.pricing import Pricer
-from nodeprov.core.rates import ExchangeRates
-from nodeprov.core.wallet import Wallet
-from nodeprov.nostr.keys import load_or_create_keys
-from nodeprov.observability import Metrics
-from nodeprov.upstream import Upstreams, nodelay_transport
+from nodeprov.core.node import Core, Service, build_core
+from nodeprov.http import http_service
+from nodeprov.nostr.service import nostr_service
+from nodeprov.payouts import payout_service
 
 log = logging.getLogger(__name__)
 
@@ -35,69 +31,6 @@ SWEEP_SECONDS = 60.0
 RECOVER_SECONDS = 60.0
 # How long services get to finish after stop is set before they are cancelled.
 SHUTDOWN_GRACE_SECONDS = 10.0
-
-
-@dataclass
-class Core:
-    """Everything both channels share: one ledger, one wallet, one pricer, one pipeline."""
-
-    config: Config
-    ledger: Ledger
-    wallet: Wallet
-    pricer: Pricer
-    payments: Payments
-    client: httpx.AsyncClient
-    rates: ExchangeRates | None
-    upstreams: Upstreams
-    metrics: Metrics = field(default_factory=Metrics)
-    npub: str | None = None
-    # Set by the Nostr service while its relay pool runs, for /health.
-    relay_status: Callable[[], Mapping[str, Any]] | None = None
-
-    async def close(self) -> None:
-        await self.upstreams.aclose()
-        await self.client.aclose()
-        await self.ledger.db.close()
-
-
-Service = Callable[[Core, asyncio.Event], Coroutine[Any, Any, None]]
-
-
-def needs_rates(config: Config) -> bool:
-    """Whether any model has a USD price (and so needs the BTC/USD rate)."""
-    return any(r.currency == "usd" for p in config.models.values() for r in p.rates())
-
-
-async def open_books(config: Config) -> tuple[Ledger, Wallet, httpx.AsyncClient]:
-    """The ledger and an offline wallet over it, for commands that only read the books."""
-    ledger = await open_ledger(
-        config.ledger_path, hold_timeout_seconds=config.ledger.hold_timeout_seconds
-    )
-    client = httpx.AsyncClient(
-        timeout=float(config.wallet.mint_timeout_seconds),
-        transport=nodelay_transport(httpx.Limits(max_connections=50)),
-    )
-    return ledger, Wallet(ledger, config.wallet.mints, config.wallet.units, client), client
-
-
-async def build_core(config: Config) -> Core:
-    """Open the ledger, start the wallet (loading mint keysets) and wire up payments."""
-    ledger, wallet, client = await open_books(config)
-    upstreams = Upstreams.from_config(config)
-    try:
-        await wallet.start()
-        await upstreams.start()
-        rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
-        pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
-        payments = Payments(ledger, wallet, pricer)
-    except BaseException:
-        await upstreams.aclose()
-        await client.aclose()
-        await ledger.db.close()
-        raise
-    metrics = Metrics(models=config.models)
-    npub = load_or_create_keys(config.nostr_key_path).npub if config.nostr.relays else None
-    return Core(config, ledger, wallet, pricer, payments, client, rates, upstreams, metrics, npub)
 
 
 async def recover(core: Core) -> None:
@@ -180,11 +113,6 @@ CORE_SERVICES: tuple[Service, ...] = (
 
 def default_services() -> tuple[Service, ...]:
     """What ``nodeprov start`` runs: the core's housekeeping and the channels."""
-    # The channels and payouts import this module, so they are imported here.
-    from nodeprov.http import http_service
-    from nodeprov.nostr.service import nostr_service
-    from nodeprov.payouts import payout_service
-
     return (*CORE_SERVICES, payout_service, http_service, nostr_service)
 
 

@@ -30,8 +30,8 @@ from nodeprov.core.ledger import OPERATOR, now
 from nodeprov.core.lnurl import request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
+from nodeprov.core.node import Core, Service
 from nodeprov.core.wallet import Wallet
-from nodeprov.daemon import Core, Service
 from nodeprov.errors import InsufficientBalance, NodeprovError
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class PayoutService:
         return await payout_now(core, core.config.payouts.lightning_address)
 
     async def run(self, core: Core, stop: asyncio.Event) -> None:
-        """Recover, then run rounds until ``stop`` (a :data:`~nodeprov.daemon.Service`)."""
+        """Recover, then run rounds until ``stop`` (a :data:`~nodeprov.core.node.Service`)."""
         self.recovered = await reconcile(core)
         settings = core.config.payouts
         if not settings.lightning_address:

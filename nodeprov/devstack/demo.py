@@ -17,8 +17,9 @@ import httpx
 
 from nodeprov.config import Config
 from nodeprov.core.ledger import Ledger
+from nodeprov.core.node import open_books
 from nodeprov.core.wallet import Wallet
-from nodeprov.daemon import books, open_books
+from nodeprov.daemon import books
 from nodeprov.devstack.processes import Say, StackPlan
 from nodeprov.devstack.runner import http_base, node_npub
 from nodeprov.devstack.tokens import mint_token

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nodeprov.config import Config
-from nodeprov.daemon import Core, Service, default_services, run
+from nodeprov.core.node import Core, Service
+from nodeprov.daemon import default_services, run
 from nodeprov.devstack.processes import DevStack, Say, StackPlan, listening
 from nodeprov.devstack.tokens import mint_token
 from nodeprov.errors import NodeprovError

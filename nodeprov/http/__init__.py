@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Mount
 
-from nodeprov.daemon import Core
+from nodeprov.core.node import Core
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, create_app, serve
 from nodeprov.http.context import HttpContext

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -19,9 +21,6 @@ from websockets.legacy.client import WebSocketClientProtocol, connect
 
 from nodeprov.nostr import messages as m
 from nodeprov.nostr.subscription import Publish, RelayOutcome, Subscription
-
-if TYPE_CHECKING:
-    from nodeprov.nostr.relay_pool import RelayPool
 
 __all__ = ["RelayConnection", "backoff_delay", "http_url"]
 
@@ -43,13 +42,35 @@ def http_url(ws_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path or "/", parts.query, ""))
 
 
+Signer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class PoolState(Protocol):
+    """What a connection reads and updates of its pool (:class:`RelayPool` is one)."""
+
+    log: logging.Logger
+    sign: Signer | None
+    connect_timeout: float
+    ping_interval: float
+    backoff: tuple[float, float]
+    auth_wait: float
+    recycle_throttled: bool
+    rng: random.Random
+    http: httpx.AsyncClient
+    subs: dict[str, Subscription]
+    publishes: set[Publish]
+    stats: dict[str, int]
+
+    def track(self, fut: asyncio.Future[Any]) -> None: ...
+
+
 _Out = tuple[Literal["REQ", "CLOSE", "EVENT", "AUTH"], Any]
 
 
 class RelayConnection:
     """Connection state of one relay; ``run()`` is its task."""
 
-    def __init__(self, pool: RelayPool, url: str) -> None:
+    def __init__(self, pool: PoolState, url: str) -> None:
         self.pool = pool
         self.url = url
         self.log = pool.log

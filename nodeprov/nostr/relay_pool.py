@@ -11,13 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 
 from nodeprov.nostr import messages as m
-from nodeprov.nostr.relay_conn import RelayConnection, backoff_delay, http_url
+from nodeprov.nostr.relay_conn import RelayConnection, Signer, backoff_delay, http_url
 from nodeprov.nostr.subscription import (
     Publish,
     PublishResult,
@@ -36,8 +36,6 @@ __all__ = [
     "backoff_delay",
     "http_url",
 ]
-
-Signer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class RelayPool:

@@ -6,13 +6,13 @@ import asyncio
 import logging
 from typing import Any
 
-from nodeprov.daemon import Core
+from nodeprov.core.identity import load_or_create_keys
+from nodeprov.core.node import Core
 from nodeprov.nostr.announcer import Announcer, build_listing
 from nodeprov.nostr.dm_handlers import DmContext
 from nodeprov.nostr.dm_listener import DmListener
 from nodeprov.nostr.dm_store import DmStore
 from nodeprov.nostr.dm_transport import DmTransport
-from nodeprov.nostr.keys import load_or_create_keys
 from nodeprov.nostr.relay_pool import RelayPool, Signer
 from nodeprov.protocol.nostr_event import EventTemplate, Keys, sign_event, tags_of
 

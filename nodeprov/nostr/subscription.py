@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from nodeprov.nostr.relay_pool import RelayPool
+from typing import Any, Literal, Protocol
 
 __all__ = ["Publish", "PublishResult", "RelayOutcome", "Subscription", "Verifier"]
 
@@ -66,12 +63,29 @@ class Publish:
                 self.done.set()
 
 
+class RelayState(Protocol):
+    """What a subscription reads of one relay connection."""
+
+    url: str
+    tried: bool
+    connected: bool
+
+
+class PoolRelays(Protocol):
+    """What a subscription needs of its pool (:class:`RelayPool` is one)."""
+
+    @property
+    def relays(self) -> Mapping[str, RelayState]: ...
+
+    async def unsubscribe(self, sub: Subscription) -> None: ...
+
+
 class Subscription:
     """Events of one REQ across all relays, each event id once; ``async for url, event in sub``."""
 
     def __init__(
         self,
-        pool: RelayPool,
+        pool: PoolRelays,
         sub_id: str,
         filters: list[dict[str, Any]],
         *,

@@ -24,8 +24,8 @@ import pytest
 from nodeprov.cli import DEV_CONFIG
 from nodeprov.config import load_config
 from nodeprov.core.ledger import open_ledger
+from nodeprov.core.node import Core
 from nodeprov.core.wallet import Wallet
-from nodeprov.daemon import Core
 from nodeprov.devstack import DevStack, StackError, StackPlan
 from nodeprov.devstack.runner import READY, run_dev
 from nodeprov.devstack.tokens import mint_token

@@ -13,9 +13,9 @@ import nostr_sdk as ns  # type: ignore[import-untyped]
 import pytest
 
 from nodeprov.config import ModelPrice
+from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.pricing import Pricer
 from nodeprov.nostr.announcer import Announcer, build_listing
-from nodeprov.nostr.keys import load_or_create_keys
 from nodeprov.protocol import announcements as ann
 from nodeprov.protocol.nostr_event import Event
 from tests.support.fake_upstream import FakeUpstream
@@ -121,7 +121,7 @@ async def test_daemon_service_announces_and_answers(
     from dataclasses import replace
 
     from nodeprov.config import NodeSection
-    from nodeprov.daemon import build_core
+    from nodeprov.core.node import build_core
     from nodeprov.nostr.service import nostr_service
     from tests.support.nostr_client import SdkClient, node_config
 

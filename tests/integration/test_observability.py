@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from nodeprov.daemon import Core
+from nodeprov.core.node import Core
 from nodeprov.observability import LATENCY_BUCKETS, HealthProbes, Metrics, build_ops_app
 from tests.support.daemon_core import make_core, write_config
 from tests.support.services import MintHandle

@@ -16,7 +16,8 @@ import pytest
 
 from nodeprov.core.ledger import OPERATOR
 from nodeprov.core.lnurl import LnurlError
-from nodeprov.daemon import Core, run
+from nodeprov.core.node import Core
+from nodeprov.daemon import run
 from nodeprov.payouts import PayoutError, PayoutService, payout_now, recent_payouts
 from tests.support.daemon_core import make_core, write_config
 from tests.support.lnurl_server import LnurlServer

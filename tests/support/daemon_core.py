@@ -1,4 +1,4 @@
-"""The daemon's :class:`~nodeprov.daemon.Core` for tests, with an optional mint transport."""
+"""The daemon's :class:`~nodeprov.core.node.Core` for tests, with an optional mint transport."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import httpx
 
 from nodeprov.config import Config, load_config
 from nodeprov.core.ledger import open_ledger
+from nodeprov.core.node import Core
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.wallet import Wallet
-from nodeprov.daemon import Core
 from nodeprov.upstream import Upstreams
 
 
 async def make_core(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Core:
-    """Like ``daemon.build_core`` (no rates, upstreams not started); ``transport`` fronts mints."""
+    """Like ``build_core`` (no rates, upstreams not started); ``transport`` fronts mints."""
     ledger = await open_ledger(config.ledger_path)
     client = httpx.AsyncClient(timeout=5.0, transport=transport)
     wallet = Wallet(ledger, config.wallet.mints, config.wallet.units, client)

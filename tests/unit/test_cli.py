@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 
 from nodeprov.cli import EXAMPLE_CONFIG, main
 from nodeprov.config import load_config
-from nodeprov.daemon import Core, run
+from nodeprov.core.node import Core
+from nodeprov.daemon import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

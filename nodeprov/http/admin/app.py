@@ -8,21 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote
 
 import jinja2
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodeprov.admin_password import load_or_create, verify_password
+from nodeprov.admin_password import verify_password
 from nodeprov.config import Config
 from nodeprov.core.ledger import Ledger
 from nodeprov.core.payments import Payments
@@ -244,29 +241,6 @@ class AdminBase:
             return Response("not found", status_code=404, media_type="text/plain")
         kind = "text/css" if name.endswith(".css") else "text/javascript"
         return Response(self.assets[name], media_type=kind)
-
-
-def build_admin_app(
-    core: AdminCore, config: Config, *, password_hash: str | None = None
-) -> Starlette:
-    """The dashboard as an ASGI app to mount at ``/admin``.
-
-    Without ``password_hash`` the hash comes from :func:`load_or_create`; a password
-    generated on first start is printed once to stderr.
-    """
-    from nodeprov.http.admin.pages import Pages
-
-    if password_hash is None:
-        password_hash, generated = load_or_create(config)
-        if generated is not None:
-            print(
-                f"\n  Admin dashboard password (shown once, stored hashed): {generated}\n"
-                "  Change it with `nodeprov admin set-password`.\n",
-                file=sys.stderr,
-                flush=True,
-            )
-    pages = Pages(core, config, password_hash)
-    return Starlette(routes=pages.routes(), middleware=[Middleware(SecurityHeaders)])
 
 
 def routes_of(pages: Any, table: Sequence[tuple[str, str, str]]) -> list[Route]:

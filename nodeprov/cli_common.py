@@ -1,0 +1,74 @@
+"""What every ``nodeprov`` subcommand shares: loading the config, error lines, JSON output.
+
+Its own module so that the command modules (:mod:`nodeprov.cli_ops`, :mod:`nodeprov.cli_node`)
+and the group in :mod:`nodeprov.cli` that registers them all import it, not each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.errors import ConfigError, NodeprovError
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG = Path("nodeprov.toml")
+USAGE_EXIT = 2
+
+
+@dataclass(frozen=True)
+class Options:
+    config_path: Path | None
+    config_on_command_line: bool
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def guarded(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; expected failures become one error line instead of a traceback."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        fail(exc.message, USAGE_EXIT)
+    except NodeprovError as exc:
+        fail(exc.message)
+    except (OSError, sqlite3.Error) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl+C before the daemon's own handler is installed
+        raise click.exceptions.Exit(130) from None
+
+
+def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool = True) -> Config:
+    """The validated config from ``path``, --config / $NODEPROV_CONFIG, or ./nodeprov.toml."""
+    options = ctx.find_object(Options)
+    path = path or (options.config_path if options else None)
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is None and not any(k.startswith(ENV_PREFIX) and "__" in k for k in os.environ):
+        fail(
+            "no configuration: pass --config FILE, set NODEPROV_CONFIG, or create"
+            " ./nodeprov.toml (`nodeprov init`)",
+            USAGE_EXIT,
+        )
+    try:
+        return load_config(path, require_upstream=require_upstream)
+    except ConfigError as exc:
+        fail(exc.message, USAGE_EXIT)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
