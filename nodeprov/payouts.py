@@ -40,22 +40,6 @@ LNURL_TIMEOUT_SECONDS = 15.0
 SIZING_ROUNDS = 4
 STALE_START_SECONDS = 3600  # a 'started' row this old was cut short by a crash
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS payouts (
-    id INTEGER PRIMARY KEY,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    address TEXT NOT NULL,
-    budget_msat INTEGER NOT NULL,
-    amount_msat INTEGER NOT NULL DEFAULT 0,
-    cost_msat INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    mint_url TEXT,
-    unit TEXT,
-    quote TEXT,
-    error TEXT
-)
-"""
 
 _locks: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
 
@@ -83,12 +67,6 @@ class PayoutResult:
     quote: str
 
 
-async def ensure_schema(db: Database) -> None:
-    """Create the ``payouts`` table if this ledger has none yet."""
-    async with db.write() as conn:
-        await conn.execute(SCHEMA)
-
-
 async def _update(db: Database, payout_id: int, **values: Any) -> None:
     sets = ", ".join(f"{key} = ?" for key in values)
     async with db.write() as conn:
@@ -100,7 +78,6 @@ async def _update(db: Database, payout_id: int, **values: Any) -> None:
 
 async def recent_payouts(db: Database, limit: int = 50) -> list[dict[str, Any]]:
     """The newest payout rows, for the CLI and the admin pages."""
-    await ensure_schema(db)
     rows = await db.fetchall("SELECT * FROM payouts ORDER BY id DESC LIMIT ?", (limit,))
     return [dict(r) for r in rows]
 
@@ -176,7 +153,6 @@ async def payout_now(
     if not address:
         raise PayoutError("no Lightning address: pass one or set payouts.lightning_address")
     db = core.ledger.db
-    await ensure_schema(db)
     async with _locks.setdefault(db, asyncio.Lock()):
         operator = await core.ledger.account(OPERATOR)
         available = operator.available_msat if operator else 0
@@ -248,7 +224,6 @@ async def reconcile(core: Core, *, recover: bool = True) -> dict[str, int]:
     only safe when no melt of this process is in flight, i.e. at start-up.
     """
     db = core.ledger.db
-    await ensure_schema(db)
     outcome: dict[str, int] = {}
     if recover:
         settled = await Melter(core.wallet).recover(older_than=now())

@@ -32,21 +32,6 @@ log = logging.getLogger(__name__)
 SIZING_ROUNDS = 4
 LNURL_TIMEOUT_SECONDS = 15.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS key_refunds (
-    account_id TEXT PRIMARY KEY,
-    address TEXT NOT NULL,
-    state TEXT NOT NULL,
-    failures INTEGER NOT NULL DEFAULT 0,
-    next_at INTEGER NOT NULL DEFAULT 0,
-    balance_msat INTEGER NOT NULL DEFAULT 0,
-    refunded_msat INTEGER NOT NULL DEFAULT 0,
-    fees_msat INTEGER NOT NULL DEFAULT 0,
-    quote TEXT,
-    error TEXT,
-    updated_at INTEGER NOT NULL
-)
-"""
 
 # Expired keys with an address and money, not in a melt, and due (new, or retry time
 # reached, or a balance different from the one a final outcome left).
@@ -87,15 +72,8 @@ class HasWallet(Protocol):
     wallet: Wallet
 
 
-async def ensure_schema(db: Database) -> None:
-    """Create the ``key_refunds`` table if this ledger has none yet."""
-    async with db.write() as conn:
-        await conn.execute(SCHEMA)
-
-
 async def refund_record(db: Database, account_id: str) -> dict[str, Any] | None:
     """What the service last did for ``account_id`` (a ``key_refunds`` row), if anything."""
-    await ensure_schema(db)
     row = await db.fetchone("SELECT * FROM key_refunds WHERE account_id = ?", (account_id,))
     return dict(row) if row else None
 
@@ -121,7 +99,6 @@ class ExpiryRefunder:
     async def round(self, at: int | None = None) -> list[RefundResult]:
         """Refund every due key once (``at``: the time to judge expiry and retries by)."""
         at = now() if at is None else at
-        await ensure_schema(self.db)
         await self._reconcile()
         rows = await self.db.fetchall(_DUE, (at, at))
         results = []

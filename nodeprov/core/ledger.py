@@ -37,107 +37,8 @@ from nodeprov.core.holds import OPERATOR as OPERATOR
 from nodeprov.core.holds import Hold as Hold
 from nodeprov.core.holds import Settlement as Settlement
 from nodeprov.core.money import Msat, msat
+from nodeprov.core.schema import MIGRATIONS
 from nodeprov.errors import InsufficientBalance, LedgerError
-
-LEDGER_MIGRATIONS = (
-    Migration(
-        "0001_accounts_holds_transactions",
-        """
-        CREATE TABLE accounts (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            balance_msat INTEGER NOT NULL DEFAULT 0,
-            reserved_msat INTEGER NOT NULL DEFAULT 0,
-            total_deposited_msat INTEGER NOT NULL DEFAULT 0,
-            total_spent_msat INTEGER NOT NULL DEFAULT 0,
-            created_at INTEGER NOT NULL,
-            last_used_at INTEGER,
-            expires_at INTEGER,
-            refund_address TEXT,
-            revoked INTEGER NOT NULL DEFAULT 0,
-            CHECK (reserved_msat >= 0 AND balance_msat >= reserved_msat)
-        );
-        CREATE TABLE holds (
-            id INTEGER PRIMARY KEY,
-            account_id TEXT NOT NULL REFERENCES accounts(id),
-            amount_msat INTEGER NOT NULL CHECK (amount_msat >= 0),
-            purpose TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            expires_at INTEGER NOT NULL
-        );
-        CREATE INDEX holds_expiry ON holds (expires_at);
-        CREATE TABLE transactions (
-            id INTEGER PRIMARY KEY,
-            at INTEGER NOT NULL,
-            account_id TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            delta_msat INTEGER NOT NULL,
-            ref TEXT,
-            detail TEXT
-        );
-        CREATE INDEX transactions_account ON transactions (account_id, id);
-        CREATE TABLE assets (
-            mint_url TEXT NOT NULL,
-            unit TEXT NOT NULL,
-            value_msat INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (mint_url, unit)
-        );
-        CREATE TABLE processed (
-            kind TEXT NOT NULL,
-            id TEXT NOT NULL,
-            at INTEGER NOT NULL,
-            PRIMARY KEY (kind, id)
-        );
-        INSERT INTO accounts (id, kind, created_at) VALUES ('operator', 'operator', 0)
-        """,
-    ),
-    Migration(
-        "0002_wallet_journal",
-        """
-        CREATE TABLE wallet_ops (
-            id INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,
-            state TEXT NOT NULL,
-            mint_url TEXT NOT NULL,
-            unit TEXT NOT NULL,
-            account_id TEXT,
-            amount INTEGER NOT NULL,
-            debit_msat INTEGER NOT NULL DEFAULT 0,
-            fee INTEGER NOT NULL DEFAULT 0,
-            fingerprint TEXT,
-            token TEXT,
-            inputs TEXT,
-            outputs TEXT,
-            quote TEXT,
-            ref TEXT,
-            error TEXT,
-            created_at INTEGER NOT NULL,
-            updated_at INTEGER NOT NULL
-        );
-        CREATE INDEX wallet_ops_state ON wallet_ops (state);
-        CREATE INDEX wallet_ops_fingerprint ON wallet_ops (fingerprint);
-        CREATE TABLE proofs (
-            secret TEXT PRIMARY KEY,
-            mint_url TEXT NOT NULL,
-            unit TEXT NOT NULL,
-            keyset_id TEXT NOT NULL,
-            amount INTEGER NOT NULL CHECK (amount > 0),
-            C TEXT NOT NULL,
-            dleq TEXT,
-            state TEXT NOT NULL,
-            op_id INTEGER,
-            created_at INTEGER NOT NULL
-        );
-        CREATE INDEX proofs_pool ON proofs (mint_url, unit, state, amount)
-        """,
-    ),
-    Migration(
-        "0003_hold_state",
-        """
-        ALTER TABLE holds ADD COLUMN state TEXT NOT NULL DEFAULT 'open'
-        """,
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -447,6 +348,6 @@ def _audit(raw: sqlite3.Connection) -> AuditReport:
 
 
 async def open_ledger(path: Path, extra: Sequence[Migration] = (), **kwargs: Any) -> Ledger:
-    """Open the database file with the ledger's and ``extra`` migrations applied."""
-    db = await Database.open(path, [*LEDGER_MIGRATIONS, *extra])
+    """Open the database file with every table's migrations (and ``extra``) applied."""
+    db = await Database.open(path, [*MIGRATIONS, *extra])
     return Ledger(db, **kwargs)

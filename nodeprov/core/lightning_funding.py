@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from nodeprov.core import journal
-from nodeprov.core.db import Database, fetchone
+from nodeprov.core.db import fetchone
 from nodeprov.core.denominations import complete_split
 from nodeprov.core.journal import Op
 from nodeprov.core.ledger import add_asset, credit, ensure_account, now
@@ -48,20 +48,6 @@ EXPIRY_GRACE_SECONDS = 120
 DEFAULT_QUOTE_SECONDS = 3600  # if the mint names no expiry
 POLL_SECONDS = 30.0
 LIVE_OP_SECONDS = 120
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS lightning_funding (
-    id TEXT PRIMARY KEY,
-    op_id INTEGER NOT NULL UNIQUE,
-    invoice TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    new_key INTEGER NOT NULL,
-    api_key TEXT,
-    key_expires_at INTEGER,
-    refund_address TEXT,
-    created_at INTEGER NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -98,12 +84,6 @@ class QuoteNotFound(InvalidRequest):
 _STATE_VIEW = {"unpaid": "unpaid", "pending": "pending", "done": "paid"}
 
 
-async def ensure_schema(db: Database) -> None:
-    """Create the ``lightning_funding`` table if this ledger has none yet."""
-    async with db.write() as conn:
-        await conn.execute(SCHEMA)
-
-
 class LightningFunding:
     """Mint quotes that credit accounts once their invoice is paid."""
 
@@ -127,7 +107,6 @@ class LightningFunding:
             raise InvalidRequest("'amount' must be a positive whole number of sats")
         if api_key is not None and (expires_at is not None or refund_address is not None):
             raise InvalidRequest("expiry and refund address are set when a key is created")
-        await ensure_schema(self.db)
         if api_key is None:
             fresh = "sk-" + secrets.token_urlsafe(32)
             new_key: str | None = fresh
@@ -168,7 +147,6 @@ class LightningFunding:
 
     async def status(self, public_id: str) -> FundingStatus:
         """Check the quote at the mint (minting if it was paid) and report; shows a new key once."""
-        await ensure_schema(self.db)
         op = await self._op_by_public_id(public_id)
         if op is None:
             raise QuoteNotFound(f"no Lightning quote {public_id!r} is known here")
@@ -344,7 +322,6 @@ class LightningFunding:
         At start-up every pending op is an orphan; while running, pass ``older_than`` so
         that an op a live request is minting right now is left alone.
         """
-        await ensure_schema(self.db)
         rows = await self.db.fetchall(
             "SELECT * FROM wallet_ops WHERE kind = ? AND (state = 'unpaid' OR "
             "(state = 'pending' AND updated_at <= ?)) ORDER BY id",

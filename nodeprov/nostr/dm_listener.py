@@ -78,7 +78,6 @@ class DmListener:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Subscribe and handle DMs until ``stop``; then let in-flight jobs finish briefly."""
-        await self.store.ensure()
         sub = self.pool.subscribe(await self.filters(), overlap=nip59.TWO_DAYS + OVERLAP_SECONDS)
         halt = asyncio.Event()  # helpers finish their step and end (never cancelled mid-write)
         helpers = [

@@ -11,26 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from nodeprov.core.db import Database, Migration
-
-NOSTR_MIGRATION = Migration(
-    "0100_nostr_dm_jobs",
-    """
-    CREATE TABLE IF NOT EXISTS nostr_dm_jobs (
-        event_id TEXT PRIMARY KEY,
-        sender TEXT NOT NULL,
-        nip TEXT NOT NULL,
-        state TEXT NOT NULL,
-        replies TEXT,
-        reply_to TEXT,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS nostr_dm_jobs_state ON nostr_dm_jobs (state);
-    CREATE TABLE IF NOT EXISTS nostr_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
-    """,
-)
-NOSTR_MIGRATIONS = (NOSTR_MIGRATION,)
+from nodeprov.core.db import Database
 
 Nip = Literal["nip17", "nip04"]
 State = Literal["accepted", "done", "sent"]
@@ -68,17 +49,10 @@ def _row(r: object) -> JobRow:
 
 
 class DmStore:
-    """The listener's tables; works whether or not ``NOSTR_MIGRATIONS`` ran at open."""
+    """The listener's tables (created by ``0100_nostr_dm_jobs`` in :mod:`nodeprov.core.schema`)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-
-    async def ensure(self) -> None:
-        """Create the tables if the ledger was opened without ``NOSTR_MIGRATIONS``."""
-        async with self.db.write() as conn:
-            for stmt in NOSTR_MIGRATION.sql.split(";"):
-                if stmt.strip():
-                    await conn.execute(stmt)
 
     async def accept(self, event_id: str, sender: str, nip: Nip, reply_to: str) -> JobRow | None:
         """Record a new event as accepted; None if new, else the existing row (seen before)."""

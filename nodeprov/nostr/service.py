@@ -45,7 +45,6 @@ async def nostr_service(core: Core, stop: asyncio.Event) -> None:
     core.relay_status = pool.status
     try:
         store = DmStore(core.ledger.db)
-        await store.ensure()
         ctx = DmContext(config, core.payments, upstreams, keys, store)
         transport = DmTransport(pool, keys, accept_nip04=config.nostr.accept_nip04)
         announcer = Announcer(

@@ -236,7 +236,6 @@ async def start_dm_node(
     keys = Keys.generate()
     upstreams = Upstreams.from_config(config)
     store = DmStore(core.ledger.db)
-    await store.ensure()
     pool = RelayPool(relays, sign=signer(keys), **FAST_POOL)
     ctx = DmContext(config, core.payments, upstreams, keys, store)
     listener = DmListener(ctx, pool, DmTransport(pool, keys))

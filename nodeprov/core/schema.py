@@ -1,0 +1,186 @@
+"""The ledger file's schema: one ordered list of named migrations for every table.
+
+:func:`~nodeprov.core.ledger.open_ledger` applies the pending ones when the file opens
+(each once, in order, recorded in ``migrations``); nothing creates a table at run time.
+Names are never changed or reused: an existing data dir upgrades by applying the names it
+has not recorded yet. The tables added by ``0004``-``0100`` were once created on first use
+without a record, hence ``IF NOT EXISTS`` there: an old ledger may already hold them.
+"""
+
+from __future__ import annotations
+
+from nodeprov.core.db import Migration
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_accounts_holds_transactions",
+        """
+        CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            balance_msat INTEGER NOT NULL DEFAULT 0,
+            reserved_msat INTEGER NOT NULL DEFAULT 0,
+            total_deposited_msat INTEGER NOT NULL DEFAULT 0,
+            total_spent_msat INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            last_used_at INTEGER,
+            expires_at INTEGER,
+            refund_address TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            CHECK (reserved_msat >= 0 AND balance_msat >= reserved_msat)
+        );
+        CREATE TABLE holds (
+            id INTEGER PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            amount_msat INTEGER NOT NULL CHECK (amount_msat >= 0),
+            purpose TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        );
+        CREATE INDEX holds_expiry ON holds (expires_at);
+        CREATE TABLE transactions (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            account_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            delta_msat INTEGER NOT NULL,
+            ref TEXT,
+            detail TEXT
+        );
+        CREATE INDEX transactions_account ON transactions (account_id, id);
+        CREATE TABLE assets (
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            value_msat INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (mint_url, unit)
+        );
+        CREATE TABLE processed (
+            kind TEXT NOT NULL,
+            id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (kind, id)
+        );
+        INSERT INTO accounts (id, kind, created_at) VALUES ('operator', 'operator', 0)
+        """,
+    ),
+    Migration(
+        "0002_wallet_journal",
+        """
+        CREATE TABLE wallet_ops (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            account_id TEXT,
+            amount INTEGER NOT NULL,
+            debit_msat INTEGER NOT NULL DEFAULT 0,
+            fee INTEGER NOT NULL DEFAULT 0,
+            fingerprint TEXT,
+            token TEXT,
+            inputs TEXT,
+            outputs TEXT,
+            quote TEXT,
+            ref TEXT,
+            error TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX wallet_ops_state ON wallet_ops (state);
+        CREATE INDEX wallet_ops_fingerprint ON wallet_ops (fingerprint);
+        CREATE TABLE proofs (
+            secret TEXT PRIMARY KEY,
+            mint_url TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            keyset_id TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            C TEXT NOT NULL,
+            dleq TEXT,
+            state TEXT NOT NULL,
+            op_id INTEGER,
+            created_at INTEGER NOT NULL
+        );
+        CREATE INDEX proofs_pool ON proofs (mint_url, unit, state, amount)
+        """,
+    ),
+    Migration(
+        "0003_hold_state",
+        """
+        ALTER TABLE holds ADD COLUMN state TEXT NOT NULL DEFAULT 'open'
+        """,
+    ),
+    # Mint quotes that fund API keys over Lightning (nodeprov.core.lightning_funding).
+    Migration(
+        "0004_lightning_funding",
+        """
+        CREATE TABLE IF NOT EXISTS lightning_funding (
+            id TEXT PRIMARY KEY,
+            op_id INTEGER NOT NULL UNIQUE,
+            invoice TEXT NOT NULL,
+            expires_at INTEGER NOT NULL,
+            new_key INTEGER NOT NULL,
+            api_key TEXT,
+            key_expires_at INTEGER,
+            refund_address TEXT,
+            created_at INTEGER NOT NULL
+        )
+        """,
+    ),
+    # Refunds of expired keys to their Lightning address (nodeprov.core.expiry).
+    Migration(
+        "0005_key_refunds",
+        """
+        CREATE TABLE IF NOT EXISTS key_refunds (
+            account_id TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            state TEXT NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_at INTEGER NOT NULL DEFAULT 0,
+            balance_msat INTEGER NOT NULL DEFAULT 0,
+            refunded_msat INTEGER NOT NULL DEFAULT 0,
+            fees_msat INTEGER NOT NULL DEFAULT 0,
+            quote TEXT,
+            error TEXT,
+            updated_at INTEGER NOT NULL
+        )
+        """,
+    ),
+    # Payouts of operator earnings (nodeprov.payouts).
+    Migration(
+        "0006_payouts",
+        """
+        CREATE TABLE IF NOT EXISTS payouts (
+            id INTEGER PRIMARY KEY,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            budget_msat INTEGER NOT NULL,
+            amount_msat INTEGER NOT NULL DEFAULT 0,
+            cost_msat INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL,
+            mint_url TEXT,
+            unit TEXT,
+            quote TEXT,
+            error TEXT
+        )
+        """,
+    ),
+    # DM jobs and the listener's cursor (nodeprov.nostr.dm_store).
+    Migration(
+        "0100_nostr_dm_jobs",
+        """
+        CREATE TABLE IF NOT EXISTS nostr_dm_jobs (
+            event_id TEXT PRIMARY KEY,
+            sender TEXT NOT NULL,
+            nip TEXT NOT NULL,
+            state TEXT NOT NULL,
+            replies TEXT,
+            reply_to TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS nostr_dm_jobs_state ON nostr_dm_jobs (state);
+        CREATE TABLE IF NOT EXISTS nostr_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
+        """,
+    ),
+)
