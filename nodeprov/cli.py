@@ -24,6 +24,7 @@ from nodeprov.cli_client import client
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.core.ledger import AuditReport
 from nodeprov.daemon import Core, books, open_books, run
 from nodeprov.errors import ConfigError, NodeprovError
@@ -184,6 +185,9 @@ def start(ctx: click.Context, dev: bool) -> None:
     127.0.0.1:8777"]', NODEPROV_UPSTREAMS__0__BASE_URL=http://127.0.0.1:9088/v1,
     NODEPROV_HTTP__PORT=9000. A service already running at one of those addresses is
     reused; the stack's processes are stopped when the daemon stops.
+
+    One process owns a data dir: a second start on the same data dir exits at once with
+    code 2 ("already running (pid N, data dir D)") and changes nothing.
     """
     options = ctx.find_object(Options)
     path = None
@@ -194,6 +198,33 @@ def start(ctx: click.Context, dev: bool) -> None:
             fail(f"--dev needs {DEV_CONFIG} from a source checkout; use --config FILE", USAGE_EXIT)
         path = DEV_CONFIG
     config = load(ctx, path)
+    # Before anything else (ledger, dev-stack children, banner): one owner per data dir.
+    owner = own_data_dir(config, "start")
+    try:
+        _start(config, dev)
+    finally:
+        owner.release()
+
+
+def own_data_dir(config: Config, command: str) -> DataDirLock:
+    """Become the data dir's one owner, or exit 2 naming the process that owns it."""
+    try:
+        return DataDirLock.acquire(config.node.data_dir, command)
+    except DataDirBusy as exc:
+        if command == "start":
+            fail(exc.message, USAGE_EXIT)
+        if exc.command == "start":
+            fail(
+                f"the node is running (pid {exc.pid or '?'}, data dir {exc.data_dir});"
+                f" stop it first, or use the admin page (/admin/) while it runs",
+                USAGE_EXIT,
+            )
+        fail(f"{exc.message}: `nodeprov {exc.command}`; try again when it ends", USAGE_EXIT)
+    except OSError as exc:
+        fail(f"cannot use the data dir {config.node.data_dir}: {exc.strerror}", USAGE_EXIT)
+
+
+def _start(config: Config, dev: bool) -> None:
     if dev:
         from nodeprov.devstack.runner import run_dev
 
@@ -312,7 +343,11 @@ async def _ledger_status(config: Config) -> dict[str, Any]:
 
 @main.group()
 def wallet() -> None:
-    """The node's proofs and books; withdraw or pay out earnings (safe while running)."""
+    """The node's proofs and books (safe while running); withdraw or pay out earnings.
+
+    withdraw and payout move money, so they need the data dir to themselves: while the
+    daemon runs they refuse (exit 2); use the admin page then.
+    """
 
 
 main.add_command(keys)

@@ -164,9 +164,10 @@ def withdraw(
 ) -> None:
     """Withdraw operator earnings as a Cashu token, printed once: store it right away.
 
-    A sat token carries whole sats; the msat remainder stays as earnings.
+    A sat token carries whole sats; the msat remainder stays as earnings. Refused (exit
+    2) while the daemon runs: withdraw from the admin page then.
     """
-    from nodeprov.cli import emit_json, fail, guarded
+    from nodeprov.cli import emit_json, fail, guarded, own_data_dir
 
     async def send(config: Config) -> dict[str, Any]:
         core = await build_core(config)
@@ -191,7 +192,9 @@ def withdraw(
         m.rstrip("/") for m in config.wallet.mints
     }:
         fail(f"{mint_url} is not one of the configured wallet.mints")
-    data = guarded(send(config))
+    # A money move beside the running daemon would race its recovery of wallet ops.
+    with own_data_dir(config, "wallet withdraw"):
+        data = guarded(send(config))
     if as_json:
         emit_json(data)
         return
@@ -222,9 +225,10 @@ def payout(
     """Pay operator earnings to a Lightning address now (LNURL-pay, melted at a mint).
 
     The invoice is sized so that amount + Lightning fee reserve + mint input fee fits the
-    budget; the unused reserve comes back as earnings.
+    budget; the unused reserve comes back as earnings. Refused (exit 2) while the daemon
+    runs: pay out from the admin page then.
     """
-    from nodeprov.cli import USAGE_EXIT, emit_json, fail, guarded
+    from nodeprov.cli import USAGE_EXIT, emit_json, fail, guarded, own_data_dir
 
     config = _config(ctx)
     target = address or config.payouts.lightning_address
@@ -249,7 +253,8 @@ def payout(
         finally:
             await core.close()
 
-    data = guarded(pay())
+    with own_data_dir(config, "wallet payout"):
+        data = guarded(pay())
     if as_json:
         emit_json(data)
         return
