@@ -3,7 +3,8 @@
 The daemon runs as a subprocess with a job in flight (a stream stalled by the upstream, so
 its hold is live). A second start on the same data dir must exit 2 with one error line,
 before it opens the ledger (the live hold stays), spawns a dev-stack child or prints a
-banner. Read-only commands keep working; money-moving CLI commands refuse clearly. A lock
+banner. Read-only commands (and a key revoke, one ledger transaction) keep working;
+money-moving CLI commands (wallet withdraw, payout) refuse clearly. A lock
 left by a daemon killed with SIGKILL does not block the next start.
 """
 
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from nodeprov.cli import DEV_CONFIG
+from nodeprov.core.payments import api_key_account
 from tests.e2e.test_daemon_e2e import Daemon
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import MintHandle, RelayHandle, free_port
@@ -127,6 +129,13 @@ async def test_second_start_refuses_and_leaves_the_running_jobs_hold_alone(
             assert "admin page" in withdraw.stderr and withdraw.stdout == ""
         # The daemon still serves (the second start did not take its port or its books).
         assert (await http.get("/v1/info")).status_code == 200
+        # A revoke is one ledger transaction, safe beside the daemon, which honours it at once.
+        revoked = nodeprov("-c", str(config), "keys", "revoke", api_key_account(key))
+        assert revoked.returncode == 0, revoked.stderr
+        chat = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]}
+        assert (
+            await http.post("/v1/chat/completions", json=chat, headers=headers)
+        ).status_code == 401
     assert daemon.terminate() == 0
 
 
