@@ -4,8 +4,8 @@ The daemon runs as a subprocess with a job in flight (a stream stalled by the up
 its hold is live). A second start on the same data dir must exit 2 with one error line,
 before it opens the ledger (the live hold stays), spawns a dev-stack child or prints a
 banner. Read-only commands (and a key revoke, one ledger transaction) keep working;
-money-moving CLI commands (wallet withdraw, payout) refuse clearly. A lock
-left by a daemon killed with SIGKILL does not block the next start.
+money-moving CLI commands (wallet withdraw, payout) refuse clearly. A lock left by a
+daemon killed with SIGKILL does not block the next start.
 """
 
 from __future__ import annotations
