@@ -18,7 +18,16 @@ from click.core import ParameterSource
 
 from nodeprov import __version__
 from nodeprov.cli_client import client
-from nodeprov.cli_common import DEFAULT_CONFIG, USAGE_EXIT, Options, emit_json, fail, guarded, load
+from nodeprov.cli_common import (
+    DEFAULT_CONFIG,
+    USAGE_EXIT,
+    Options,
+    emit_json,
+    fail,
+    guarded,
+    load,
+    own_data_dir,
+)
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import Config
@@ -130,6 +139,9 @@ def start(ctx: click.Context, dev: bool) -> None:
     127.0.0.1:8777"]', NODEPROV_UPSTREAMS__0__BASE_URL=http://127.0.0.1:9088/v1,
     NODEPROV_HTTP__PORT=9000. A service already running at one of those addresses is
     reused; the stack's processes are stopped when the daemon stops.
+
+    One process owns a data dir: a second start on the same data dir exits at once with
+    code 2 ("already running (pid N, data dir D)") and changes nothing.
     """
     options = ctx.find_object(Options)
     path = None
@@ -140,6 +152,15 @@ def start(ctx: click.Context, dev: bool) -> None:
             fail(f"--dev needs {DEV_CONFIG} from a source checkout; use --config FILE", USAGE_EXIT)
         path = DEV_CONFIG
     config = load(ctx, path)
+    # Before anything else (ledger, dev-stack children, banner): one owner per data dir.
+    owner = own_data_dir(config, "start")
+    try:
+        _start(config, dev)
+    finally:
+        owner.release()
+
+
+def _start(config: Config, dev: bool) -> None:
     if dev:
         from nodeprov.devstack.runner import run_dev
 
@@ -258,7 +279,11 @@ async def _ledger_status(config: Config) -> dict[str, Any]:
 
 @main.group()
 def wallet() -> None:
-    """The node's proofs and books; withdraw or pay out earnings (safe while running)."""
+    """The node's proofs and books (safe while running); withdraw or pay out earnings.
+
+    withdraw and payout move money, so they need the data dir to themselves: while the
+    daemon runs they refuse (exit 2); use the admin page then.
+    """
 
 
 main.add_command(keys)

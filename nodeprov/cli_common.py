@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.errors import ConfigError, NodeprovError
 
 T = TypeVar("T")
@@ -72,3 +73,21 @@ def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def own_data_dir(config: Config, command: str) -> DataDirLock:
+    """Become the data dir's one owner, or exit 2 naming the process that owns it."""
+    try:
+        return DataDirLock.acquire(config.node.data_dir, command)
+    except DataDirBusy as exc:
+        if command == "start":
+            fail(exc.message, USAGE_EXIT)
+        if exc.command == "start":
+            fail(
+                f"the node is running (pid {exc.pid or '?'}, data dir {exc.data_dir});"
+                f" stop it first, or use the admin page (/admin/) while it runs",
+                USAGE_EXIT,
+            )
+        fail(f"{exc.message}: `nodeprov {exc.command}`; try again when it ends", USAGE_EXIT)
+    except OSError as exc:
+        fail(f"cannot use the data dir {config.node.data_dir}: {exc.strerror}", USAGE_EXIT)

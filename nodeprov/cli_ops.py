@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from nodeprov.cli_common import USAGE_EXIT, emit_json, fail, guarded, load
+from nodeprov.cli_common import USAGE_EXIT, emit_json, fail, guarded, load, own_data_dir
 from nodeprov.config import Config
 from nodeprov.core.accounts_admin import account_view, find_account, list_accounts, revoke
 from nodeprov.core.ledger import OPERATOR
@@ -160,7 +160,8 @@ def withdraw(
 ) -> None:
     """Withdraw operator earnings as a Cashu token, printed once: store it right away.
 
-    A sat token carries whole sats; the msat remainder stays as earnings.
+    A sat token carries whole sats; the msat remainder stays as earnings. Refused (exit
+    2) while the daemon runs: withdraw from the admin page then.
     """
 
     async def send(config: Config) -> dict[str, Any]:
@@ -186,7 +187,9 @@ def withdraw(
         m.rstrip("/") for m in config.wallet.mints
     }:
         fail(f"{mint_url} is not one of the configured wallet.mints")
-    data = guarded(send(config))
+    # A money move beside the running daemon would race its recovery of wallet ops.
+    with own_data_dir(config, "wallet withdraw"):
+        data = guarded(send(config))
     if as_json:
         emit_json(data)
         return
@@ -217,7 +220,8 @@ def payout(
     """Pay operator earnings to a Lightning address now (LNURL-pay, melted at a mint).
 
     The invoice is sized so that amount + Lightning fee reserve + mint input fee fits the
-    budget; the unused reserve comes back as earnings.
+    budget; the unused reserve comes back as earnings. Refused (exit 2) while the daemon
+    runs: pay out from the admin page then.
     """
     config = _config(ctx)
     target = address or config.payouts.lightning_address
@@ -242,7 +246,8 @@ def payout(
         finally:
             await core.close()
 
-    data = guarded(pay())
+    with own_data_dir(config, "wallet payout"):
+        data = guarded(pay())
     if as_json:
         emit_json(data)
         return

@@ -27,7 +27,7 @@ import httpx
 from nodeprov.core.db import Database
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import OPERATOR, now
-from nodeprov.core.lnurl import request_invoice, resolve
+from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
 from nodeprov.core.node import Core, Service
@@ -182,8 +182,7 @@ async def payout_now(
 async def _pay(
     core: Core, payout_id: int, address: str, budget: int, mint_url: str | None
 ) -> PayoutResult:
-    timeout = httpx.Timeout(LNURL_TIMEOUT_SECONDS)
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http:
+    async with lnurl_client(LNURL_TIMEOUT_SECONDS) as http:
         for _ in range(2):  # once more if the input fee came out higher than estimated
             quote = await _sized_quote(core, http, address, budget, mint_url)
             amount_msat = to_msat(quote.amount, quote.unit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,8 +72,12 @@ def client_keys(folder: Path) -> Keys:
     if path.exists():
         return Keys.parse(path.read_text())
     keys = Keys.generate()
-    path.write_text(keys.nsec + "\n")
-    path.chmod(0o600)
+    try:  # 0600 from creation, never overwriting a key made concurrently
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return Keys.parse(path.read_text())
+    with os.fdopen(fd, "w") as file:
+        file.write(keys.nsec + "\n")
     return keys
 
 

@@ -44,7 +44,7 @@ DB_FILE = "wallet.sqlite3"
 def data_dir(path: str | Path | None = None) -> Path:
     """The wallet folder: ``path``, else ``$NODEPROV_CLIENT_DIR``, else ``~/.nodeprov-client``."""
     chosen = Path(path or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR).expanduser()
-    chosen.mkdir(parents=True, exist_ok=True)
+    chosen.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the proofs: money
     return chosen
 
 

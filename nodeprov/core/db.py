@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from nodeprov.core.datadir import private_dir, private_file
+
 T = TypeVar("T")
 
 
@@ -48,7 +50,13 @@ class Database:
         cls, path: Path, migrations: Iterable[Migration], *, durable: bool = False
     ) -> Database:
         """Open (creating if needed) the file at ``path`` and apply pending migrations."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Private from creation: SQLite gives -wal and -shm the main file's mode, so the
+        # main file is made 0600 before SQLite opens it (a chmod afterwards leaves a window).
+        private_dir(path.parent)
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):  # left by an earlier run
+                path.with_name(path.name + suffix).chmod(0o600)
         writer = await _connect(path)
         reader = await _connect(path)
         for conn in (writer, reader):
@@ -57,7 +65,6 @@ class Database:
             await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA busy_timeout=5000")
-        path.chmod(0o600)
         db = cls(writer, reader)
         try:
             await db._migrate(migrations)

@@ -21,7 +21,7 @@ import httpx
 from nodeprov.core.db import Database
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import now
-from nodeprov.core.lnurl import request_invoice, resolve
+from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
 from nodeprov.core.wallet import Wallet
@@ -105,9 +105,7 @@ class ExpiryRefunder:
         async with contextlib.AsyncExitStack() as stack:
             http = self._http
             if http is None:
-                http = await stack.enter_async_context(
-                    httpx.AsyncClient(timeout=LNURL_TIMEOUT_SECONDS, follow_redirects=True)
-                )
+                http = await stack.enter_async_context(lnurl_client(LNURL_TIMEOUT_SECONDS))
             for row in rows:
                 result = await self._refund(http, row["id"], row["refund_address"], at)
                 results.append(result)

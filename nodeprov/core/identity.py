@@ -17,7 +17,7 @@ def load_or_create_keys(path: Path) -> Keys:
     """Read the key file (nsec or hex); create it (0600, never overwriting) if it is missing."""
     path = path.expanduser()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         keys = Keys.generate()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -4,20 +4,30 @@ Pure functions over URLs and decoded JSON, plus :func:`fetch_invoice`, the one c
 that does the two HTTP requests. Invoices are checked by decoding the BOLT11 amount
 (human-readable part, with the bech32 checksum verified); the ``description_hash`` is
 not compared with the metadata (LUD-06 no longer requires it, and many servers differ).
+
+Every request goes through :func:`_get_json`, the one guarded fetch: a Lightning address
+(a refund address comes from a client) must not turn the node into a proxy into its own
+network. A redirect is followed only on the host that sent it; a host other than the
+address's own (a callback elsewhere) must resolve to public addresses only, and the
+connection goes to the address that was checked (no second DNS answer in between).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from nodeprov.errors import NodeprovError
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MAX_REDIRECTS = 3
 _USER = re.compile(r"^[a-z0-9\-_.+]+$")  # LUD-16: the username's character set
 _HOST = re.compile(r"^[a-z0-9.\-]+(:[0-9]{1,5})?$")
 _HRP = re.compile(r"^ln(bcrt|bc|tbs|tb|sb)([1-9][0-9]*|0)?([munp])?$")
@@ -42,6 +52,7 @@ class PayRequest:
     min_sendable_msat: int
     max_sendable_msat: int
     metadata: str
+    home: str = ""  # the Lightning address's host ("": none is trusted without a check)
 
 
 def _check_url(url: str, what: str) -> str:
@@ -179,12 +190,78 @@ def invoice_amount_msat(invoice: str) -> int | None:
     return int(digits) * _MULTIPLIER_MSAT[multiplier]
 
 
-# --- the two requests -----------------------------------------------------------------
+# --- the two requests, through one guarded fetch ----------------------------------------
 
 
-async def _get_json(client: httpx.AsyncClient, url: str, what: str) -> Any:
+def lnurl_client(timeout: float) -> httpx.AsyncClient:
+    """An HTTP client for LNURL requests (redirects are followed by :func:`_get_json` only)."""
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+
+
+async def public_address(host: str, port: int) -> str:
+    """An address ``host`` resolves to, if every one it resolves to is public."""
     try:
-        response = await client.get(url, headers={"Accept": "application/json"})
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LnurlError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    found = []
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not ip.is_global or ip.is_multicast:
+            raise LnurlError(f"{host} resolves to {ip}, not a public address; not contacted")
+        found.append(str(ip))
+    if not found:
+        raise LnurlError(f"cannot resolve {host}")
+    return found[0]
+
+
+def _same_host(a: SplitResult, b: SplitResult) -> bool:
+    """Same host and port (or an upgrade from http to https on the default port)."""
+    if (a.hostname or "").lower() != (b.hostname or "").lower():
+        return False
+    upgrade = a.scheme == "http" and b.scheme == "https" and b.port is None
+    return upgrade or (a.scheme, a.port) == (b.scheme, b.port)
+
+
+async def _get_once(client: httpx.AsyncClient, url: str, home: str) -> httpx.Response:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    headers = {"Accept": "application/json"}
+    if host == home:  # the address's own host: what the operator or client named
+        return await client.get(url, headers=headers, follow_redirects=False)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    ip = await public_address(host, port)
+    pinned = f"[{ip}]" if ":" in ip else ip
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    target = urlunsplit(parts._replace(netloc=pinned if parts.port is None else f"{pinned}:{port}"))
+    return await client.get(
+        target,
+        headers={**headers, "Host": netloc},
+        extensions={"sni_hostname": host},  # TLS checks the certificate against the name
+        follow_redirects=False,
+    )
+
+
+async def _get_json(client: httpx.AsyncClient, url: str, what: str, home: str) -> Any:
+    try:
+        response = await _get_once(client, url, home)
+        for _ in range(MAX_REDIRECTS):
+            if not response.has_redirect_location:
+                break
+            here = urlsplit(url)
+            url = urljoin(url, response.headers["location"])
+            there = urlsplit(url)
+            if not _same_host(here, there):
+                raise LnurlError(
+                    f"{what} {urlunsplit(here)} redirected to another host"
+                    f" ({there.hostname or url!r}); not followed"
+                )
+            _check_url(url, what)
+            response = await _get_once(client, url, home)
+        if response.has_redirect_location:
+            raise LnurlError(f"{what} {url} redirected more than {MAX_REDIRECTS} times")
     except httpx.HTTPError as exc:
         raise LnurlError(f"{what} {url} is unreachable: {exc.__class__.__name__}") from None
     try:
@@ -198,12 +275,16 @@ async def _get_json(client: httpx.AsyncClient, url: str, what: str) -> Any:
 
 async def resolve(client: httpx.AsyncClient, address: str) -> PayRequest:
     """Fetch and validate the LNURL-pay parameters of a Lightning address."""
-    return parse_pay_request(await _get_json(client, address_url(address), "the address"))
+    url = address_url(address)
+    home = (urlsplit(url).hostname or "").lower()
+    request = parse_pay_request(await _get_json(client, url, "the address", home))
+    return replace(request, home=home)
 
 
 async def request_invoice(client: httpx.AsyncClient, request: PayRequest, amount_msat: int) -> str:
     """Ask the callback for an invoice of ``amount_msat``; returns it, amount verified."""
-    data = await _get_json(client, callback_url(request, amount_msat), "the callback")
+    url = callback_url(request, amount_msat)
+    data = await _get_json(client, url, "the callback", request.home)
     return parse_invoice_response(data, amount_msat)
 
 

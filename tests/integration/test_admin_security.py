@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from nodeprov.admin_password import (
@@ -135,19 +137,76 @@ def test_throttle_locks_an_ip_and_backs_off() -> None:
     assert throttle.retry_after("1.1.1.1") == 0
 
 
-def test_throttle_global_backoff_across_ips() -> None:
+def test_a_spray_from_many_addresses_slows_checks_but_locks_no_address() -> None:
     clock = Clock()
-    throttle = Throttle(per_ip=5, global_limit=10, lock_seconds=30, max_lock=100, clock=clock)
-    for i in range(10):
-        throttle.failed(f"10.0.0.{i}")  # a spray: one failure per address
-    assert throttle.retry_after("192.168.1.1") == 30  # everyone waits
-    clock.now += 31
-    throttle.failed("10.0.0.99")
-    throttle.failed("10.0.0.98")
-    assert throttle.retry_after("192.168.1.1") == 100  # 30 * 4, capped at max_lock
+    throttle = Throttle(per_ip=5, global_limit=10, slow_seconds=1.5, clock=clock)
+    assert throttle.slowdown() == 0
+    for i in range(200):
+        throttle.failed(f"10.0.{i}.1")  # a spray: one failure per address
+    assert throttle.retry_after("192.168.1.1") == 0  # nobody else is locked out
+    assert throttle.retry_after("10.0.7.1") == 0  # nor the sprayers, one guess each
+    assert throttle.slowdown() == 1.5  # but every wrong guess now costs the world time
     clock.now += 10_000  # failures outside the window are forgotten
-    throttle.failed("10.0.0.1")
-    assert throttle.retry_after("192.168.1.1") == 0
+    assert throttle.slowdown() == 0
+
+
+def test_an_ipv6_64_is_one_address_and_checks_are_one_at_a_time() -> None:
+    throttle = Throttle(per_ip=3, lock_seconds=60, clock=Clock())
+    for i in range(3):
+        throttle.failed(f"2001:db8:1:2::{i + 1:x}")  # three hosts of one /64
+    assert throttle.retry_after("2001:db8:1:2:ffff::9") == 60
+    assert throttle.retry_after("2001:db8:1:3::1") == 0
+    assert throttle.begin("10.1.1.1") and not throttle.begin("10.1.1.1")
+    assert throttle.begin("10.1.1.2")
+    throttle.end("10.1.1.1")
+    assert throttle.begin("10.1.1.1")
+
+
+ADDRESSES = [f"198.51.{i // 200}.{i % 200 + 1}" for i in range(30)]
+
+
+async def _login_from(app: Any, host: str, password: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(host, 40000))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
+        page = await http.get("/login")
+        match = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert match, page.text
+        return await http.post("/login", data={"csrf": match[1], "password": password})
+
+
+async def test_a_login_flood_from_many_addresses_never_locks_out_the_right_password(
+    tmp_path: Path,
+) -> None:
+    """30 addresses guess 8 times each (240 tries, far past the global limit of 50)."""
+    config = config_in(tmp_path)
+    app = build_admin_app(object(), config, password_hash=hash_password("the-right-one"))  # type: ignore[arg-type]
+    admin = app.state.admin
+    slept: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        slept.append(seconds)
+
+    admin.sleep = no_wait
+    codes: dict[int, int] = {}
+    for attempt in range(8):
+        for host in ADDRESSES:
+            code = (await _login_from(app, host, f"guess-{attempt}")).status_code
+            codes[code] = codes.get(code, 0) + 1
+    # Each address had its 5 guesses checked, then was locked (429, not checked).
+    assert codes == {401: 4 * len(ADDRESSES), 429: 4 * len(ADDRESSES)}
+    # Past 50 failures every further wrong guess held the check slot: a bounded rate.
+    assert slept == [admin.throttle.slow_seconds] * (5 * len(ADDRESSES) - 50)
+
+    # The owner, from an address of its own, gets in at the first try, and without delay.
+    slept.clear()
+    owner = await _login_from(app, "203.0.113.7", "the-right-one")
+    assert owner.status_code == 303 and "nodeprov_admin=" in owner.headers["set-cookie"]
+    assert slept == []
+    # Also over IPv6, and a wrong password from a fresh address is a plain 401, not 429.
+    assert (await _login_from(app, "2001:db8::7", "the-right-one")).status_code == 303
+    assert (await _login_from(app, "203.0.113.8", "typo")).status_code == 401
+    # The flooding addresses stay locked, even when one of them finds the password.
+    assert (await _login_from(app, ADDRESSES[0], "the-right-one")).status_code == 429
 
 
 def test_sessions_expire_and_are_bounded() -> None:

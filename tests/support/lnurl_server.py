@@ -5,7 +5,9 @@
 FakeWallet backend) for an invoice of the requested msat, so another mint can pay it.
 
 Knobs (plain attributes, thread-safe enough for tests): ``fail_next`` answers that many
-requests with 500; ``wrong_amount`` returns invoices for 1 sat more than asked.
+requests with 500; ``wrong_amount`` returns invoices for 1 sat more than asked;
+``redirect_next`` (a URL, ``{user}`` filled in) answers the next payRequest with a 302
+there; ``callback_base`` replaces ``http://127.0.0.1:<port>`` in the callback URL.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class LnurlServer:
         self.max_sendable = 10**11
         self.fail_next = 0
         self.wrong_amount = False
+        self.redirect_next: str | None = None
+        self.callback_base: str | None = None
         self.requests: list[str] = []  # "<path>?<query>" of every request
         self.invoices: list[tuple[int, str]] = []  # (amount_msat, bolt11) handed out
         self._sock = socket.socket()
@@ -85,10 +89,14 @@ class LnurlServer:
         if self._failing(request):
             return Response("upstream trouble", status_code=500)
         user = request.path_params["user"]
+        if self.redirect_next is not None:
+            target, self.redirect_next = self.redirect_next.format(user=user), None
+            return Response(status_code=302, headers={"Location": target})
+        callback_base = self.callback_base or f"http://127.0.0.1:{self.port}"
         return JSONResponse(
             {
                 "tag": "payRequest",
-                "callback": f"http://127.0.0.1:{self.port}/lnurlp/cb/{user}",
+                "callback": f"{callback_base}/lnurlp/cb/{user}",
                 "minSendable": self.min_sendable,
                 "maxSendable": self.max_sendable,
                 "metadata": f'[["text/plain","pay {user}"]]',

@@ -33,4 +33,6 @@ def build_admin_app(
                 flush=True,
             )
     pages = Pages(core, config, password_hash)
-    return Starlette(routes=pages.routes(), middleware=[Middleware(SecurityHeaders)])
+    app = Starlette(routes=pages.routes(), middleware=[Middleware(SecurityHeaders)])
+    app.state.admin = pages  # its throttle and sessions, for tests and diagnostics
+    return app

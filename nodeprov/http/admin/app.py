@@ -114,6 +114,7 @@ class AdminBase:
         self.sessions = Sessions(config.admin.session_seconds)
         self.throttle = Throttle()
         self._verifying = asyncio.Semaphore(2)  # the KDF is costly: bound concurrent checks
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("nodeprov.http.admin", "templates"),
             autoescape=True,
@@ -203,12 +204,22 @@ class AdminBase:
         if not same(form.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
             reason = "The login form expired or was not sent by this site; reload it."
             return self.render(request, "denied.html", None, 403, reason=reason)
-        async with self._verifying:
-            ok = await asyncio.to_thread(
-                verify_password, form.get("password", ""), self.password_hash
-            )
+        if not self.throttle.begin(ip):
+            return self._locked(request, 0.0)
+        try:
+            async with self._verifying:
+                ok = await asyncio.to_thread(
+                    verify_password, form.get("password", ""), self.password_hash
+                )
+                if not ok and (slow := self.throttle.slowdown()) > 0:
+                    # Under a flood: hold the slot, so wrong guesses from everywhere together
+                    # stay a few per second; a right password is never refused for it.
+                    await self.sleep(slow)
+            if not ok:
+                self.throttle.failed(ip)
+        finally:
+            self.throttle.end(ip)
         if not ok:
-            self.throttle.failed(ip)
             logger.warning("admin login failed from %s", ip)
             wait = self.throttle.retry_after(ip)
             if wait > 0:

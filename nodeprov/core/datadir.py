@@ -1,0 +1,115 @@
+"""The data dir: private to its user (0700, files 0600) and owned by one process at a time.
+
+Ownership is an OS lock (``flock``) on ``<data_dir>/nodeprov.lock``, not the mere presence
+of a pid file: the kernel drops the lock when its holder exits, however it exits, so a
+process killed with SIGKILL never blocks the next start. The file's content (pid and
+command of the holder) is only there to say who holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+from pathlib import Path
+from types import TracebackType
+
+from nodeprov.errors import NodeprovError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "nodeprov.lock"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+class DataDirBusy(NodeprovError):
+    """Another process owns the data dir (a running daemon or a money-moving command)."""
+
+    code = "data_dir_busy"
+
+    def __init__(self, data_dir: Path, pid: int | None, command: str) -> None:
+        self.data_dir, self.pid, self.command = data_dir, pid, command
+        super().__init__(f"already running (pid {pid or '?'}, data dir {data_dir})")
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) with mode 0700; tighten it if it is looser."""
+    path = path.expanduser()
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("data dir %s had mode %o; setting 0700", path, mode)
+        path.chmod(DIR_MODE)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Make sure ``path`` exists with mode 0600 before anyone else creates it (no truncation)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+class DataDirLock:
+    """The exclusive, non-blocking lock that makes this process the data dir's one owner."""
+
+    def __init__(self, data_dir: Path, fd: int) -> None:
+        self.data_dir = data_dir
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, data_dir: Path, command: str = "start") -> DataDirLock:
+        """Take the lock or raise :class:`DataDirBusy` at once (never waits)."""
+        data_dir = private_dir(data_dir).resolve()
+        path = data_dir / LOCK_FILE
+        # Not inherited by child processes (Python's default): a dev-stack child that
+        # outlives a killed daemon must not keep holding the data dir.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, holder = _holder(fd)
+            os.close(fd)
+            raise DataDirBusy(data_dir, pid, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n{command}\n".encode(), 0)
+        return cls(data_dir, fd)
+
+    def release(self) -> None:
+        """Give the data dir up (also done by the kernel when the process ends)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last descriptor drops the flock
+
+    def __enter__(self) -> DataDirLock:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> tuple[int | None, str]:
+    """The pid and command written by the lock's holder (None, "" while it is writing)."""
+    try:
+        lines = os.pread(fd, 256, 0).decode(errors="replace").splitlines()
+    except OSError:
+        return None, ""
+    pid = int(lines[0]) if lines and lines[0].isdigit() else None
+    return pid, lines[1] if len(lines) > 1 else ""
