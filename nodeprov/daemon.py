@@ -34,7 +34,7 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 async def recover(core: Core) -> None:
-    """Start-up recovery: settle interrupted wallet operations, release every hold."""
+    """Start-up recovery: settle interrupted wallet operations, release lapsed holds."""
     # Mint ops first: a paid quote credits an account that a later step may pay out of.
     outcome = {
         f"mint_{state}": n for state, n in (await LightningFunding(core.wallet).recover()).items()
@@ -47,10 +47,11 @@ async def recover(core: Core) -> None:
         log.info("wallet recovery: %s", counts)
     else:
         log.info("wallet recovery: no interrupted operations")
-    # No job survives a restart, so every open hold is stale now.
+    # Only lapsed leases: a hold whose job still renews it (another worker on this database)
+    # stays; the previous run's holds are released by the sweep once their lease lapses.
     released = await core.ledger.release_stale_holds()
     if released:
-        log.info("released %d holds left by the previous run", released)
+        log.info("released %d holds whose lease lapsed", released)
 
 
 async def _every(
@@ -69,12 +70,12 @@ async def _every(
 
 
 async def sweep_holds(core: Core, stop: asyncio.Event) -> None:
-    """Release holds whose job outlived ``ledger.hold_timeout_seconds``."""
+    """Release holds whose lease lapsed (their job stopped renewing; see ``core.charges``)."""
 
     async def step() -> None:
-        released = await core.ledger.release_stale_holds(at=now())
+        released = await core.ledger.release_stale_holds()
         if released:
-            log.warning("released %d expired holds", released)
+            log.warning("released %d holds whose lease lapsed", released)
 
     await _every(SWEEP_SECONDS, stop, "hold sweep", step)
 

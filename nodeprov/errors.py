@@ -47,6 +47,12 @@ class InvalidRequest(NodeprovError):
     code = "invalid_request"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt is larger than the model's context window (refused before any hold)."""
+
+    code = "context_length_exceeded"
+
+
 class RequestTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"

@@ -1,4 +1,4 @@
-"""The per-request hot path of the ledger: hold, settle, release.
+"""The per-request hot path of the ledger: hold, renew, settle, release.
 
 Each is plain synchronous sqlite3 code run as one transaction in the writer's thread
 (:meth:`Database.transact`), so a paid request costs two short transactions and two
@@ -19,7 +19,8 @@ from nodeprov.errors import (
 )
 
 OPERATOR = "operator"
-EXPIRED_KEEP = 86_400  # seconds an expired hold stays settleable
+LAPSED_KEEP = 86_400  # seconds a lapsed hold stays settleable by a job that still finishes
+OUTCOME_KEEP = 7 * 86_400  # seconds a settled job's outcome answers a resumed request
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,20 @@ class Settlement:
     charged_msat: int
     written_off_msat: int
     available_msat: int = 0  # the account's available balance right after
+    repeated: bool = False  # ``ref`` was settled before: nothing was charged this time
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a settled job cost, recorded under its reference (one row per ``ref``)."""
+
+    ref: str
+    account_id: str
+    charged_msat: int
+    cost_msat: int
+    input_msat: int
+    output_msat: int
+    result: str | None  # JSON the caller kept with it (a DM job's answer), if any
 
 
 def _log(
@@ -47,7 +62,13 @@ def _log(
 
 
 def hold(
-    raw: sqlite3.Connection, at: int, account_id: str, amount: int, purpose: str, timeout: int
+    raw: sqlite3.Connection,
+    at: int,
+    account_id: str,
+    amount: int,
+    purpose: str,
+    lease: int,
+    ref: str | None = None,
 ) -> Hold:
     """Reserve ``amount`` with one conditional UPDATE: concurrent holds cannot overdraw."""
     cursor = raw.execute(
@@ -59,12 +80,40 @@ def hold(
     if cursor.rowcount != 1:
         raise refusal(raw, at, account_id, amount)
     cursor = raw.execute(
-        "INSERT INTO holds (account_id, amount_msat, purpose, created_at, expires_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (account_id, amount, purpose, at, at + timeout),
+        "INSERT INTO holds (account_id, amount_msat, purpose, created_at, lease_expires_at, ref)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (account_id, amount, purpose, at, at + lease, ref),
     )
     assert cursor.lastrowid is not None
     return Hold(cursor.lastrowid, account_id, amount)
+
+
+def renew(raw: sqlite3.Connection, at: int, held: Hold, lease: int) -> bool:
+    """Extend a running job's lease to ``at + lease``; False if the hold no longer reserves.
+
+    A hold whose lease lapsed (the sweeper released it) reserves its amount again if the
+    balance still allows, so a job that was slow to renew is covered from then on.
+    """
+    cursor = raw.execute(
+        "UPDATE holds SET lease_expires_at = ? WHERE id = ? AND state = 'open'",
+        (at + lease, held.id),
+    )
+    if cursor.rowcount == 1:
+        return True
+    row = raw.execute("SELECT state FROM holds WHERE id = ?", (held.id,)).fetchone()
+    if row is None:
+        return False
+    cursor = raw.execute(
+        "UPDATE accounts SET reserved_msat = reserved_msat + ? "
+        "WHERE id = ? AND balance_msat - reserved_msat >= ?",
+        (held.amount_msat, held.account_id, held.amount_msat),
+    )
+    if cursor.rowcount != 1:
+        return False
+    raw.execute(
+        "UPDATE holds SET state = 'open', lease_expires_at = ? WHERE id = ?", (at + lease, held.id)
+    )
+    return True
 
 
 def refusal(raw: sqlite3.Connection, at: int, account_id: str, amount: int) -> NodeprovError:
@@ -86,15 +135,37 @@ def refusal(raw: sqlite3.Connection, at: int, account_id: str, amount: int) -> N
     )
 
 
-def settle(
-    raw: sqlite3.Connection, at: int, held: Hold, actual: int, ref: str, cap_at_hold: bool
-) -> Settlement:
-    """Close ``held`` charging ``actual`` (overrun rule), crediting the operator.
+def outcome(raw: sqlite3.Connection, ref: str) -> Outcome | None:
+    """The recorded outcome of the job settled under ``ref``, if any."""
+    row = raw.execute(
+        "SELECT ref, account_id, charged_msat, cost_msat, input_msat, output_msat, result "
+        "FROM job_outcomes WHERE ref = ?",
+        (ref,),
+    ).fetchone()
+    return Outcome(*row) if row is not None else None
 
-    A hold the sweeper expired (its job outlived the hold timeout) settles like a hold of
-    zero: the charge comes from the available balance as far as it goes. A hold settled or
-    released before cannot be settled again.
+
+def settle(
+    raw: sqlite3.Connection,
+    at: int,
+    held: Hold,
+    actual: int,
+    ref: str,
+    record: Outcome | None = None,
+) -> Settlement:
+    """Close ``held`` charging ``actual``, at most the hold (the overrun rule), to the operator.
+
+    A hold whose lease lapsed (released by the sweeper) still charges what the job owes, from
+    the available balance as far as it goes; the rest is written off. With ``record`` the
+    outcome is stored under its ``ref`` in the same transaction, and a ``ref`` settled before
+    charges nothing again (the hold is released and the first outcome returned).
+    A hold settled or released before cannot be settled again.
     """
+    if record is not None:
+        earlier = outcome(raw, record.ref)
+        if earlier is not None:
+            release(raw, held.id)
+            return Settlement(earlier.charged_msat, 0, _available(raw, held.account_id), True)
     row = raw.execute(
         "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat FROM holds h "
         "JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
@@ -104,8 +175,7 @@ def settle(
         raise LedgerError(f"hold {held.id} is not open (settled or released already)")
     reserved_here = row[0] if row[1] == "open" else 0
     available = row[2] - (row[3] - reserved_here)
-    limit = min(available, held.amount_msat) if cap_at_hold else available
-    charged = min(actual, limit)
+    charged = min(actual, held.amount_msat, available)
     written_off = actual - charged
     raw.execute("DELETE FROM holds WHERE id = ?", (held.id,))
     raw.execute(
@@ -119,10 +189,29 @@ def settle(
         "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
     )
     _log(raw, at, OPERATOR, "earning", charged, ref, "")
+    if record is not None:
+        raw.execute(
+            "INSERT INTO job_outcomes (ref, account_id, charged_msat, cost_msat, input_msat, "
+            "output_msat, result, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.ref,
+                held.account_id,
+                charged,
+                record.cost_msat,
+                record.input_msat,
+                record.output_msat,
+                record.result,
+                at,
+            ),
+        )
+    return Settlement(charged, written_off, _available(raw, held.account_id))
+
+
+def _available(raw: sqlite3.Connection, account_id: str) -> int:
     (after,) = raw.execute(
-        "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?", (held.account_id,)
+        "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?", (account_id,)
     ).fetchone()
-    return Settlement(charged, written_off, after)
+    return int(after)
 
 
 def release(raw: sqlite3.Connection, hold_id: int) -> None:
@@ -139,29 +228,34 @@ def release(raw: sqlite3.Connection, hold_id: int) -> None:
         )
 
 
-def release_stale(raw: sqlite3.Connection, at: int | None) -> int:
-    """Expire every open hold (``at`` None: start-up) or those past their expiry at ``at``.
+def release_ref(raw: sqlite3.Connection, ref: str) -> int:
+    """Release every hold taken under ``ref`` (left by an interrupted run of that job)."""
+    ids = [row[0] for row in raw.execute("SELECT id FROM holds WHERE ref = ?", (ref,))]
+    for hold_id in ids:
+        release(raw, hold_id)
+    return len(ids)
 
-    An expired hold no longer reserves anything but is kept for a day, so a job that
-    finishes late still settles (as a hold of zero) instead of failing.
+
+def release_lapsed(raw: sqlite3.Connection, at: int) -> int:
+    """Stop reserving for every open hold whose lease lapsed at ``at``; how many there were.
+
+    Only a lapsed lease is released: a running job renews its own, whichever process runs it,
+    so a live hold is never taken from under its job. A lapsed hold is kept for a day so a job
+    that still finishes settles what it owes (:func:`settle`); old outcomes are forgotten.
     """
-    if at is None:
-        rows = raw.execute("SELECT id, account_id, amount_msat FROM holds WHERE state = 'open'")
-    else:
-        rows = raw.execute(
-            "SELECT id, account_id, amount_msat FROM holds WHERE state = 'open' "
-            "AND expires_at <= ?",
-            (at,),
-        )
-    stale = rows.fetchall()
-    for hold_id, account_id, amount in stale:
+    lapsed = raw.execute(
+        "SELECT id, account_id, amount_msat FROM holds WHERE state = 'open' "
+        "AND lease_expires_at <= ?",
+        (at,),
+    ).fetchall()
+    for hold_id, account_id, amount in lapsed:
         raw.execute("UPDATE holds SET state = 'expired' WHERE id = ?", (hold_id,))
         raw.execute(
             "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?",
             (amount, account_id),
         )
-    if at is not None:
-        raw.execute(
-            "DELETE FROM holds WHERE state = 'expired' AND expires_at <= ?", (at - EXPIRED_KEEP,)
-        )
-    return len(stale)
+    raw.execute(
+        "DELETE FROM holds WHERE state = 'expired' AND lease_expires_at <= ?", (at - LAPSED_KEEP,)
+    )
+    raw.execute("DELETE FROM job_outcomes WHERE at <= ?", (at - OUTCOME_KEEP,))
+    return len(lapsed)

@@ -6,13 +6,27 @@ most a job can cost with one conditional ``UPDATE``, so concurrent jobs can neve
 overdraw an account. Every change of a balance writes a row to ``transactions`` with
 the signed delta, so the log replays to the balances.
 
-Overrun rule: if a job's actual cost exceeds its hold, the account pays the excess from
-its available balance as far as it goes; what is still missing is written off (logged
-as ``writeoff`` on the transaction) and never makes a balance negative. A per-request
-token is charged at most its hold (``cap_at_hold``): the price it was quoted.
+Overrun rule: every payer (API key, token as key, per-request token, npub) is charged at
+most its hold, the price it was quoted before the job ran. If the actual cost exceeds
+the hold (an upstream that reports more than the request allowed), the excess is written
+off: logged as ``writeoff=<msat>`` on the charge's transaction, never taken from the
+balance. Holds are true upper bounds (``Pricer.max_cost``), so this only happens when an
+upstream misreports.
 
-Holds expire after ``hold_timeout_seconds`` (and all at start-up): they stop reserving,
-and a job that still finishes settles as if its hold were zero.
+Holds are leases. A hold is taken with a lease of ``hold_timeout_seconds``; the running
+job renews it (``renew``) every third of that, whichever process runs it. The sweeper and
+start-up recovery release only holds whose lease lapsed (``release_stale_holds``): a
+crashed process stops renewing, a live job never loses its hold. A job whose lease lapsed
+(it could not renew in time) still settles what it owes: ``min(cost, hold, available)``.
+If the balance was spent meanwhile (a withdrawal, change claimed), the shortfall is
+written off like an overrun: the node loses it, the payer's balance never goes negative.
+
+A settle may carry a reference (``dm:<event id>``): its outcome is recorded in
+``job_outcomes`` in the same transaction, and a second settle with that reference charges
+nothing (a resumed job finds the first outcome instead of paying twice). A hold carries
+its job's reference too, so a resumed job releases what its interrupted run held
+(``release_ref``) instead of waiting for that lease to lapse; a reference names one job,
+which only one process runs (the DM listener).
 
 Accounts are keyed ``key:<sha256 of an API key>``, ``token:<token fingerprint>`` (a
 token used as a key), ``req:<token fingerprint>`` (a per-request token), ``npub:<hex>``
@@ -23,7 +37,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +49,7 @@ from nodeprov.core import holds
 from nodeprov.core.db import Database, Migration, fetchone
 from nodeprov.core.holds import OPERATOR as OPERATOR
 from nodeprov.core.holds import Hold as Hold
+from nodeprov.core.holds import Outcome as Outcome
 from nodeprov.core.holds import Settlement as Settlement
 from nodeprov.core.money import Msat, msat
 from nodeprov.core.schema import MIGRATIONS
@@ -199,11 +214,18 @@ def _account(row: aiosqlite.Row) -> Account:
 
 
 class Ledger:
-    """Balances and holds over one :class:`Database`."""
+    """Balances and holds over one :class:`Database`.
 
-    def __init__(self, db: Database, *, hold_timeout_seconds: int = 900) -> None:
+    ``hold_timeout_seconds`` is a hold's lease; ``clock`` (Unix seconds) dates holds,
+    leases and charges (tests pass a clock they move).
+    """
+
+    def __init__(
+        self, db: Database, *, hold_timeout_seconds: int = 900, clock: Callable[[], int] = now
+    ) -> None:
         self.db = db
         self.hold_timeout_seconds = hold_timeout_seconds
+        self.clock = clock
 
     async def account(self, account_id: str) -> Account | None:
         row = await self.db.fetchone("SELECT * FROM accounts WHERE id = ?", (account_id,))
@@ -244,47 +266,69 @@ class Ledger:
                 (account_id, account_id),
             )
 
-    async def hold(self, account_id: str, amount: Msat | int, purpose: str = "job") -> Hold:
-        """Reserve ``amount`` msat of an account's available balance for one job."""
+    async def hold(
+        self, account_id: str, amount: Msat | int, purpose: str = "job", ref: str | None = None
+    ) -> Hold:
+        """Reserve ``amount`` msat of an account's available balance for one job (``ref``)."""
         msat(amount)
         if amount < 0:
             raise LedgerError("a hold cannot be negative")
         return await self.db.transact(
             partial(
                 holds.hold,
-                at=now(),
+                at=self.clock(),
                 account_id=account_id,
                 amount=int(amount),
                 purpose=purpose,
-                timeout=self.hold_timeout_seconds,
+                lease=self.hold_timeout_seconds,
+                ref=ref,
             )
         )
 
+    async def release_ref(self, ref: str) -> int:
+        """Release the holds an interrupted run of job ``ref`` left (it is being run again)."""
+        return await self.db.transact(partial(holds.release_ref, ref=ref))
+
+    async def renew(self, hold: Hold) -> bool:
+        """Extend ``hold``'s lease (a running job calls this); False if it no longer reserves."""
+        return await self.db.transact(
+            partial(holds.renew, at=self.clock(), held=hold, lease=self.hold_timeout_seconds)
+        )
+
     async def settle(
-        self, hold: Hold, actual: Msat | int, ref: str = "", *, cap_at_hold: bool = False
+        self, hold: Hold, actual: Msat | int, ref: str = "", *, record: Outcome | None = None
     ) -> Settlement:
-        """Close ``hold`` charging ``actual`` msat (overrun rule; ``cap_at_hold`` caps it)."""
+        """Close ``hold`` charging ``actual`` msat, at most the hold (the overrun rule).
+
+        With ``record``, the outcome is kept under ``record.ref`` in the same transaction and
+        a reference settled before charges nothing again.
+        """
         msat(actual)
         if actual < 0:
             raise LedgerError("a cost cannot be negative")
         return await self.db.transact(
             partial(
                 holds.settle,
-                at=now(),
+                at=self.clock(),
                 held=hold,
                 actual=int(actual),
                 ref=ref,
-                cap_at_hold=cap_at_hold,
+                record=record,
             )
         )
+
+    async def outcome(self, ref: str) -> Outcome | None:
+        """The recorded outcome of the job settled under ``ref``."""
+        return await self.db.snapshot(partial(holds.outcome, ref=ref))
 
     async def release(self, hold: Hold) -> None:
         """Close ``hold`` without charging anything."""
         await self.db.transact(partial(holds.release, hold_id=hold.id))
 
     async def release_stale_holds(self, at: int | None = None) -> int:
-        """Release holds past their expiry (or all of them when ``at`` is None at start-up)."""
-        return await self.db.transact(partial(holds.release_stale, at=at))
+        """Release the holds whose lease lapsed by ``at`` (default: now); live ones stay."""
+        when = self.clock() if at is None else at
+        return await self.db.transact(partial(holds.release_lapsed, at=when))
 
     async def transactions(
         self, account_id: str | None = None, limit: int = 100

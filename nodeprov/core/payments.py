@@ -1,9 +1,10 @@
 """The one payment pipeline both channels call: authorize → hold → job → settle → change.
 
-``begin`` authorizes a payer and holds the most the job can cost; the returned
-:class:`Charge` is then either ``settle``d with the upstream's usage or ``cancel``led
-(upstream failure: nothing is charged, and a per-request token comes back whole as
-change). :meth:`Payments.run` composes the steps for jobs that return at once.
+Channels enter every paid job through :meth:`Payments.job` (the lifecycle and its rules:
+:mod:`nodeprov.core.charges`). Underneath, ``begin`` authorizes a payer and holds the most
+the job can cost; the :class:`Charge` is then settled at a cost or cancelled (nothing is
+charged, and a per-request token comes back whole as change). :meth:`Payments.run`
+composes the steps for jobs that return at once.
 
 Payers: an API key (``sk-…``), a token used as a key (first use redeems it into an
 account keyed by the token's fingerprint), a per-request token (``X-Cashu`` or a DM
@@ -19,17 +20,25 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from nodeprov.core.ledger import OPERATOR, Account, Hold, Ledger, credit, debit
+from nodeprov.core.charges import (
+    Job,
+    JobOutcome,
+    Payer,
+    PayerKind,
+    PaymentFailed,
+    Settled,
+    decode_result,
+    encode_result,
+)
+from nodeprov.core.ledger import OPERATOR, Account, Hold, Ledger, Outcome, credit, debit
 from nodeprov.core.money import check_unit, from_msat_floor
-from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable
+from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     MintError,
-    NodeprovError,
-    PriceUnavailable,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -38,16 +47,7 @@ from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-PayerKind = Literal["api_key", "token_key", "request_token", "npub"]
-
-
-@dataclass(frozen=True)
-class Payer:
-    """Who pays for a job, and with what credential (an API key, a token, or a pubkey)."""
-
-    kind: PayerKind
-    credential: str
+__all__ = ["Charge", "JobOutcome", "Payer", "PayerKind", "PaymentFailed", "Payments", "Settled"]
 
 
 def api_key_account(api_key: str) -> str:
@@ -57,7 +57,7 @@ def api_key_account(api_key: str) -> str:
 
 @dataclass
 class Charge:
-    """An authorized job with its hold; settle it or cancel it exactly once."""
+    """An authorized job with its hold (use :meth:`Payments.job`, which closes it once)."""
 
     payments: Payments
     account_id: str
@@ -68,42 +68,25 @@ class Charge:
     received: Received | None = None
     closed: bool = field(default=False)
 
-    async def settle(self, usage: Mapping[str, Any] | None) -> Settled:
-        """Charge the actual cost from ``usage`` (the hold if it is unreadable); give change."""
-        return await self.payments._settle(self, usage)
-
     async def cancel(self) -> Sent | None:
         """Charge nothing; a per-request token is returned whole (minus mint fees) as change."""
         return await self.payments._cancel(self)
 
 
-@dataclass(frozen=True)
-class Settled:
-    cost: Cost
-    charged_msat: int
-    change: Sent | None
-    balance_msat: int | None
-
-
-class PaymentFailed(NodeprovError):
-    """Wraps an error raised after money was taken, carrying the refund token for the client."""
-
-    def __init__(self, error: NodeprovError, refund: Sent | None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.refund = refund
-        self.status = error.status  # type: ignore[misc]
-        self.type = error.type  # type: ignore[misc]
-        self.code = error.code  # type: ignore[misc]
-
-
 class Payments:
-    """Pricing, ledger and wallet behind one interface."""
+    """Pricing, ledger and wallet behind one interface.
 
-    def __init__(self, ledger: Ledger, wallet: Wallet, pricer: Pricer) -> None:
+    ``renew_seconds``: how often a running job renews its hold's lease (default: a third
+    of the lease, ``ledger.hold_timeout_seconds``).
+    """
+
+    def __init__(
+        self, ledger: Ledger, wallet: Wallet, pricer: Pricer, *, renew_seconds: float | None = None
+    ) -> None:
         self.ledger = ledger
         self.wallet = wallet
         self.pricer = pricer
+        self.renew_seconds = renew_seconds
         # Token-as-key first uses in flight: fingerprint -> (lock, number of users).
         self._first_uses: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -205,9 +188,14 @@ class Payments:
     # --- jobs -----------------------------------------------------------------------
 
     async def begin(
-        self, payer: Payer, model: str, body: Mapping[str, Any], endpoint: Endpoint = "chat"
+        self,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        endpoint: Endpoint = "chat",
+        ref: str | None = None,
     ) -> Charge:
-        """Price the request, authorize the payer and hold the maximum cost."""
+        """Price the request, authorize the payer and hold the maximum cost (for job ``ref``)."""
         max_cost = self.pricer.max_cost(model, body, endpoint)
         if payer.kind != "request_token":
             # Keys and pubkeys need no lookup first: the hold's conditional UPDATE finds the
@@ -219,7 +207,7 @@ class Payments:
             else:
                 account_id = await self.account_for(payer)
             try:
-                hold = await self.ledger.hold(account_id, max_cost.total_msat, purpose=model)
+                hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
             except Unauthorized:
                 if payer.kind != "npub":
                     raise
@@ -234,7 +222,7 @@ class Payments:
         account_id = "req:" + token_fingerprint(token)
         received = await self.wallet.receive(payer.credential, account_id, "request")
         try:
-            hold = await self.ledger.hold(account_id, max_cost.total_msat, purpose=model)
+            hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
         except InsufficientBalance as exc:
             refund = await self._refund(account_id, received)
             raise PaymentFailed(
@@ -247,6 +235,26 @@ class Payments:
             ) from None
         return Charge(self, account_id, hold, max_cost, model, endpoint, received)
 
+    def job(
+        self,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        endpoint: Endpoint = "chat",
+        *,
+        ref: str | None = None,
+    ) -> Job:
+        """The charge lifecycle of one job (see :mod:`nodeprov.core.charges`)."""
+        return Job(self, payer, model, body, endpoint, ref)
+
+    async def outcome(self, ref: str) -> JobOutcome | None:
+        """What the job settled under ``ref`` cost (and the result kept with it), if any."""
+        found = await self.ledger.outcome(ref)
+        if found is None:
+            return None
+        cost = Cost(found.cost_msat, 0, found.input_msat, found.output_msat)
+        return JobOutcome(found.ref, found.charged_msat, cost, decode_result(found.result))
+
     async def run(
         self,
         payer: Payer,
@@ -256,30 +264,31 @@ class Payments:
         endpoint: Endpoint = "chat",
     ) -> tuple[T, Settled]:
         """Pay for ``job`` (which returns its result and the upstream ``usage``)."""
-        charge = await self.begin(payer, model, body, endpoint)
-        try:
+        async with self.job(payer, model, body, endpoint) as paid:
             result, usage = await job()
-        except NodeprovError as exc:
-            refund = await charge.cancel()
-            raise PaymentFailed(exc, refund) from exc
-        except BaseException:
-            await charge.cancel()
-            raise
-        return result, await charge.settle(usage)
+            settled = await paid.settle(usage)
+        return result, settled
 
-    async def _settle(self, charge: Charge, usage: Mapping[str, Any] | None) -> Settled:
+    async def _settle(
+        self, charge: Charge, cost: Cost, *, ref: str | None = None, result: Any = None
+    ) -> Settled:
+        """Charge ``cost`` (at most the hold) and give change; ``ref`` records the outcome."""
         if charge.closed:
             raise RuntimeError("charge already closed")
-        try:
-            cost = self.pricer.actual_cost(charge.model, usage, charge.endpoint)
-        except (UsageUnavailable, PriceUnavailable) as exc:
-            # The job ran but its cost cannot be read: charge what the payer agreed to hold.
-            logger.warning("%s: %s; settling at the hold", charge.model, exc.message)
-            cost = charge.max_cost
         charge.closed = True
-        # A per-request token pays at most the price it was quoted (its hold).
+        record = None
+        if ref is not None:
+            record = Outcome(
+                ref,
+                charge.account_id,
+                0,
+                cost.total_msat,
+                cost.input_msat,
+                cost.output_msat,
+                encode_result(result),
+            )
         settlement = await self.ledger.settle(
-            charge.hold, cost.total_msat, ref=charge.model, cap_at_hold=charge.received is not None
+            charge.hold, cost.total_msat, ref=ref or charge.model, record=record
         )
         change: Sent | None = None
         balance: int | None = None

@@ -25,6 +25,7 @@ from nodeprov.core.money import MSAT_PER_SAT, ceil_div, ceil_msat
 from nodeprov.core.rates import ExchangeRates
 from nodeprov.errors import (
     ConfigError,
+    ContextLengthExceeded,
     InvalidRequest,
     PriceUnavailable,
     UnknownModel,
@@ -156,41 +157,47 @@ class Pricer:
     # --- holds and settlement ---------------------------------------------------------
 
     def token_bounds(self, model: str, body: Any, endpoint: Endpoint = "chat") -> TokenBounds:
-        """The token bounds :meth:`max_cost` charges for (chat, completions, embeddings)."""
+        """The token bounds :meth:`max_cost` charges for (chat, completions, embeddings).
+
+        A prompt is measured by its text's UTF-8 bytes (no tokenizer yields more tokens than
+        bytes); one whose text alone exceeds the model's ``context_tokens`` is refused with
+        :class:`ContextLengthExceeded`. Images and files by id get allowances and are bounded
+        by the context. The output bound is ``max_tokens`` (else the model's
+        ``max_output_tokens``): it is not shrunk by the prompt's bound, which overestimates.
+        """
         price = self.price(model)
         body = _require_mapping(body)
         ctx = price.context_tokens
         if endpoint == "embeddings":
             items = _prompt_items(body.get("input"), "input")
-            prompt = sum(min(ctx, MESSAGE_OVERHEAD_TOKENS + _text_bound(i)) for i in items)
-            return TokenBounds(prompt, 0)
+            sizes = [_item_sizes(i, MESSAGE_OVERHEAD_TOKENS) for i in items]
+            _check_context(sizes, ctx)
+            return TokenBounds(sum(min(ctx, text + extra) for text, extra in sizes), 0)
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise InvalidRequest("'messages' must be a non-empty array")
-            size = MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1) + _text_bound(messages)
+            text, extra = _sizes(messages, MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1))
             for key in ("tools", "functions", "tool_choice", "response_format"):
-                size += _text_bound(body.get(key))
+                more_text, more_extra = _sizes(body.get(key))
+                text, extra = text + more_text, extra + more_extra
             if body.get("tools") or body.get("functions"):
-                size += TOOLS_OVERHEAD_TOKENS
-            prompts = [size]
+                extra += TOOLS_OVERHEAD_TOKENS
+            sizes = [(text, extra)]
             copies = _count(body, "n")
         elif endpoint == "completions":
             suffix = _text_bound(body.get("suffix"))
             items = _prompt_items(body.get("prompt"), "prompt")
-            prompts = [MESSAGE_OVERHEAD_TOKENS + suffix + _text_bound(i) for i in items]
+            sizes = [_item_sizes(i, MESSAGE_OVERHEAD_TOKENS + suffix) for i in items]
             # best_of completions are generated (and billed) server-side, n of them returned.
             copies = max(_count(body, "n"), _count(body, "best_of"))
         else:
             raise ValueError(f"endpoint {endpoint!r} is not priced by tokens")
+        _check_context(sizes, ctx)
         limit = _max_tokens(price, body)
-        prompt_total = output_total = 0
-        for size in prompts:
-            bounded = min(size, ctx)
-            output = limit if limit is not None else min(price.max_output_tokens, ctx - bounded)
-            prompt_total += bounded
-            output_total += max(1, output) * copies
-        return TokenBounds(prompt_total, output_total)
+        output = limit if limit is not None else price.max_output_tokens
+        prompt_total = sum(min(text + extra, ctx) for text, extra in sizes)
+        return TokenBounds(prompt_total, max(1, output) * copies * len(sizes))
 
     def max_cost(self, model: str, body: Any, endpoint: Endpoint = "chat") -> Cost:
         """The most ``body`` can cost on ``endpoint``: the amount to hold before the job runs."""
@@ -396,31 +403,55 @@ def _prompt_items(value: Any, key: str) -> list[Any]:
 
 
 def _text_bound(value: Any) -> int:
-    """An upper bound on the tokens of ``value``: UTF-8 bytes of every string in it.
+    """An upper bound on the tokens of ``value``: its text plus its allowances (:func:`_sizes`)."""
+    text, extra = _sizes(value)
+    return text + extra
+
+
+def _sizes(value: Any, text: int = 0) -> tuple[int, int]:
+    """(text, allowances) of ``value``, bounding its tokens: text is UTF-8 bytes of its strings.
 
     Byte-level BPE never yields more tokens than bytes; keys and numbers are counted too
-    (a token id has at least one digit). Images get :data:`IMAGE_PART_TOKENS`.
+    (a token id has at least one digit). Allowances: :data:`IMAGE_PART_TOKENS` per image,
+    the whole context for a file we cannot size. ``text`` starts the text count.
     """
-    total = 0
+    extra = 0
     stack = [value]
     while stack:  # iterative, so deeply nested input cannot exhaust the recursion limit
         item = stack.pop()
         if isinstance(item, str):
-            total += len(item.encode("utf-8", "surrogatepass"))
+            text += len(item.encode("utf-8", "surrogatepass"))
         elif isinstance(item, Mapping):
             kind = item.get("type")
             if kind in IMAGE_PART_TYPES:
-                total += IMAGE_PART_TOKENS
+                extra += IMAGE_PART_TOKENS
             elif kind in ("file", "input_file") and not _has_file_data(item):
-                total += _UNBOUNDED
+                extra += _UNBOUNDED
             else:
                 for key, inner in item.items():
                     stack.extend((key, inner))
         elif isinstance(item, list | tuple):
             stack.extend(item)
         elif item is not None:
-            total += len(str(item))
-    return total
+            text += len(str(item))
+    return text, extra
+
+
+def _item_sizes(item: Any, overhead: int) -> tuple[int, int]:
+    """:func:`_sizes` of one prompt item; an array of token ids counts exactly its length."""
+    if isinstance(item, list) and all(type(v) is int for v in item):
+        return overhead + len(item), 0
+    return _sizes(item, overhead)
+
+
+def _check_context(sizes: list[tuple[int, int]], context: int) -> None:
+    """Refuse a prompt whose text alone is larger than the model's context window."""
+    largest = max(text for text, _ in sizes)
+    if largest > context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens; the prompt counts as "
+            f"{largest} (each UTF-8 byte of its text may be a token). Shorten the prompt."
+        )
 
 
 def _has_file_data(part: Mapping[str, Any]) -> bool:

@@ -165,6 +165,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    # Holds become leases renewed by their running job, carry the job's reference, and a
+    # settled job's outcome is kept under that reference (nodeprov.core.holds, charges).
+    Migration(
+        "0007_hold_leases_job_outcomes",
+        """
+        ALTER TABLE holds RENAME COLUMN expires_at TO lease_expires_at;
+        ALTER TABLE holds ADD COLUMN ref TEXT;
+        CREATE INDEX holds_ref ON holds (ref);
+        CREATE TABLE job_outcomes (
+            ref TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            charged_msat INTEGER NOT NULL,
+            cost_msat INTEGER NOT NULL,
+            input_msat INTEGER NOT NULL,
+            output_msat INTEGER NOT NULL,
+            result TEXT,
+            at INTEGER NOT NULL
+        );
+        CREATE INDEX job_outcomes_at ON job_outcomes (at)
+        """,
+    ),
     # DM jobs and the listener's cursor (nodeprov.nostr.dm_store).
     Migration(
         "0100_nostr_dm_jobs",

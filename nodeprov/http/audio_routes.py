@@ -23,10 +23,9 @@ from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, UpstreamError
-from nodeprov.http.auth import request_payer
-from nodeprov.http.billing import cost_headers, fail, payment_required
+from nodeprov.http.billing import cost_headers
 from nodeprov.http.context import UnsupportedMediaType, context
-from nodeprov.http.openai_routes import call
+from nodeprov.http.openai_routes import paid_job, send
 from nodeprov.upstream import Route
 
 AUDIO: Endpoint = "audio"
@@ -103,22 +102,17 @@ async def audio_job(request: Request) -> Response:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
     route: Route = ctx.upstreams.route(model)
-    request.state.model = route.model  # for the request metrics
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
-    payer = request_payer(request.headers)
-    payments = ctx.payments
-    if payer is None:
-        raise payment_required(ctx, route.model, hold_body, AUDIO)
-    charge = await payments.begin(payer, route.model, hold_body, AUDIO)
     path = request.url.path.removeprefix("/v1/")
-    response = await call(ctx, charge, route, path, request, data=fields, files={"file": upload})
-    try:
-        data: Any = response.json() if "json" in response.headers.get("content-type", "") else None
-    except ValueError:
-        raise await fail(charge, UpstreamError("the upstream sent an unreadable answer")) from None
-    seconds = reported_seconds(data)
-    usage = {"seconds": seconds} if seconds is not None else None
-    settled = await charge.settle(usage)
+    async with paid_job(ctx, request, route.model, hold_body, AUDIO) as job:
+        response = await send(ctx, route, path, request, data=fields, files={"file": upload})
+        try:
+            json_answer = "json" in response.headers.get("content-type", "")
+            data: Any = response.json() if json_answer else None
+        except ValueError:
+            raise UpstreamError("the upstream sent an unreadable answer") from None
+        seconds = reported_seconds(data)
+        settled = await job.settle({"seconds": seconds} if seconds is not None else None)
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)
 

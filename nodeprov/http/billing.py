@@ -1,24 +1,17 @@
-"""Money rules of the HTTP channel: 402 payment requests, settlement fallbacks, cost headers.
+"""How the HTTP channel shows money: 402 payment requests, cost headers, error bodies.
 
-Settlement rules (all amounts through ``core.payments``):
-
-- With the upstream's ``usage``: the actual cost from it.
-- Usage missing or malformed (``UsageUnavailable``): settle at the hold, the maximum the
-  client agreed to before the job ran (pricing's documented guidance).
-- Client gone mid-stream (or the upstream broke off after output began): the prompt bound of
-  the hold plus one output token per content-bearing chunk seen, capped at the hold's output
-  bound. Nothing produced yet: nothing is charged.
+The settlement rules themselves (usage, the hold when usage is unreadable, what a stream
+produced) live once in :mod:`nodeprov.core.charges`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from nodeprov.core.money import ceil_div
-from nodeprov.core.payments import Charge, PaymentFailed, Settled
-from nodeprov.core.pricing import Endpoint, Pricer
+from nodeprov.core.payments import PaymentFailed, Settled
+from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InsufficientBalance, NodeprovError
 from nodeprov.http.context import HttpContext
 from nodeprov.protocol.payment_request import PaymentRequest, encode_payment_request
@@ -47,39 +40,6 @@ def unpaid(required_msat: int) -> InsufficientBalance:
         available_msat=0,
         required_msat=required_msat,
     )
-
-
-def hold_usage(
-    pricer: Pricer, model: str, body: Mapping[str, Any], endpoint: str
-) -> dict[str, Any]:
-    """A usage that prices to exactly the hold (:meth:`Pricer.max_cost`) of ``body``."""
-    if endpoint in ("chat", "completions", "embeddings"):
-        bounds = pricer.token_bounds(model, body, endpoint)  # type: ignore[arg-type]
-        return {
-            "prompt_tokens": bounds.prompt_tokens,
-            "completion_tokens": bounds.completion_tokens,
-        }
-    if endpoint == "images":
-        n = body.get("n") or 1
-        return {"n": n, "size": body.get("size"), "quality": body.get("quality")}
-    if endpoint == "speech":
-        return {"characters": len(body.get("input") or "")}
-    return dict(body)  # endpoints priced elsewhere take their hold body as usage
-
-
-def produced_usage(
-    pricer: Pricer, model: str, body: Mapping[str, Any], endpoint: str, output_chunks: int
-) -> dict[str, Any]:
-    """The usage charged when a stream stops early: prompt bound + chunks seen (one token each)."""
-    usage = hold_usage(pricer, model, body, endpoint)
-    usage["completion_tokens"] = min(output_chunks, int(usage.get("completion_tokens", 0)))
-    return usage
-
-
-async def fail(charge: Charge, error: NodeprovError) -> PaymentFailed:
-    """Cancel ``charge`` (nothing charged) and wrap ``error`` with any refund token."""
-    refund = await charge.cancel()
-    return PaymentFailed(error, refund)
 
 
 def cost_fields(settled: Settled) -> dict[str, int]:

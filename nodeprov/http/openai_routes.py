@@ -1,9 +1,10 @@
 """The paid OpenAI routes with JSON bodies: chat, completions, embeddings, images, speech.
 
 Order of checks (no money moves before the last): JSON body, model routed, payer present,
-max cost priced (bad ``max_tokens`` etc. is a 400), then ``payments.begin`` holds it.
-Upstream failure cancels the charge (a per-request token comes back in ``X-Cashu``).
-Speech is read whole before settling, so an upstream failure mid-body charges nothing.
+max cost priced (bad ``max_tokens``, a prompt over the context etc. is a 400), then the
+charge lifecycle (``payments.job``) holds it. Upstream failure cancels the charge (a
+per-request token comes back in ``X-Cashu``). Speech is read whole before settling, so an
+upstream failure mid-body charges nothing.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
+import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from nodeprov.core.payments import Charge, Payer
+from nodeprov.core.charges import Job
+from nodeprov.core.payments import Payer
 from nodeprov.core.pricing import Endpoint
-from nodeprov.errors import InvalidRequest, NodeprovError, UpstreamError
+from nodeprov.errors import InvalidRequest, UpstreamError
 from nodeprov.http.auth import request_payer
-from nodeprov.http.billing import cost_headers, fail, payment_required
+from nodeprov.http.billing import cost_headers, payment_required
 from nodeprov.http.context import HttpContext, context, read_json
 from nodeprov.http.streaming import SSERelay, with_usage
 from nodeprov.upstream import Route
@@ -42,31 +44,39 @@ def model_of(body: Mapping[str, Any]) -> str:
     return model
 
 
-async def begin(
-    ctx: HttpContext, request: Request, body: Mapping[str, Any], endpoint: Endpoint
-) -> tuple[Route, Charge]:
-    """Route the model, find the payer (402 if none), and hold the max cost."""
-    route: Route = ctx.upstreams.route(model_of(body))
-    request.state.model = route.model  # for the request metrics
+def paid_job(
+    ctx: HttpContext, request: Request, model: str, body: Mapping[str, Any], endpoint: Endpoint
+) -> Job:
+    """The charge lifecycle of this request (402 if it names no payer; priced first)."""
+    request.state.model = model  # for the request metrics
     payer: Payer | None = request_payer(request.headers)
     if payer is None:
-        raise payment_required(ctx, route.model, body, endpoint)
-    charge = await ctx.payments.begin(payer, route.model, body, endpoint)
-    return route, charge
+        raise payment_required(ctx, model, body, endpoint)
+    return ctx.payments.job(payer, model, body, endpoint)
 
 
-async def call(
-    ctx: HttpContext, charge: Charge, route: Route, path: str, request: Request, **kwargs: Any
-) -> Any:
-    """Send to the upstream; any failure cancels the charge (refund in the error)."""
+async def send(
+    ctx: HttpContext, route: Route, path: str, request: Request, **kwargs: Any
+) -> httpx.Response:
+    """The upstream's answer (its errors end the job: nothing charged, refund in the error)."""
+    return await ctx.upstreams.send(route, "POST", path, headers=request.headers, **kwargs)
+
+
+def usage_of(endpoint: Endpoint, body: Mapping[str, Any], content: bytes) -> Any:
+    """The usage to settle from a JSON answer (images: counted; speech: the input's length)."""
+    if endpoint == "speech":
+        return {"characters": len(body.get("input") or "")}
     try:
-        return await ctx.upstreams.send(route, "POST", path, headers=request.headers, **kwargs)
-    except NodeprovError as exc:
-        raise await fail(charge, exc) from exc
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await charge.cancel()
-        raise
+        data = json.loads(content)
+    except ValueError:
+        raise UpstreamError("the upstream sent an unreadable answer") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("the upstream sent an unreadable answer")
+    if endpoint == "images":
+        images = data.get("data")
+        count = len(images) if isinstance(images, list) else None
+        return {"n": count, "size": body.get("size"), "quality": body.get("quality")}
+    return data.get("usage")
 
 
 async def openai_job(request: Request) -> Response:
@@ -74,27 +84,13 @@ async def openai_job(request: Request) -> Response:
     endpoint, path = PATHS[request.url.path]
     body = await read_json(request)
     streamed = endpoint in ("chat", "completions") and body.get("stream") is True
-    route, charge = await begin(ctx, request, body, endpoint)
-    if streamed:
-        upstream = await call(ctx, charge, route, path, request, json=with_usage(body), stream=True)
-        relay = SSERelay(charge, upstream, body, route.upstream, ctx.pricer)
-        return relay  # type: ignore[return-value]
-    response = await call(ctx, charge, route, path, request, json=body)
-    try:
-        if endpoint == "speech":
-            usage: Any = {"characters": len(body.get("input") or "")}
-        else:
-            data = json.loads(response.content)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-            usage = data.get("usage")
-            if endpoint == "images":
-                images = data.get("data")
-                count = len(images) if isinstance(images, list) else None
-                usage = {"n": count, "size": body.get("size"), "quality": body.get("quality")}
-    except ValueError:
-        raise await fail(charge, UpstreamError("the upstream sent an unreadable answer")) from None
-    settled = await charge.settle(usage)
+    route: Route = ctx.upstreams.route(model_of(body))
+    async with paid_job(ctx, request, route.model, body, endpoint) as job:
+        if streamed:
+            upstream = await send(ctx, route, path, request, json=with_usage(body), stream=True)
+            return SSERelay(job.hand_over(), upstream, route.upstream)  # type: ignore[return-value]
+        response = await send(ctx, route, path, request, json=body)
+        settled = await job.settle(usage_of(endpoint, body, response.content))
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)
 

@@ -5,7 +5,10 @@ an SSE comment ``: nodeprov {"cost_msat", "cost_input_msat", "cost_output_msat",
 (comments are ignored by SSE parsers, the openai SDK included), ``data: [DONE]``, and after
 it a named event ``event: nodeprov`` with the same JSON (SDKs stop reading at ``[DONE]``).
 The change of an ``X-Cashu`` payment also stays claimable at ``GET /v1/wallet/change``.
-Settlement follows :mod:`nodeprov.http.billing` (usage; hold; produced-so-far; nothing).
+Settlement follows the charge lifecycle's rules (:mod:`nodeprov.core.charges`): each
+content-bearing chunk is counted as output; a stream that ended early (upstream error or
+drop, client gone) settles as incomplete: ``max(reported usage, produced so far)``, or
+nothing if nothing was produced. The job's lease is renewed for as long as the stream runs.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import anyio
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from nodeprov.core.payments import Charge, Settled
-from nodeprov.core.pricing import Pricer
+from nodeprov.core.charges import Job, Settled
 from nodeprov.errors import NodeprovError, UpstreamError
-from nodeprov.http.billing import cost_fields, produced_usage
+from nodeprov.http.billing import cost_fields
 from nodeprov.upstream import iter_stream
 
 logger = logging.getLogger(__name__)
@@ -46,22 +48,13 @@ def with_usage(body: Mapping[str, Any]) -> dict[str, Any]:
 class SSERelay:
     """ASGI response relaying an upstream SSE stream, then settling its charge."""
 
-    def __init__(
-        self,
-        charge: Charge,
-        response: httpx.Response,
-        body: Mapping[str, Any],
-        upstream: str,
-        pricer: Pricer,
-    ) -> None:
-        self.charge = charge
+    def __init__(self, job: Job, response: httpx.Response, upstream: str) -> None:
+        self.job = job
         self.response = response
-        self.body = body
         self.upstream = upstream
-        self.pricer = pricer
         self.usage: Any = None
-        self.output_chunks = 0
         self.done = False
+        self.finished = False  # a choice carried its finish_reason
         self.client_gone = False
         self.error: NodeprovError | None = None
 
@@ -140,39 +133,37 @@ class SSERelay:
         for choice in data.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
+            if choice.get("finish_reason"):
+                self.finished = True
             delta = choice.get("delta")
             delta = delta if isinstance(delta, dict) else {}
             if choice.get("text") or any(
                 delta.get(k) for k in ("content", "tool_calls", "reasoning_content", "refusal")
             ):
-                self.output_chunks += 1
+                self.job.output()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the upstream sent the whole answer ([DONE], or finish and then usage)."""
+        return self.done or (self.finished and self.usage is not None)
 
     async def _finish(self) -> bytes:
-        """Settle by the rules of :mod:`nodeprov.http.billing`; the bytes that end the stream."""
-        charge, endpoint = self.charge, self.charge.endpoint
+        """Settle the job (see the module docstring); the bytes that end the stream."""
         settled: Settled | None = None
-        refund = None
         try:
-            complete = self.error is None and not self.client_gone
-            if self.usage is not None or complete:
-                settled = await charge.settle(self.usage)
-            elif self.output_chunks:
-                usage = produced_usage(
-                    self.pricer, charge.model, self.body, endpoint, self.output_chunks
-                )
-                settled = await charge.settle(usage)
-            else:
-                refund = await charge.cancel()
+            complete = self.ended or (self.error is None and not self.client_gone)
+            settled = await self.job.settle(self.usage, complete=complete)
         except Exception:
-            logger.exception("settling a stream failed; the hold is released by the sweep")
+            logger.exception("settling a stream failed; its hold lapses and is swept")
+            await self.job.cancel()
         info: dict[str, Any] = cost_fields(settled) if settled else {"cost_msat": 0}
-        change = settled.change if settled else refund
+        change = settled.change if settled else None
         info["change"] = change.token if change else None
         if settled is not None and settled.balance_msat is not None:
             info["balance_msat"] = settled.balance_msat
         note = json.dumps(info, separators=(",", ":")).encode()
         tail = b": nodeprov " + note + b"\n\n"
-        if self.error is not None and not (self.done or self.usage is not None):
+        if self.error is not None and not self.ended:
             err = json.dumps(self.error.to_openai(), separators=(",", ":")).encode()
             return tail + b"data: " + err + b"\n\n"
         return tail + b"data: [DONE]\n\nevent: nodeprov\ndata: " + note + b"\n\n"

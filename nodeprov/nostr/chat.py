@@ -14,6 +14,7 @@ from nodeprov.nostr.dm_handlers import (
     DmContext,
     balance_of,
     deposit,
+    earlier_outcome,
     missing_msat,
     models_listing,
     payment_request,
@@ -115,8 +116,14 @@ async def handle_plain(
         return "No model is configured for chat here."
     body = {"model": model, "messages": sessions.messages(sender, prompt)}
     prefix = " ".join(notes) + "\n\n" if notes else ""
+    payer, ref = Payer("npub", sender), "dm:" + event_id
+    earlier = await earlier_outcome(ctx, ref, payer) if resumed else None
+    if earlier is not None:  # settled before a restart: reply from it, pay nothing again
+        answer = _answer(earlier.data)
+        balance = earlier.balance_msat or 0
+        return f"{prefix}{answer}\n\n— cost {sats(earlier.charged_msat)}, balance {sats(balance)}"
     try:
-        data, settled = await run_job(ctx, Payer("npub", sender), "/v1/chat/completions", body)
+        data, settled = await run_job(ctx, payer, "/v1/chat/completions", body, ref)
     except (InsufficientBalance, PaymentFailed) as exc:
         inner = exc.error if isinstance(exc, PaymentFailed) else exc
         if not isinstance(inner, InsufficientBalance):

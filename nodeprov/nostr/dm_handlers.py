@@ -2,11 +2,13 @@
 
 Handlers return one reply JSON; the listener splits, stores and sends it. ``resumed`` means
 an earlier run accepted the same event and stopped before replying: nothing is paid twice.
+A job is settled under the reference ``dm:<event id>`` with its answer in the same ledger
+transaction, so a run killed between that settle and the listener's ``done`` record
+replies from the recorded outcome when it resumes (:func:`earlier_outcome`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ from typing import Any
 from nodeprov.config import Config
 from nodeprov.core.money import ceil_div
 from nodeprov.core.payments import Payer, PaymentFailed, Payments, Settled
-from nodeprov.core.pricing import Endpoint, UsageUnavailable
+from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import (
     InsufficientBalance,
     InvalidRequest,
@@ -79,7 +81,7 @@ def account_of(sender: str) -> str:
 async def balance_of(ctx: DmContext, sender: str) -> int:
     """Available msat of the sender's npub account (opened if new)."""
     account_id = await ctx.payments.account_for(Payer("npub", sender))
-    account = await ctx.payments.ledger.account(account_id)
+    account = await ctx.payments.account(account_id)
     return account.available_msat if account is not None else 0
 
 
@@ -109,44 +111,52 @@ def missing_msat(exc: InsufficientBalance) -> int:
     return max(1, required - int(available))
 
 
-def _usage_or_hold(ctx: DmContext, model: str, body: Any, endpoint: Endpoint, usage: Any) -> Any:
-    """The upstream's usage, or (missing/malformed) one that prices to exactly the hold."""
-    try:
-        ctx.payments.pricer.actual_cost(model, usage, endpoint)
-        return usage
-    except UsageUnavailable as exc:
-        log.warning("%s: %s; settling at the hold", model, exc.message)
-        bounds = ctx.payments.pricer.token_bounds(model, body, endpoint)
-        return {
-            "prompt_tokens": bounds.prompt_tokens,
-            "completion_tokens": bounds.completion_tokens,
-        }
-
-
 async def run_job(
-    ctx: DmContext, payer: Payer, path: str, body: Mapping[str, Any]
+    ctx: DmContext, payer: Payer, path: str, body: Mapping[str, Any], ref: str | None = None
 ) -> tuple[dict[str, Any], Settled]:
-    """Hold, call the upstream, settle: the same pipeline as HTTP (no charge on failure)."""
+    """Hold, call the upstream, settle: the same lifecycle as HTTP (no charge on failure).
+
+    With ``ref`` the upstream's answer is kept with the job's outcome, so a resumed DM
+    replies from it (:func:`earlier_outcome`) instead of running and paying again.
+    """
     endpoint, upstream_path = PATHS[path]
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
     body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     route = ctx.upstreams.route(model)
-    charge = await ctx.payments.begin(payer, route.model, body, endpoint)
-    try:
+    async with ctx.payments.job(payer, route.model, body, endpoint, ref=ref) as job:
         response = await ctx.upstreams.send(route, "POST", upstream_path, json=body)
-        data = json.loads(response.content)
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            raise UpstreamError("the upstream sent an unreadable answer") from None
         if not isinstance(data, dict):
             raise UpstreamError("the upstream sent an unreadable answer")
-    except (NodeprovError, ValueError) as exc:
-        error = exc if isinstance(exc, NodeprovError) else UpstreamError("unreadable answer")
-        raise PaymentFailed(error, await charge.cancel()) from None
-    except BaseException:
-        await asyncio.shield(charge.cancel())
-        raise
-    usage = _usage_or_hold(ctx, route.model, body, endpoint, data.get("usage"))
-    return data, await asyncio.shield(charge.settle(usage))
+        settled = await job.settle(data.get("usage"), result=data)
+    return data, settled
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A DM job an interrupted run already settled: its answer, cost, change and balance."""
+
+    data: dict[str, Any]
+    charged_msat: int
+    change: str | None
+    balance_msat: int | None
+
+
+async def earlier_outcome(ctx: DmContext, ref: str, payer: Payer) -> Earlier | None:
+    """The outcome of job ``ref`` if an earlier run settled it (then nothing is paid again)."""
+    outcome = await ctx.payments.outcome(ref)
+    if outcome is None:
+        return None
+    data = outcome.result if isinstance(outcome.result, dict) else {}
+    if payer.kind == "request_token":
+        tokens = await ctx.payments.claim_change(payer.credential)
+        return Earlier(data, outcome.charged_msat, tokens[-1] if tokens else None, None)
+    return Earlier(data, outcome.charged_msat, None, await balance_of(ctx, payer.credential))
 
 
 async def _payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
@@ -161,17 +171,27 @@ async def _payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
 
 
 async def handle_request(
-    ctx: DmContext, sender: str, msg: dm_jobs.JobRequest, resumed: bool
+    ctx: DmContext, sender: str, msg: dm_jobs.JobRequest, event_id: str, resumed: bool
 ) -> str:
     payer = Payer("request_token", msg.cashu) if msg.cashu else Payer("npub", sender)
+    ref = "dm:" + event_id
     try:
+        earlier = await earlier_outcome(ctx, ref, payer) if resumed else None
+        if earlier is not None:
+            return dm_jobs.response_reply(
+                msg.id,
+                earlier.data,
+                earlier.charged_msat,
+                change=earlier.change,
+                balance_msat=earlier.balance_msat,
+            )
         try:
-            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body)
+            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body, ref)
         except TokenAlreadySpent:
             if not (resumed and msg.cashu):
                 raise
             payer = await _payer_for_resumed_token(ctx, msg.cashu)
-            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body)
+            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body, ref)
     except PaymentFailed as exc:
         refund = exc.refund.token if exc.refund else None
         creq = None
@@ -235,7 +255,7 @@ async def handle_json(
     ident = msg.id if not isinstance(msg, PaymentRequestPayload) else (msg.id or "")
     try:
         if isinstance(msg, dm_jobs.JobRequest):
-            return await handle_request(ctx, sender, msg, resumed)
+            return await handle_request(ctx, sender, msg, event_id, resumed)
         if isinstance(msg, dm_jobs.Deposit | PaymentRequestPayload):
             token = (
                 msg.cashu if isinstance(msg, dm_jobs.Deposit) else serialize_token(msg.to_token())

@@ -55,8 +55,8 @@ class AdminNode:
         """A new API key funded with ``sats`` that has paid for ``charges`` chat requests."""
         api_key, _ = await self.core.payments.create_key(await make_token(sats))
         for _ in range(charges):
-            charge = await self.core.payments.begin(Payer("api_key", api_key), TEST_MODEL, CHAT)
-            await charge.settle(USAGE)
+            async with self.core.payments.job(Payer("api_key", api_key), TEST_MODEL, CHAT) as job:
+                await job.settle(USAGE)
         return api_key
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -244,3 +245,74 @@ async def test_melt_survives_kill_at_each_step(
         await core.assert_books_balance()
     finally:
         await core.close()
+
+
+# --- DM jobs: kill -9 between the settle and the "done" record ------------------------
+
+
+@pytest.mark.parametrize("pay", ["npub", "x_cashu", "plain_text"])
+async def test_dm_job_killed_between_settle_and_done_is_charged_once_on_resume(
+    tmp_path: Path, mint: MintHandle, make_token, pay: str
+) -> None:
+    from tests.support.crash_worker import dm_context, dm_reply
+    from tests.support.fake_upstream import FakeUpstream, expected_usage
+    from tests.support.nostr_client import CHAT_MODEL, MODELS, chat_cost
+
+    db = tmp_path / "ledger.sqlite3"
+    sender, event_id = secrets.token_hex(32), secrets.token_hex(32)
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hello node"}]}
+    body["max_tokens"] = 8
+    token = await make_token(30 if pay == "x_cashu" else 40, mint=mint)
+    if pay == "plain_text":
+        text = "hello node"
+    else:
+        msg = {"type": "request", "id": "r1", "endpoint": "/v1/chat/completions", "body": body}
+        if pay == "x_cashu":
+            msg["cashu"] = token
+        text = json.dumps(msg)
+    with FakeUpstream(models=MODELS) as upstream:
+        core, ctx = await dm_context(db, mint.url, upstream.url)
+        if pay != "x_cashu":
+            await core.wallet.receive(token, "npub:" + sender, "npub")
+        await ctx.upstreams.aclose()
+        await core.close()
+
+        worker = Worker([str(db), mint.url, mint.url, "dm", upstream.url, sender, event_id, text])
+        try:
+            worker.go()
+            assert worker.proc.stdout is not None
+            assert await asyncio.to_thread(worker.proc.stdout.readline) == "settled\n"
+            worker.kill()
+        finally:
+            worker.close()
+        assert len(upstream.requests) == 1
+
+        # The next run finds the event accepted but not done, and resumes it.
+        core, ctx = await dm_context(db, mint.url, upstream.url)
+        try:
+            row = await ctx.store.get(event_id)
+            assert row is not None and row.state == "accepted"
+            reply = await dm_reply(ctx, sender, text, event_id, resumed=True)
+            assert len(upstream.requests) == 1  # the job is not run (nor paid) again
+            cost = chat_cost(expected_usage(body if pay != "plain_text" else {
+                "messages": [{"role": "user", "content": text}]}))  # fmt: skip
+            operator = await core.ledger.account("operator")
+            assert operator is not None
+            if pay == "x_cashu":
+                data = json.loads(reply)
+                assert data["type"] == "response" and data["cost_msat"] == cost, data
+                assert await make_token.redeem(data["change"]) == 30 - -(-cost // 1000)
+                assert operator.balance_msat == 1000 * -(-cost // 1000)
+            else:
+                account = await core.ledger.account("npub:" + sender)
+                assert account is not None and account.balance_msat == 40_000 - cost
+                assert operator.balance_msat == cost
+                if pay == "npub":
+                    data = json.loads(reply)
+                    assert data["cost_msat"] == cost and data["balance_msat"] == 40_000 - cost
+                else:
+                    assert "cost" in reply and "(no answer)" not in reply, reply
+            await core.assert_books_balance()
+        finally:
+            await ctx.upstreams.aclose()
+            await core.close()

@@ -105,6 +105,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0004_lightning_funding",
             "0005_key_refunds",
             "0006_payouts",
+            "0007_hold_leases_job_outcomes",
             "0100_nostr_dm_jobs",
             "0100_test_extra",
         ]
@@ -197,19 +198,21 @@ async def test_settle_exactly_the_hold_and_zero(ledger: Ledger) -> None:
     assert await balances(ledger, OPERATOR) == (5_000, 0)
 
 
-async def test_overrun_paid_from_available_balance(ledger: Ledger) -> None:
+async def test_overrun_is_capped_at_the_hold_and_written_off(ledger: Ledger) -> None:
+    """The overrun rule: nobody pays more than the hold it was quoted, whatever its balance."""
     await fund(ledger, "key:o", 10_000)
     hold = await ledger.hold("key:o", 3_000)
-    settled = await ledger.settle(hold, 5_000)
-    assert (settled.charged_msat, settled.written_off_msat) == (5_000, 0)
-    assert await balances(ledger, "key:o") == (5_000, 0)
+    settled = await ledger.settle(hold, 5_000, ref="over")
+    assert (settled.charged_msat, settled.written_off_msat) == (3_000, 2_000)
+    assert await balances(ledger, "key:o") == (7_000, 0)
+    charge = [t for t in await ledger.transactions("key:o") if t["ref"] == "over"]
+    assert [(t["delta_msat"], t["detail"]) for t in charge] == [(-3_000, "writeoff=2000")]
 
 
 async def test_overrun_beyond_balance_is_written_off(ledger: Ledger) -> None:
     await fund(ledger, "key:w", 4_000)
     hold = await ledger.hold("key:w", 3_000)
     other = await ledger.hold("key:w", 1_000)
-    # Available after releasing this hold: 4000 - 1000 (still held by `other`) = 3000.
     settled = await ledger.settle(hold, 5_000, ref="big")
     assert (settled.charged_msat, settled.written_off_msat) == (3_000, 2_000)
     assert await balances(ledger, "key:w") == (1_000, 1_000)
@@ -326,14 +329,16 @@ async def test_insufficient_balance_message(
 # --- stale holds ----------------------------------------------------------------------
 
 
-async def test_release_stale_holds_at_start_releases_all(ledger: Ledger) -> None:
+async def test_release_stale_holds_keeps_live_leases(ledger: Ledger) -> None:
+    """Start-up and the sweeper release only lapsed leases, never a live job's hold."""
     await fund(ledger, "key:s", 10_000)
     for amount in (1_000, 2_000, 3_000):
         await ledger.hold("key:s", amount)
     assert await balances(ledger, "key:s") == (10_000, 6_000)
-    assert await ledger.release_stale_holds() == 3
-    assert await balances(ledger, "key:s") == (10_000, 0)
     assert await ledger.release_stale_holds() == 0
+    assert await balances(ledger, "key:s") == (10_000, 6_000)
+    assert await ledger.release_stale_holds(at=now() + ledger.hold_timeout_seconds + 1) == 3
+    assert await balances(ledger, "key:s") == (10_000, 0)
 
 
 async def test_release_stale_holds_at_time_releases_only_expired(ledger: Ledger) -> None:
@@ -345,7 +350,7 @@ async def test_release_stale_holds_at_time_releases_only_expired(ledger: Ledger)
     assert await ledger.release_stale_holds(at=now()) == 0
     assert await ledger.release_stale_holds(at=now() + 100) == 1
     assert await balances(ledger, "key:t") == (10_000, 2_000)
-    # A job that outlived its hold still settles, as a hold of zero, and only once.
+    # A job whose lease lapsed still settles what it owes from the balance, and only once.
     assert (await ledger.settle(expiring, 500)).charged_msat == 500
     with pytest.raises(LedgerError):
         await ledger.settle(expiring, 500)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -78,16 +78,24 @@ async def build_core(
     mint_timeout: float = 10.0,
     routes: Mapping[str, str] | None = None,
     models: Mapping[str, ModelPrice] | None = None,
+    *,
+    lease_seconds: int = 900,
+    clock: Callable[[], int] | None = None,
+    renew_seconds: float | None = None,
 ) -> Core:
     """The core for ``mints``; ``routes`` sends a mint's traffic through another address.
 
-    ``models`` replaces the default price list (``TEST_MODEL`` only).
+    ``models`` replaces the default price list (``TEST_MODEL`` only). ``lease_seconds``,
+    ``clock`` and ``renew_seconds`` set the holds' lease, the ledger's clock and how often a
+    running job renews its lease (tests move a fake clock instead of waiting).
     """
-    ledger = await open_ledger(path)
+    options = {"clock": clock} if clock is not None else {}
+    ledger = await open_ledger(path, hold_timeout_seconds=lease_seconds, **options)
     transport = Rerouting(routes) if routes else None
     client = httpx.AsyncClient(timeout=mint_timeout, transport=transport)
     wallet = Wallet(ledger, mints, units, client)
     await wallet.start()
     prices = MappingProxyType(dict(models) if models else {TEST_MODEL: TEST_PRICE})
     pricer = Pricer(prices, Fraction(1), None)
-    return Core(ledger, wallet, pricer, Payments(ledger, wallet, pricer), client)
+    payments = Payments(ledger, wallet, pricer, renew_seconds=renew_seconds)
+    return Core(ledger, wallet, pricer, payments, client)

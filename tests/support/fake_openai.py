@@ -56,7 +56,7 @@ REPLY_WORDS = (
 )
 MAX_COMPLETION = len(REPLY_WORDS)  # 16
 _SWITCH = re.compile(
-    r"(fail)-(\d{3})|(slow|drip)-(\d+(?:\.\d+)?)|(drop|stall)-(\d+)|(hang|nousage)"
+    r"(fail)-(\d{3})|(slow|drip)-(\d+(?:\.\d+)?)|(drop|stall|pause)-(\d+)|(hang|nousage|earlyusage)"
 )
 
 
@@ -70,7 +70,9 @@ class Behaviour:
     hang: bool = False
     drop_after: int | None = None
     stall_after: int | None = None
+    pause_after: int | None = None
     usage: bool = True
+    early_usage: bool = False
 
     def with_switches(self, model: str) -> Behaviour:
         """This behaviour overridden by the switches in ``model``."""
@@ -87,6 +89,8 @@ class Behaviour:
                 setattr(b, f"{m[5]}_after", int(m[6]))
             elif m[7] == "hang":
                 b.hang = True
+            elif m[7] == "earlyusage":
+                b.early_usage = True
             else:
                 b.usage = False
         return b

@@ -15,6 +15,9 @@ with switches in its model name, ``+``-separated parts matched whole (``"m+drip-
     hang       never answer (until the server stops)    nousage  no ``usage`` anywhere
     drop-K     stream: cut the connection after K ``data:`` events (no terminating chunk)
     stall-K    stream: after K ``data:`` events send nothing more, keep the connection open
+    pause-K    stream: after K ``data:`` events wait until ``up.resume_paused()``, then go on
+    earlyusage stream: a usage chunk reporting 0 completion tokens right after the role chunk,
+               and no usage chunk at the end (an upstream that reports usage early)
 
 Usage rule (exact, see :func:`expected_usage`): words = ``len(text.split())``.
 chat: prompt_tokens = sum over messages of (3 + words of its text; text parts of a list count,
@@ -47,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from nodeprov.devstack.openai_wire import DONE, completion_body, embeddings_body, models_list
+from nodeprov.devstack.openai_wire import DONE, completion_body, embeddings_body, models_list, sse
 from tests.support.fake_openai import (
     MAX_COMPLETION,
     PNG,
@@ -122,6 +125,7 @@ class FakeUpstream:
         self._stopping: asyncio.Event | None = None
         self._server: uvicorn.Server | None = None
         self._seq = 0
+        self._resume = threading.Event()
         post = ["POST"]
         self.app = Starlette(
             routes=[
@@ -203,6 +207,14 @@ class FakeUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def resume_paused(self) -> None:
+        """Let every stream waiting at its ``pause-K`` switch go on (and later ones pass)."""
+        self._resume.set()
+
+    def arm_pause(self) -> None:
+        """Make the next ``pause-K`` streams wait again (until :meth:`resume_paused`)."""
+        self._resume.clear()
 
     # ------------------------------------------------------------------- plumbing
 
@@ -292,7 +304,15 @@ class FakeUpstream:
         }
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage")) and b.usage
-            events = stream_events(head, chat, words, finish, usage if include else None)
+            if b.early_usage:
+                events = stream_events(head, chat, words, finish, None)
+                early = {**usage, "completion_tokens": 0}
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                events.insert(
+                    1, (False, sse({**head, "object": obj, "choices": [], "usage": early}))
+                )
+            else:
+                events = stream_events(head, chat, words, finish, usage if include else None)
             return StreamingResponse(self._drip(rec, b, events), media_type="text/event-stream")
         out = completion_body(head, chat, " ".join(words), finish, usage if b.usage else None)
         return self._done(rec, JSONResponse(out))
@@ -307,6 +327,10 @@ class FakeUpstream:
                 if sent == b.stall_after:
                     await self._sleep(None)
                     return
+                if sent == b.pause_after:
+                    while not self._resume.is_set():
+                        if await self._sleep(0.01):
+                            return
                 if is_word and b.chunk_delay and await self._sleep(b.chunk_delay):
                     return
                 yield event

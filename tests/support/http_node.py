@@ -54,6 +54,8 @@ SWITCHES = (
     "drip-0.05",
     "stall-3",
     "stall-1",
+    "pause-2",
+    "earlyusage+drop-6",
 )
 BASE_MODELS = ("fake-chat", "fake-embed", "fake-image", "fake-whisper", "fake-tts")
 MODELS = (*BASE_MODELS, *(f"fake-chat+{s}" for s in SWITCHES))
@@ -119,8 +121,12 @@ async def start_node(
     *,
     upstream_timeout: Decimal = Decimal(2),
     cors: tuple[str, ...] = ("https://app.example",),
+    **core_options: Any,
 ) -> Node:
-    core = await build_core(tmp_path / "ledger.sqlite3", mints, models={m: PRICE for m in MODELS})
+    """The node; ``core_options`` go to :func:`tests.support.core.build_core` (lease, clock)."""
+    core = await build_core(
+        tmp_path / "ledger.sqlite3", mints, models={m: PRICE for m in MODELS}, **core_options
+    )
     config = Config(
         node=NodeSection(name="test-node", http_url="http://127.0.0.1"),
         http=HttpSection(cors_origins=cors, max_body_bytes=MAX_BODY),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
 from fractions import Fraction
@@ -23,7 +24,7 @@ from nodeprov.core.pricing import (
     Pricer,
     UsageUnavailable,
 )
-from nodeprov.errors import InvalidRequest, PriceUnavailable, UnknownModel
+from nodeprov.errors import ContextLengthExceeded, InvalidRequest, PriceUnavailable, UnknownModel
 
 CLIENT = httpx.AsyncClient()  # never used: no sources are configured in these tests
 
@@ -144,16 +145,29 @@ def test_chat_hold_exact_value() -> None:
     assert_ints(cost)
 
 
-def test_output_bound_without_max_tokens() -> None:
+def test_output_bound_without_max_tokens_is_not_shrunk_by_the_prompt_bound() -> None:
+    """Bytes overestimate a prompt's tokens: the room left for output is not bounded by them."""
     p = pricer()
     assert p.token_bounds("small", chat("x")).completion_tokens == 1024
-    # a prompt filling the context still bounds at least one output token
-    full = p.token_bounds("small", chat("x" * 10_000))
-    assert full.prompt_tokens == 4096
-    assert full.completion_tokens == 1
-    # in between: the rest of the context
-    mid = p.token_bounds("small", chat("x" * 3500))
-    assert mid.completion_tokens == 4096 - mid.prompt_tokens
+    near = p.token_bounds("small", chat("x " * 2000))  # 4000 bytes, far fewer real tokens
+    assert near.prompt_tokens <= 4096
+    assert near.completion_tokens == 1024
+
+
+def test_prompt_larger_than_the_context_is_refused() -> None:
+    p = pricer()
+    for body in (chat("x" * 10_000), chat("x" * 4100, max_tokens=5)):
+        with pytest.raises(ContextLengthExceeded) as info:
+            p.max_cost("small", body)
+        assert info.value.status == 400
+        assert info.value.to_openai()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(ContextLengthExceeded):
+        p.max_cost("small", {"prompt": ["ok", "y" * 5000]}, "completions")
+    with pytest.raises(ContextLengthExceeded):
+        p.max_cost("small", {"input": "z" * 5000}, "embeddings")
+    # a token-id array counts exactly its length, not its digits
+    ids = {"prompt": [12345] * 2000, "max_tokens": 5}
+    assert p.token_bounds("small", ids, "completions").prompt_tokens == 2000 + 8
 
 
 def test_n_multiplies_output_not_prompt() -> None:
@@ -352,7 +366,11 @@ def test_listings_are_ints_and_decimals() -> None:
     worst = Fraction(11, 10) * (7 + Fraction(1_500_001 * 4096 + 3_333_333 * 1024, 10**6))
     assert sats["max_cost"] == math.ceil(worst / 1000)
     # max_cost covers the largest possible hold of one chat request
-    hold = p.max_cost("small", chat("x" * 10_000, max_tokens=1024))
+    unsized = [{"type": "file", "file": {"file_id": "file-abc"}}]  # bounded by the context
+    hold = p.max_cost("small", {"messages": [{"role": "user", "content": unsized}]})
+    assert hold == p.max_cost(
+        "small", {**chat(), "messages": [{"role": "user", "content": unsized}], "max_tokens": 1024}
+    )
     assert hold.total_msat <= sats["max_cost"] * 1000
 
 
@@ -450,9 +468,15 @@ def test_actual_never_exceeds_hold_within_bounds(
             p.max_cost("m", {**body, "max_tokens": max_tokens})
         return
     body["max_tokens"] = max_tokens
-    hold = p.max_cost("m", body)
-    bounds = p.token_bounds("m", body)
     texts_bytes = sum(len(text.encode()) for m in msgs for text in message_texts(m))
+    try:
+        hold = p.max_cost("m", body)
+    except ContextLengthExceeded:
+        # refused only when the text really is that big (JSON holds every string it counts)
+        json_bytes = len(json.dumps(msgs, ensure_ascii=False).encode())
+        assert json_bytes + 8 * (len(msgs) + 1) > price.context_tokens
+        return
+    bounds = p.token_bounds("m", body)
     assert bounds.prompt_tokens >= min(texts_bytes, price.context_tokens)
     assert bounds.prompt_tokens <= price.context_tokens
     if max_tokens is not None:

@@ -1,0 +1,290 @@
+"""The one charge lifecycle every paid endpoint enters: hold -> run -> settle or cancel -> change.
+
+    async with payments.job(payer, model, body, endpoint, ref=ref) as job:
+        answer = await upstream(...)                  # may raise: nothing is charged
+        settled = await job.settle(answer["usage"])   # actual cost, change, balance
+
+The rules, all here and nowhere else:
+
+- **Hold.** Entering holds the most the job can cost (:meth:`Pricer.max_cost`); a bad request
+  (including a prompt larger than the model's context) is refused before anything is held.
+- **Lease.** While the job runs, a background task renews the hold's lease every third of
+  ``ledger.hold_timeout_seconds``, so the sweeper never releases a live job's hold.
+- **Settle.** The cost comes from the upstream's ``usage``. Unreadable usage: the hold, the
+  most the payer agreed to. Streams count their output with :meth:`Job.output`; a stream
+  that ended early (``complete=False``) is charged ``max(cost of reported usage, cost of what
+  was produced)`` (prompt as reported, else its bound, plus one token per content chunk),
+  and nothing if it produced nothing. No payer is charged above its hold (the ledger's
+  overrun rule).
+- **Cancel.** An error inside the block cancels: nothing is charged and a per-request token
+  comes back whole (minus mint fees) as change; a :class:`NodeprovError` is re-raised as
+  :class:`PaymentFailed` carrying that refund. Leaving the block without settling also
+  cancels. Cancelling and settling are shielded from the caller's cancellation.
+- **Reference.** With ``ref`` (``dm:<event id>``) the settle records the job's outcome (cost,
+  and the ``result`` the caller keeps with it) in the same transaction, and a second settle
+  with that ref charges nothing: a resumed job reads :meth:`Payments.outcome` instead.
+  Entering a job with a ref first releases holds an interrupted run of it left.
+- **Hand-over.** A streamed answer outlives the request handler: :meth:`Job.hand_over` makes
+  the block's end leave the job open; the new owner must settle or cancel it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable
+from nodeprov.errors import NodeprovError, PriceUnavailable
+
+if TYPE_CHECKING:
+    from nodeprov.core.ledger import Hold, Ledger
+    from nodeprov.core.wallet import Sent
+
+logger = logging.getLogger(__name__)
+
+STREAMED: tuple[Endpoint, ...] = ("chat", "completions")
+
+PayerKind = Literal["api_key", "token_key", "request_token", "npub"]
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Who pays for a job, and with what credential (an API key, a token, or a pubkey)."""
+
+    kind: PayerKind
+    credential: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a finished job cost and what the payer gets back."""
+
+    cost: Cost
+    charged_msat: int
+    change: Sent | None
+    balance_msat: int | None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A settled job as recorded under its reference."""
+
+    ref: str
+    charged_msat: int
+    cost: Cost
+    result: Any
+
+
+class PaymentFailed(NodeprovError):
+    """Wraps an error raised after money was taken, carrying the refund token for the client."""
+
+    def __init__(self, error: NodeprovError, refund: Sent | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.refund = refund
+        self.status = error.status  # type: ignore[misc]
+        self.type = error.type  # type: ignore[misc]
+        self.code = error.code  # type: ignore[misc]
+
+
+class Charge(Protocol):
+    """What the lifecycle needs of an authorized job's hold (``payments.Charge``)."""
+
+    hold: Hold
+    max_cost: Cost
+    closed: bool
+
+    async def cancel(self) -> Sent | None: ...
+
+
+class Pipeline(Protocol):
+    """What the lifecycle needs of :class:`nodeprov.core.payments.Payments`."""
+
+    ledger: Ledger
+    pricer: Pricer
+    renew_seconds: float | None
+
+    async def begin(
+        self,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        endpoint: Endpoint = ...,
+        ref: str | None = ...,
+    ) -> Charge: ...
+
+    async def _settle(
+        self, charge: Any, cost: Cost, *, ref: str | None = ..., result: Any = ...
+    ) -> Settled: ...
+
+
+class Job:
+    """One paid job; use as ``async with payments.job(...) as job``."""
+
+    def __init__(
+        self,
+        payments: Pipeline,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        endpoint: Endpoint,
+        ref: str | None,
+    ) -> None:
+        self.payments = payments
+        self.payer = payer
+        self.model = model
+        self.body = body
+        self.endpoint = endpoint
+        self.ref = ref
+        self.produced = 0
+        self._charge: Charge | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._handed_over = False
+
+    # --- the block ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Job:
+        if self._charge is None:
+            if self.ref is not None:
+                released = await self.payments.ledger.release_ref(self.ref)
+                if released:
+                    logger.info("job %s resumed: released %d earlier holds", self.ref, released)
+            self._charge = await self.payments.begin(
+                self.payer, self.model, self.body, self.endpoint, self.ref
+            )
+            self._renewer = asyncio.create_task(self._renew())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None and self._handed_over:
+            return
+        refund = await self.cancel()
+        if isinstance(exc, NodeprovError) and not isinstance(exc, PaymentFailed):
+            raise PaymentFailed(exc, refund) from exc
+
+    def hand_over(self) -> Job:
+        """Keep the job open past the block (a stream); the caller must settle or cancel it."""
+        self._handed_over = True
+        return self
+
+    @property
+    def max_cost(self) -> Cost:
+        """The hold: the most this job can cost."""
+        return self._open().max_cost
+
+    def output(self, chunks: int = 1) -> None:
+        """Count content-bearing stream chunks (one output token each, at least)."""
+        self.produced += chunks
+
+    # --- closing -----------------------------------------------------------------
+
+    async def settle(self, usage: Any, *, complete: bool = True, result: Any = None) -> Settled:
+        """Charge by the rules above; ``result`` (JSON) is kept with the ``ref``'s outcome."""
+        charge = self._open()
+        cost = self._cost(charge, usage, complete)
+        if cost is None:
+            return Settled(Cost(0), 0, await self.cancel(), None)
+        self._stop_renewing()
+        return await asyncio.shield(
+            self.payments._settle(charge, cost, ref=self.ref, result=result)
+        )
+
+    async def cancel(self) -> Sent | None:
+        """Charge nothing; a per-request token comes back whole. Safe to call twice."""
+        self._stop_renewing()
+        if self._charge is None or self._charge.closed:
+            return None
+        return await asyncio.shield(self._charge.cancel())
+
+    def _open(self) -> Charge:
+        if self._charge is None:
+            raise RuntimeError("the job was not entered (use `async with payments.job(...)`)")
+        return self._charge
+
+    # --- the cost rules ----------------------------------------------------------
+
+    def _cost(self, charge: Charge, usage: Any, complete: bool) -> Cost | None:
+        """The cost to charge; None when nothing is owed (a stream that produced nothing)."""
+        if not complete and not self.produced:
+            return None
+        pricer = self.payments.pricer
+        try:
+            reported: Cost | None = pricer.actual_cost(self.model, usage, self.endpoint)
+        except (UsageUnavailable, PriceUnavailable) as exc:
+            reported = None
+            if complete:
+                logger.warning("%s: %s; settling at the hold", self.model, exc.message)
+                return charge.max_cost
+        made = self._produced_cost(charge, usage) if self.endpoint in STREAMED else None
+        costs = [c for c in (reported, made) if c is not None]
+        if not costs:
+            return charge.max_cost
+        return max(costs, key=lambda c: c.total_msat)
+
+    def _produced_cost(self, charge: Charge, usage: Any) -> Cost | None:
+        """Prompt (as reported, else its bound) plus one token per content chunk seen."""
+        if not self.produced:
+            return None
+        pricer = self.payments.pricer
+        bounds = pricer.token_bounds(self.model, self.body, self.endpoint)
+        prompt = bounds.prompt_tokens
+        if isinstance(usage, Mapping):
+            for key in ("prompt_tokens", "input_tokens"):
+                value = usage.get(key)
+                if type(value) is int and value >= 0:
+                    prompt = value
+                    break
+        produced = {
+            "prompt_tokens": prompt,
+            "completion_tokens": min(self.produced, bounds.completion_tokens),
+        }
+        try:
+            return pricer.actual_cost(self.model, produced, self.endpoint)
+        except PriceUnavailable:
+            return charge.max_cost
+
+    # --- the lease ---------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        """Renew the hold's lease until the job closes (a crashed process stops renewing)."""
+        charge = self._open()
+        ledger = self.payments.ledger
+        every = self.payments.renew_seconds or ledger.hold_timeout_seconds / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if not await ledger.renew(charge.hold):
+                    logger.warning("hold %d lapsed and cannot reserve again", charge.hold.id)
+            except Exception:
+                logger.exception("renewing hold %d failed; retrying", charge.hold.id)
+
+    def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+
+def encode_result(result: Any) -> str | None:
+    """The JSON kept with an outcome (None when there is nothing to keep)."""
+    if result is None:
+        return None
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_result(text: str | None) -> Any:
+    if text is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return json.loads(text)
+    return None
