@@ -316,3 +316,64 @@ async def test_dm_job_killed_between_settle_and_done_is_charged_once_on_resume(
         finally:
             await ctx.upstreams.aclose()
             await core.close()
+
+
+@pytest.mark.parametrize("pay", ["npub", "x_cashu"])
+async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_lease(
+    tmp_path: Path, mint: MintHandle, make_token, pay: str
+) -> None:
+    """The dead run's hold is still within its lease; the resumed job releases it, pays once."""
+    from tests.support.crash_worker import dm_context, dm_reply
+    from tests.support.fake_upstream import FakeUpstream, expected_usage
+    from tests.support.nostr_client import MODELS, SLOW_MODEL, chat_cost
+
+    db = tmp_path / "ledger.sqlite3"
+    sender, event_id = secrets.token_hex(32), secrets.token_hex(32)
+    body = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    msg = {"type": "request", "id": "r1", "endpoint": "/v1/chat/completions", "body": body}
+    token = await make_token(2, mint=mint)  # enough for one hold, not for two
+    if pay == "x_cashu":
+        msg["cashu"] = token
+    text = json.dumps(msg)
+    with FakeUpstream(models=MODELS) as upstream:
+        core, ctx = await dm_context(db, mint.url, upstream.url)
+        assert 1000 < core.pricer.max_cost(SLOW_MODEL, body).total_msat <= 2000 // 2 + 1000
+        if pay == "npub":
+            await core.wallet.receive(token, "npub:" + sender, "npub")
+        await ctx.upstreams.aclose()
+        await core.close()
+
+        worker = Worker([str(db), mint.url, mint.url, "dm", upstream.url, sender, event_id, text])
+        try:
+            worker.go()
+            wait_until(lambda: open_holds(db) == 1)  # held; the upstream call is under way
+            worker.kill()
+        finally:
+            worker.close()
+
+        core, ctx = await dm_context(db, mint.url, upstream.url)
+        try:
+            assert open_holds(db) == 1  # its lease has not lapsed
+            data = json.loads(await dm_reply(ctx, sender, text, event_id, resumed=True))
+            assert data["type"] == "response", data
+            cost = chat_cost(expected_usage(body))
+            assert data["cost_msat"] == cost
+            assert open_holds(db) == 0
+            operator = await core.ledger.account("operator")
+            assert operator is not None
+            if pay == "npub":
+                assert data["balance_msat"] == 2_000 - cost
+                assert operator.balance_msat == cost
+            else:
+                change = 2 - -(-cost // 1000)  # 0 here: the whole token pays
+                assert data["change"] is None and change == 0
+                assert operator.balance_msat == 2_000
+            await core.assert_books_balance()
+        finally:
+            await ctx.upstreams.aclose()
+            await core.close()
+
+
+def open_holds(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0])
