@@ -146,6 +146,7 @@ class Job:
         self._charge: Charge | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._handed_over = False
+        self._settling = False  # a settle has started: a cancel must not undo it
 
     # --- the block ---------------------------------------------------------------
 
@@ -196,6 +197,7 @@ class Job:
         if cost is None:
             return Settled(Cost(0), 0, await self.cancel(), None)
         self._stop_renewing()
+        self._settling = True
         return await asyncio.shield(
             self.payments._settle(charge, cost, ref=self.ref, result=result)
         )
@@ -203,7 +205,7 @@ class Job:
     async def cancel(self) -> Sent | None:
         """Charge nothing; a per-request token comes back whole. Safe to call twice."""
         self._stop_renewing()
-        if self._charge is None or self._charge.closed:
+        if self._charge is None or self._charge.closed or self._settling:
             return None
         return await asyncio.shield(self._charge.cancel())
 
