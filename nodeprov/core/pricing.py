@@ -61,6 +61,8 @@ TOOLS_OVERHEAD_TOKENS = 1024
 # allowance is above what common vision models charge per image.
 IMAGE_PART_TOKENS = 8192
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# A prompt's text is refused when it exceeds the context at this many bytes a token.
+BYTES_PER_TOKEN_ESTIMATE = 4
 # Content we cannot size (a file by id): the bound is the whole context window.
 _UNBOUNDED = 1 << 62
 # OpenAI's own limit for n; also keeps a hold from being multiplied without bound.
@@ -160,10 +162,11 @@ class Pricer:
         """The token bounds :meth:`max_cost` charges for (chat, completions, embeddings).
 
         A prompt is measured by its text's UTF-8 bytes (no tokenizer yields more tokens than
-        bytes); one whose text alone exceeds the model's ``context_tokens`` is refused with
-        :class:`ContextLengthExceeded`. Images and files by id get allowances and are bounded
-        by the context. The output bound is ``max_tokens`` (else the model's
-        ``max_output_tokens``): it is not shrunk by the prompt's bound, which overestimates.
+        bytes); one whose text clearly exceeds the model's ``context_tokens`` (see
+        :func:`_check_context`) is refused with :class:`ContextLengthExceeded`. Images and
+        files by id get allowances and are bounded by the context. The output bound is
+        ``max_tokens`` (else the model's ``max_output_tokens``): it is not shrunk by the
+        prompt's bound, which overestimates.
         """
         price = self.price(model)
         body = _require_mapping(body)
@@ -445,12 +448,19 @@ def _item_sizes(item: Any, overhead: int) -> tuple[int, int]:
 
 
 def _check_context(sizes: list[tuple[int, int]], context: int) -> None:
-    """Refuse a prompt whose text alone is larger than the model's context window."""
+    """Refuse a prompt whose text is clearly larger than the model's context window.
+
+    Clearly: its text at :data:`BYTES_PER_TOKEN_ESTIMATE` bytes a token, a rate that English
+    reaches and most other text stays under (so the estimate errs low). Refusing by the
+    byte bound itself would leave a user a quarter of the context; a prompt that passes this
+    check but does not fit is refused by the upstream, which charges nothing.
+    """
     largest = max(text for text, _ in sizes)
-    if largest > context:
+    estimate = -(-largest // BYTES_PER_TOKEN_ESTIMATE)
+    if estimate > context:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens; the prompt counts as "
-            f"{largest} (each UTF-8 byte of its text may be a token). Shorten the prompt."
+            f"This model's maximum context length is {context} tokens; the prompt is about "
+            f"{estimate} tokens ({largest} bytes of text). Shorten the prompt."
         )
 
 

@@ -156,18 +156,26 @@ def test_output_bound_without_max_tokens_is_not_shrunk_by_the_prompt_bound() -> 
 
 def test_prompt_larger_than_the_context_is_refused() -> None:
     p = pricer()
-    for body in (chat("x" * 10_000), chat("x" * 4100, max_tokens=5)):
+    for body in (chat("word " * 4_000), chat("x" * 16_400, max_tokens=5)):
         with pytest.raises(ContextLengthExceeded) as info:
             p.max_cost("small", body)
         assert info.value.status == 400
         assert info.value.to_openai()["error"]["code"] == "context_length_exceeded"
     with pytest.raises(ContextLengthExceeded):
-        p.max_cost("small", {"prompt": ["ok", "y" * 5000]}, "completions")
+        p.max_cost("small", {"prompt": ["ok", "y" * 16_500]}, "completions")
     with pytest.raises(ContextLengthExceeded):
-        p.max_cost("small", {"input": "z" * 5000}, "embeddings")
+        p.max_cost("small", {"input": "z" * 16_500}, "embeddings")
     # a token-id array counts exactly its length, not its digits
     ids = {"prompt": [12345] * 2000, "max_tokens": 5}
     assert p.token_bounds("small", ids, "completions").prompt_tokens == 2000 + 8
+
+
+def test_a_prompt_that_fits_in_tokens_is_not_refused_for_its_bytes() -> None:
+    """About 3,000 tokens of English (12,000 bytes) fit a 4,096-token context: no refusal,
+    and the hold's prompt bound stays capped at the context."""
+    p = pricer()
+    bounds = p.token_bounds("small", chat("word " * 2_400))
+    assert bounds.prompt_tokens == 4096
 
 
 def test_n_multiplies_output_not_prompt() -> None:
