@@ -104,7 +104,7 @@ class WalletSection:
 
 @dataclass(frozen=True)
 class LedgerSection:
-    hold_timeout_seconds: int = 900
+    hold_timeout_seconds: int = 120
 
 
 @dataclass(frozen=True)
@@ -525,11 +525,6 @@ def _validate_upstreams(config: Config, require_upstream: bool) -> None:
             if alias in config.models or aliases.get(alias, target) != target:
                 raise ConfigError(f"{where}.aliases.{alias}: {alias!r} already names a model")
             aliases[alias] = target
-        if up.timeout_seconds > config.ledger.hold_timeout_seconds:
-            raise ConfigError(
-                f"{where}.timeout_seconds: {up.timeout_seconds} is longer than"
-                f" ledger.hold_timeout_seconds {config.ledger.hold_timeout_seconds}"
-            )
     default = config.nostr.default_model
     if default and default not in config.models and default not in aliases:
         raise ConfigError(f"nostr.default_model: {default!r} is not a priced model or alias")
