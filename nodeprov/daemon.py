@@ -196,14 +196,14 @@ async def books(ledger: Ledger) -> Books:
         "WHERE id != ? GROUP BY kind ORDER BY kind",
         (OPERATOR,),
     )
-    holds = await ledger.db.fetchone("SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM holds")
+    holds, held_msat = await ledger.open_holds()
     pending = await ledger.db.fetchone("SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'")
     operator = await ledger.account(OPERATOR)
     return Books(
         accounts={row[0]: int(row[1]) for row in kinds},
         users_msat=sum(int(row[2]) for row in kinds),
-        held_msat=int(holds[1]) if holds else 0,
-        holds=int(holds[0]) if holds else 0,
+        held_msat=held_msat,
+        holds=holds,
         operator_msat=operator.balance_msat if operator else 0,
         pending_ops=int(pending[0]) if pending else 0,
     )

@@ -34,16 +34,14 @@ Probe = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 
 async def ledger_gauges(ledger: Ledger) -> dict[str, tuple[str, float]]:
     """Gauges read from the books at scrape time."""
-    holds = await ledger.db.fetchone(
-        "SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM holds WHERE state = 'open'"
-    )
+    holds = await ledger.open_holds()
     users = await ledger.db.fetchone(
         "SELECT COALESCE(SUM(balance_msat), 0) FROM accounts WHERE id != ?", (OPERATOR,)
     )
     operator = await ledger.account(OPERATOR)
     return {
-        "nodeprov_open_holds": ("Jobs holding funds right now.", holds[0] if holds else 0),
-        "nodeprov_open_holds_msat": ("Msat reserved by open holds.", holds[1] if holds else 0),
+        "nodeprov_open_holds": ("Jobs holding funds right now.", holds[0]),
+        "nodeprov_open_holds_msat": ("Msat reserved by open holds.", holds[1]),
         "nodeprov_held_for_users_msat": ("Msat owed to users.", users[0] if users else 0),
         "nodeprov_operator_earnings_msat": (
             "Operator earnings not yet paid out.",

@@ -325,6 +325,13 @@ class Ledger:
         """Close ``hold`` without charging anything."""
         await self.db.transact(partial(holds.release, hold_id=hold.id))
 
+    async def open_holds(self) -> tuple[int, int]:
+        """How many holds running jobs have open, and the msat they reserve (lapsed ones aside)."""
+        row = await self.db.fetchone(
+            "SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM holds WHERE state = 'open'"
+        )
+        return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+
     async def release_stale_holds(self, at: int | None = None) -> int:
         """Release the holds whose lease lapsed by ``at`` (default: now); live ones stay."""
         when = self.clock() if at is None else at

@@ -28,6 +28,7 @@ from nodeprov.core.ledger import (
     now,
     open_ledger,
 )
+from nodeprov.daemon import books
 from nodeprov.errors import AccountExpired, InsufficientBalance, LedgerError, Unauthorized
 from nodeprov.protocol.cashu_token import Proof
 
@@ -339,6 +340,17 @@ async def test_release_stale_holds_keeps_live_leases(ledger: Ledger) -> None:
     assert await balances(ledger, "key:s") == (10_000, 6_000)
     assert await ledger.release_stale_holds(at=now() + ledger.hold_timeout_seconds + 1) == 3
     assert await balances(ledger, "key:s") == (10_000, 0)
+
+
+async def test_books_count_only_the_holds_of_running_jobs(ledger: Ledger) -> None:
+    """A lapsed hold stays settleable for a while but reserves nothing: the books leave it out."""
+    await fund(ledger, "key:b", 10_000)
+    await ledger.hold("key:b", 1_000)
+    await ledger.hold("key:b", 2_000)
+    assert await ledger.open_holds() == (2, 3_000)
+    await ledger.release_stale_holds(at=now() + ledger.hold_timeout_seconds + 1)
+    totals = await books(ledger)
+    assert (totals.holds, totals.held_msat) == (0, 0)
 
 
 async def test_release_stale_holds_at_time_releases_only_expired(ledger: Ledger) -> None:
