@@ -107,7 +107,7 @@ class PayingClient:
         mint, unit = await self.wallet.pick_pool(need_msat, mints, units)
         value = from_msat_ceil(need_msat, unit)
         sent = await self.wallet.pay(value, mint, unit, ref=self.provider.base_url)
-        fee = await self.wallet.input_fee(mint, parse_token(sent.token).proofs)
+        fee = self.wallet.input_fee(mint, parse_token(sent.token).proofs)
         return Payment(sent.token, mint, unit, sent.amount, to_msat(sent.amount - fee, unit), None)
 
     async def pay_quote(self, quote_msat: int) -> Payment:

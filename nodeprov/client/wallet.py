@@ -244,7 +244,7 @@ class ClientWallet(Wallet):
                 ACCOUNT, to_msat(target, unit), mint_url=mint_url, unit=unit, kind="payment",
                 ref=ref,
             )  # fmt: skip
-            fee = await self.input_fee(mint_url, parse_token(sent.token).proofs)
+            fee = self.input_fee(mint_url, parse_token(sent.token).proofs)
             if sent.amount - fee >= value:
                 return sent
             await self.receive_token(sent.token, ref="resize")

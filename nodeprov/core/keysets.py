@@ -54,7 +54,8 @@ class MintKeysets:
             )
         self._loaded_at = time.monotonic()
 
-    def _find(self, keyset_id: str) -> Keyset | None:
+    def find(self, keyset_id: str) -> Keyset | None:
+        """The keyset with this full or short id if it is loaded (never asks the mint)."""
         if keyset_id in self._known:
             return self._known[keyset_id]
         if len(keyset_id) >= SHORT_ID_HEX:  # V4 tokens carry a v2 keyset id's short form
@@ -65,10 +66,10 @@ class MintKeysets:
 
     async def get(self, keyset_id: str) -> Keyset:
         """The keyset with this full or short id; reloads once if it is not known yet."""
-        keyset = self._find(keyset_id)
+        keyset = self.find(keyset_id)
         if keyset is None and self._may_reload():
             await self.load()
-            keyset = self._find(keyset_id)
+            keyset = self.find(keyset_id)
         if keyset is None:
             raise InvalidToken(f"unknown keyset {keyset_id} at {self.api.url}")
         return keyset

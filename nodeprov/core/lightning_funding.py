@@ -269,11 +269,12 @@ class LightningFunding:
 
     async def _finish(self, op_id: int, signatures: Sequence[Any]) -> None:
         """Store the minted proofs and credit the account, once (one transaction)."""
+        await self.wallet.load_output_keyset(op_id)
         async with self.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
                 return
-            keyset = await self.wallet.keyset(op.mint_url, op.outputs[0].keyset_id)
+            keyset = self.wallet.known_keyset(op.mint_url, op.outputs[0].keyset_id)
             proofs = self.wallet.unblind_signatures(keyset, op.outputs, signatures)
             await journal.store_proofs(conn, op.mint_url, op.unit, proofs, "unspent", op.id)
             value_msat = to_msat(sum(p.amount for p in proofs), UNIT)

@@ -84,7 +84,7 @@ class Melter:
         """Pay a quote from ``account_id``: journal, melt, then settle the change."""
         mint_url, unit_, amount, reserve = quote.mint_url, quote.unit, quote.amount, quote.reserve
         api = self.wallet.api(mint_url)
-        keyset = await self.wallet.active_keyset(mint_url, unit_)
+        keyset = await self.wallet.pool_keysets(mint_url, unit_)
         async with self.db.write() as conn:
             # The account's own balance is checked first: that is the error a user can act on.
             await debit(conn, account_id, to_msat(amount + reserve, unit_), "payout", ref)
@@ -95,7 +95,7 @@ class Melter:
                 if chosen is None:
                     raise MintError(f"the node holds less than {amount + reserve} {unit_}")
                 proofs = await journal.take_proofs(conn, mint_url, unit_, chosen)
-                new_fee = await self.wallet.input_fee(mint_url, proofs)
+                new_fee = self.wallet.input_fee(mint_url, proofs)
                 if new_fee == fee:
                     break
                 fee = new_fee
@@ -136,12 +136,13 @@ class Melter:
 
     async def _finish(self, op_id: int, change: list[dict[str, Any]]) -> int:
         """Store the change, credit back the unused reserve; returns what the melt cost."""
+        await self.wallet.load_output_keyset(op_id)
         async with self.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
                 return 0
             unit = check_unit(op.unit)
-            keyset = await self.wallet.keyset(op.mint_url, op.outputs[0].keyset_id)
+            keyset = self.wallet.known_keyset(op.mint_url, op.outputs[0].keyset_id)
             proofs = self.wallet.unblind_signatures(keyset, op.outputs[: len(change)], change)
             await journal.set_proof_state(conn, [p.secret for p in op.inputs], "spent", op.id)
             await journal.store_proofs(conn, op.mint_url, op.unit, proofs, "unspent", op.id)

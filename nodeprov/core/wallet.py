@@ -131,6 +131,35 @@ class Wallet:
     async def active_keyset(self, mint_url: str, unit: str) -> Keyset:
         return await self._keysets[mint_url].active(unit)
 
+    def known_keyset(self, mint_url: str, keyset_id: str) -> Keyset:
+        """A keyset already loaded; never asks the mint, so it is safe inside a ledger write."""
+        keyset = self._keysets[mint_url].find(keyset_id)
+        if keyset is None:
+            raise MintUnavailable(f"keyset {keyset_id} of {mint_url} is not loaded yet")
+        return keyset
+
+    async def pool_keysets(self, mint_url: str, unit: str) -> Keyset:
+        """Load the keysets of a pool's proofs now; returns the active keyset for outputs.
+
+        Called before a write transaction that picks proofs from the pool, so that the
+        input fee is computed from loaded keysets: no mint round trip holds the writer.
+        """
+        active = await self.active_keyset(mint_url, unit)
+        rows = await self.ledger.db.fetchall(
+            "SELECT DISTINCT keyset_id FROM proofs WHERE mint_url = ? AND unit = ? "
+            "AND state = 'unspent'",
+            (mint_url, unit),
+        )
+        for row in rows:
+            await self.keyset(mint_url, str(row[0]))
+        return active
+
+    async def load_output_keyset(self, op_id: int) -> None:
+        """Load the keyset of an op's outputs before a write transaction unblinds them."""
+        op = await self.op(op_id)
+        if op.outputs:
+            await self.keyset(op.mint_url, op.outputs[0].keyset_id)
+
     def make_outputs(self, keyset: Keyset, amounts: list[int], role: str) -> list[BlindedOutput]:
         outputs = []
         for amount in amounts:
@@ -242,11 +271,12 @@ class Wallet:
         return inputs, ceil_div(fee_ppk, 1000)
 
     async def _finish_receive(self, op_id: int, signatures: Sequence[Any]) -> None:
+        await self.load_output_keyset(op_id)
         async with self.ledger.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
                 return
-            keyset = await self.keyset(op.mint_url, op.outputs[0].keyset_id)
+            keyset = self.known_keyset(op.mint_url, op.outputs[0].keyset_id)
             proofs = self.unblind_signatures(keyset, op.outputs, signatures)
             await journal.store_proofs(conn, op.mint_url, op.unit, proofs, "unspent", op.id)
             await journal.set_op_state(conn, op.id, "done")
@@ -284,6 +314,7 @@ class Wallet:
         if value <= 0:
             raise TokenTooSmall(f"{amount_msat} msat is less than one {unit_}")
         debit_msat = to_msat(value, unit_)
+        keyset = await self.pool_keysets(mint_url, unit_)
         async with self.ledger.db.write() as conn:
             await debit(conn, account_id, debit_msat, kind, ref)
             counts = await journal.pool_counts(conn, mint_url, unit_)
@@ -302,10 +333,9 @@ class Wallet:
                 await journal.set_proof_state(conn, [p.secret for p in proofs], "sent", op_id)
                 await add_asset(conn, mint_url, unit_, -debit_msat)
                 return Sent(token, value, unit_, mint_url, 0, debit_msat)
-            fee = await self.input_fee(mint_url, proofs)
+            fee = self.input_fee(mint_url, proofs)
             if value - fee <= 0:
                 raise TokenTooSmall(f"the mint's fee of {fee} {unit_} exceeds {value} {unit_}")
-            keyset = await self.active_keyset(mint_url, unit_)
             total = sum(p.amount for p in proofs)
             outputs = self.make_outputs(keyset, complete_split(value - fee), "send")
             outputs += self.make_outputs(keyset, complete_split(total - value), "keep")
@@ -349,19 +379,19 @@ class Wallet:
                 return row["mint_url"], check_unit(row["unit"])
         raise MintError("no single mint holds enough to pay this amount out")
 
-    async def input_fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
-        ppk = 0
-        for proof in proofs:
-            ppk += (await self.keyset(mint_url, proof.keyset_id)).fee_ppk
+    def input_fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
+        """The mint's input fee for spending ``proofs`` (their keysets must be loaded)."""
+        ppk = sum(self.known_keyset(mint_url, p.keyset_id).fee_ppk for p in proofs)
         return ceil_div(ppk, 1000)
 
     async def _finish_send(self, op_id: int, signatures: Sequence[Any], *, deliver: bool) -> None:
         """Store a swap's outputs; undelivered sends (recovery) go back to the account."""
+        await self.load_output_keyset(op_id)
         async with self.ledger.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
                 return
-            keyset = await self.keyset(op.mint_url, op.outputs[0].keyset_id)
+            keyset = self.known_keyset(op.mint_url, op.outputs[0].keyset_id)
             proofs = self.unblind_signatures(keyset, op.outputs, signatures)
             send = [p for p, o in zip(proofs, op.outputs, strict=True) if o.role == "send"]
             keep = [p for p, o in zip(proofs, op.outputs, strict=True) if o.role == "keep"]
