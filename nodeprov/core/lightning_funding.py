@@ -202,10 +202,11 @@ class LightningFunding:
             logger.error("mint quote %s is %s but op %s never minted it", op.quote, state, op.id)
             await self._set_state(op.id, "unpaid", "failed", error=f"quote {state}")
             return "failed"
-        outputs = await self._write_outputs(op)
-        if outputs is None:
-            return (await self.wallet.op(op.id)).state  # another check got there first
-        return await self._mint(op.id, op.quote, op.mint_url, outputs)
+        with self.wallet.live.track(op.id):
+            outputs = await self._write_outputs(op)
+            if outputs is None:
+                return (await self.wallet.op(op.id)).state  # another check got there first
+            return await self._mint(op.id, op.quote, op.mint_url, outputs)
 
     async def _write_outputs(self, op: Op) -> list[journal.BlindedOutput] | None:
         """Journal fresh outputs and move ``unpaid`` -> ``pending``; None if someone else did."""
@@ -330,6 +331,8 @@ class LightningFunding:
         )
         outcome: dict[str, int] = {}
         for op in journal.ops_from_rows(rows):
+            if op.id in self.wallet.live:
+                continue  # a poll of this process is minting it right now
             try:
                 state = await (self._resolve(op.id) if op.state == "pending" else self.check(op))
             except MintUnavailable as exc:

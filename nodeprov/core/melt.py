@@ -111,16 +111,17 @@ class Melter:
                 quote=quote.id, ref=ref,
             )  # fmt: skip
             await journal.set_proof_state(conn, [p.secret for p in proofs], "reserved", op_id)
-        try:
-            result = await api.melt(
-                quote.id, [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
-            )
-        except MintUnavailable:
-            result = {"state": "PENDING"}
-        except MintError:
-            await self._reverse(op_id)
-            raise
-        state, cost = await self._apply(op_id, result)
+        with self.wallet.live.track(op_id):
+            try:
+                result = await api.melt(
+                    quote.id, [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
+                )
+            except MintUnavailable:
+                result = {"state": "PENDING"}
+            except MintError:
+                await self._reverse(op_id)
+                raise
+            state, cost = await self._apply(op_id, result)
         if state == "unpaid":
             raise MintError("the mint could not pay the invoice; nothing was charged")
         return Melted(state, quote.id, amount, unit_, cost if state == "paid" else debit_msat)
@@ -176,6 +177,8 @@ class Melter:
         )
         outcome: dict[str, int] = {}
         for row in rows:
+            if row["id"] in self.wallet.live:
+                continue  # a payout of this process is still waiting for the mint
             try:
                 quote = await self.wallet.api(row["mint_url"]).melt_quote_state(row["quote"])
                 state, _ = await self._apply(row["id"], quote)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
 import httpx
 
 # Only the crypto subpackage of cashu is imported: unlike cashu.core.settings (pulled in
@@ -37,9 +38,11 @@ from nodeprov.core.ledger import (
     mark_processed,
     unmark_processed,
 )
+from nodeprov.core.live_ops import LiveOps
 from nodeprov.core.mint_api import SPENT_CODE, MintApi
 from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
 from nodeprov.errors import (
+    InsufficientBalance,
     InvalidToken,
     MintError,
     MintUnavailable,
@@ -102,6 +105,8 @@ class Wallet:
         self.units = tuple(check_unit(u) for u in units)
         self._apis = {_norm(m): MintApi(_norm(m), client) for m in mints}
         self._keysets = {m: MintKeysets(api, self.units) for m, api in self._apis.items()}
+        # Ops awaited by a live request of this process: recovery leaves them alone.
+        self.live = LiveOps()
 
     @property
     def mints(self) -> tuple[str, ...]:
@@ -227,21 +232,41 @@ class Wallet:
                 outputs=outputs,
                 ref=ref or fingerprint,
             )
-        try:
-            signatures = await self._apis[mint_url].swap(
-                [p.to_wire() for p in inputs], [o.to_wire() for o in outputs]
-            )
-        except MintUnavailable:
-            if await self._resolve(op_id) != "done":
-                raise
-        except MintError as exc:
-            await self._fail_receive(op_id, spent=exc.mint_code == SPENT_CODE, error=exc.message)
-            if exc.mint_code == SPENT_CODE:
-                raise TokenAlreadySpent("the mint says this token is already spent") from None
-            raise InvalidToken(f"the mint refused this token: {exc.message}") from None
-        else:
-            await self._finish_receive(op_id, signatures)
+        with self.live.track(op_id):
+            try:
+                signatures = await self._apis[mint_url].swap(
+                    [p.to_wire() for p in inputs], [o.to_wire() for o in outputs]
+                )
+            except MintUnavailable:
+                if await self._resolve(op_id) != "done":
+                    raise
+            except MintError as exc:
+                spent = exc.mint_code == SPENT_CODE
+                await self._fail_receive(op_id, spent=spent, error=exc.message)
+                if spent:
+                    raise TokenAlreadySpent("the mint says this token is already spent") from None
+                raise InvalidToken(f"the mint refused this token: {exc.message}") from None
+            else:
+                await self._finish_receive(op_id, signatures)
+        await self._require_done(op_id)
         return Received(to_msat(value, unit), mint_url, unit, token.amount, fee, fingerprint)
+
+    async def _require_done(self, op_id: int) -> Op:
+        """The op, if it ended ``done``; else it was given up under us (another process)."""
+        op = await self.op(op_id)
+        if op.state == "done":
+            return op
+        # Its journalled outputs still let an operator restore (NUT-09) what the mint signed.
+        logger.error("%s op %s finished at the mint but was already %s", op.kind, op.id, op.state)
+        if op.kind == "send":
+            raise MintError(
+                f"the mint's swap landed after the node had given up on this payout (op {op.id});"
+                " the amount is back on the account: try again"
+            )
+        raise MintError(
+            f"the mint took this token after the node had given up on it (op {op.id}); nothing"
+            " was credited: the operator can restore it from the wallet journal"
+        )
 
     def _unit(self, token: Token) -> Unit:
         if token.unit not in self.units:
@@ -345,19 +370,20 @@ class Wallet:
                 ref=ref,
             )  # fmt: skip
             await journal.set_proof_state(conn, [p.secret for p in proofs], "reserved", op_id)
-        try:
-            signatures = await self._apis[mint_url].swap(
-                [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
-            )
-        except MintUnavailable:
-            if await self._resolve(op_id) != "done":
+        with self.live.track(op_id):
+            try:
+                signatures = await self._apis[mint_url].swap(
+                    [p.to_wire() for p in proofs], [o.to_wire() for o in outputs]
+                )
+            except MintUnavailable:
+                if await self._resolve(op_id) != "done":
+                    raise
+            except MintError:
+                await self._reverse_send(op_id, inputs_spent=False)
                 raise
-        except MintError:
-            await self._reverse_send(op_id, inputs_spent=False)
-            raise
-        else:
-            await self._finish_send(op_id, signatures, deliver=True)
-        op = await self.op(op_id)
+            else:
+                await self._finish_send(op_id, signatures, deliver=True)
+        op = await self._require_done(op_id)
         assert op.token is not None
         return Sent(op.token, value - fee, unit_, mint_url, fee, debit_msat)
 
@@ -389,6 +415,8 @@ class Wallet:
         await self.load_output_keyset(op_id)
         async with self.ledger.db.write() as conn:
             op = await journal.get_op(conn, op_id)
+            if op.state == "failed" and deliver:
+                await self._keep_late_swap(conn, op, signatures)
             if op.state != "pending":
                 return
             keyset = self.known_keyset(op.mint_url, op.outputs[0].keyset_id)
@@ -412,6 +440,38 @@ class Wallet:
                 await credit(
                     conn, op.account_id, op.debit_msat - fee_msat, "reversal", op.ref or ""
                 )
+
+    async def _keep_late_swap(
+        self, conn: aiosqlite.Connection, op: Op, signatures: Sequence[Any]
+    ) -> None:
+        """A send reversed elsewhere whose swap landed after all: its outputs are the node's.
+
+        The reversal gave the account its money back and returned the inputs to the pool;
+        now the inputs are spent and every output (``send`` and ``keep``) is ours. The
+        mint's fee is the account's, as for any swap it asked for.
+        """
+        cursor = await conn.execute(
+            "SELECT COUNT(*) FROM proofs WHERE op_id = ? AND state = 'unspent' AND secret IN "
+            f"({', '.join('?' * len(op.inputs))})",
+            (op.id, *(p.secret for p in op.inputs)),
+        )
+        row = await cursor.fetchone()
+        if row is None or int(row[0]) != len(op.inputs):
+            logger.error("send op %s: late swap, but its inputs left the pool meanwhile", op.id)
+            return
+        keyset = self.known_keyset(op.mint_url, op.outputs[0].keyset_id)
+        proofs = self.unblind_signatures(keyset, op.outputs, signatures)
+        await journal.set_proof_state(conn, [p.secret for p in op.inputs], "spent", op.id)
+        await journal.store_proofs(conn, op.mint_url, op.unit, proofs, "unspent", op.id)
+        fee_msat = to_msat(op.fee, check_unit(op.unit))
+        await add_asset(conn, op.mint_url, op.unit, -fee_msat)
+        await journal.set_op_state(conn, op.id, "reversed", error="swap landed after reversal")
+        if fee_msat:
+            assert op.account_id is not None
+            try:
+                await debit(conn, op.account_id, fee_msat, "swap_fee", op.ref or "")
+            except InsufficientBalance:
+                await log(conn, "operator", "loss", 0, op.ref or "", f"swap fee: {fee_msat}")
 
     async def _reverse_send(self, op_id: int, *, inputs_spent: bool) -> None:
         async with self.ledger.db.write() as conn:
@@ -450,6 +510,8 @@ class Wallet:
         )
         outcome: dict[str, int] = {}
         for op in journal.ops_from_rows(rows):
+            if op.id in self.live:
+                continue  # a request of this process is still waiting for the mint
             try:
                 result = await self._resolve(op.id, deliver=False)
             except MintUnavailable as exc:

@@ -7,9 +7,15 @@ what finished first), never through timing.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from nodeprov.core.melt import Melter
+from nodeprov.errors import MintError
 from tests.support.core import Core, build_core
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import TcpProxy
@@ -88,4 +94,107 @@ async def test_keyset_lookup_at_a_stalled_mint_does_not_block_holds_on_other_acc
         await core.assert_books_balance()
     finally:
         proxy.resume()
+        await core.close()
+
+
+def op_states(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT state FROM wallet_ops ORDER BY id")]
+
+
+async def stalled_at_the_proxy(proxy: TcpProxy, task: asyncio.Task[Any], db: Path) -> None:
+    """Until ``task`` has journalled its op and its mint request waits in the proxy."""
+    before = proxy.connections_total
+    await until(lambda: "pending" in op_states(db) and proxy.connections_total > before)
+    assert not task.done()
+
+
+async def test_recovery_leaves_a_live_receive_alone_and_it_credits_once(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    db = tmp_path / "l.sqlite3"
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await build_core(db, [mint.url], routes={mint.url: proxy.url})
+    token = await make_token(40, mint=mint)
+    try:
+        proxy.pause()
+        proxy.drop_connections()  # the swap must open a new (stalled) connection
+        receiving = asyncio.create_task(core.wallet.receive(token, "key:live", "api_key"))
+        await stalled_at_the_proxy(proxy, receiving, db)
+        asked = proxy.connections_total
+        # As the daemon does at start-up and every minute (no age cut-off at all here).
+        assert await core.wallet.recover() == {}
+        assert await Melter(core.wallet).recover() == {}
+        assert proxy.connections_total == asked, "recovery asked the mint about a live op"
+        assert op_states(db) == ["pending"]
+        proxy.resume()
+        received = await receiving
+        assert received.credited_msat == 40_000
+        account = await core.ledger.account("key:live")
+        assert account is not None and account.balance_msat == 40_000
+        assert await core.wallet.recover() == {}
+        assert op_states(db) == ["done"]
+        await core.assert_books_balance()
+    finally:
+        proxy.resume()
+        await core.close()
+
+
+async def test_receive_whose_op_another_process_failed_raises_and_credits_nobody(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    db = tmp_path / "l.sqlite3"
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await build_core(db, [mint.url], routes={mint.url: proxy.url})
+    other = await build_core(db, [mint.url])  # a second process: it cannot see our live ops
+    token = await make_token(40, mint=mint)
+    try:
+        proxy.pause()
+        proxy.drop_connections()
+        receiving = asyncio.create_task(core.wallet.receive(token, "key:x", "api_key"))
+        await stalled_at_the_proxy(proxy, receiving, db)
+        assert await other.wallet.recover() == {"failed": 1}  # the mint has not seen it yet
+        proxy.resume()  # now the swap lands
+        with pytest.raises(MintError, match="given up"):
+            await receiving
+        account = await core.ledger.account("key:x")
+        assert account is None or account.balance_msat == 0
+        assert op_states(db) == ["failed"]
+        await core.assert_books_balance()
+    finally:
+        proxy.resume()
+        await other.close()
+        await core.close()
+
+
+async def test_send_whose_op_another_process_reversed_raises_and_keeps_the_proofs(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    db = tmp_path / "l.sqlite3"
+    await two_accounts_and_a_gappy_pool(db, mint, make_token)
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await build_core(db, [mint.url], routes={mint.url: proxy.url})
+    other = await build_core(db, [mint.url])
+    try:
+        proxy.pause()
+        proxy.drop_connections()
+        sending = asyncio.create_task(
+            core.wallet.send("key:a", 1000, unit="sat", mint_url=mint.url)
+        )
+        await stalled_at_the_proxy(proxy, sending, db)
+        assert await other.wallet.recover() == {"failed": 1}  # reversed: key:a got it back
+        proxy.resume()  # the swap lands after all
+        with pytest.raises(MintError, match="given up"):
+            await sending
+        account = await core.ledger.account("key:a")
+        assert account is not None and account.balance_msat == 62_000
+        # The swap's outputs are the node's now; the spent inputs left the pool.
+        assert await core.wallet.balances() == {(mint.url, "sat"): 62, (mint.url, "msat"): 10_000}
+        await core.assert_books_balance()
+        sent = await core.wallet.send("key:a", 62_000, unit="sat", mint_url=mint.url)
+        assert await make_token.redeem(sent.token) == 62
+        await core.assert_books_balance()
+    finally:
+        proxy.resume()
+        await other.close()
         await core.close()
