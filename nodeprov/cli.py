@@ -258,6 +258,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'users:':<15}{ledger['users_msat']} msat ({ledger['held_msat']} msat held)")
     click.echo(f"{'operator:':<15}{ledger['operator_msat']} msat")
     click.echo(f"{'pending ops:':<15}{ledger['pending_ops']}")
+    if ledger["failed_ops"]:
+        click.echo(f"{'failed ops:':<15}{ledger['failed_ops']} (the mint refused to settle them)")
+        for op in ledger["failures"]:
+            click.echo(f"{'':<15}op {op['id']} {op['kind']} at {op['mint_url']}: {op['error']}")
     click.echo(
         f"{'audit:':<15}{'ok' if ledger['audit_ok'] else 'MISMATCH (nodeprov wallet audit)'}"
     )
@@ -315,6 +319,8 @@ def balance(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"  operator  {b['operator_msat']} msat earned")
     if b["pending_ops"]:
         click.echo(f"  {b['pending_ops']} wallet operation(s) pending at a mint")
+    if b["failed_ops"]:
+        click.echo(f"  {b['failed_ops']} wallet operation(s) failed: the mint refused them")
 
 
 async def _balance(config: Config) -> dict[str, Any]:

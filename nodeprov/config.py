@@ -100,6 +100,8 @@ class WalletSection:
     mint_timeout_seconds: Decimal = Decimal(10)
     refund_expired: bool = True
     expiry_check_seconds: int = 600
+    # The largest invoice POST /v1/wallet/lightning creates, in sat.
+    lightning_max_sat: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (NostrSection, "max_concurrent_jobs_per_sender"): (1, 100, False),
     (WalletSection, "mint_timeout_seconds"): (0, 600, True),
     (WalletSection, "expiry_check_seconds"): (10, DAY, False),
+    (WalletSection, "lightning_max_sat"): (1, 21_000_000 * 100_000_000, False),
     (LedgerSection, "hold_timeout_seconds"): (1, 7 * DAY, False),
     (PricingSection, "fee_multiplier"): (0, 100, True),
     (PricingSection, "btc_usd_fallback"): (0, 10**9, False),

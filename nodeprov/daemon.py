@@ -12,10 +12,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nodeprov.config import Config
+from nodeprov.core import journal
 from nodeprov.core.expiry import refund_expired_keys
 from nodeprov.core.ledger import OPERATOR, Ledger, now
 from nodeprov.core.lightning_funding import LightningFunding, poll_lightning_funding
@@ -187,6 +188,9 @@ class Books:
     holds: int
     operator_msat: int
     pending_ops: int
+    # Ops recovery marked failed because the mint refused them; newest first.
+    failed_ops: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def books(ledger: Ledger) -> Books:
@@ -199,6 +203,7 @@ async def books(ledger: Ledger) -> Books:
     holds, held_msat = await ledger.open_holds()
     pending = await ledger.db.fetchone("SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'")
     operator = await ledger.account(OPERATOR)
+    failed, failures = await journal.recovery_failures(ledger.db, limit=5)
     return Books(
         accounts={row[0]: int(row[1]) for row in kinds},
         users_msat=sum(int(row[2]) for row in kinds),
@@ -206,4 +211,6 @@ async def books(ledger: Ledger) -> Books:
         holds=holds,
         operator_msat=operator.balance_msat if operator else 0,
         pending_ops=int(pending[0]) if pending else 0,
+        failed_ops=failed,
+        failures=failures,
     )

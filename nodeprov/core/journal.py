@@ -18,9 +18,13 @@ from typing import Any
 
 import aiosqlite
 
-from nodeprov.core.db import fetchone
+from nodeprov.core.db import Database, fetchone
 from nodeprov.core.ledger import now
 from nodeprov.protocol.cashu_token import Proof
+
+# The error of an op that recovery marked failed because the mint refused to settle it
+# (a 4xx: a quote it no longer knows, a keyset it dropped) starts with this.
+RECOVERY_FAILED = "recovery: "
 
 
 @dataclass(frozen=True)
@@ -226,3 +230,21 @@ async def take_proofs(
                 )
             )
     return taken
+
+
+async def recovery_failures(db: Database, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:
+    """How many ops recovery gave up on because the mint refused them, and the newest ones.
+
+    For ``nodeprov status`` and the admin page: each needs an operator's look (the op row
+    keeps its inputs and outputs, so what the mint did can still be restored by hand).
+    """
+    pattern = RECOVERY_FAILED + "%"
+    count = await db.fetchone(
+        "SELECT COUNT(*) FROM wallet_ops WHERE state = 'failed' AND error LIKE ?", (pattern,)
+    )
+    rows = await db.fetchall(
+        "SELECT id, kind, mint_url, unit, amount, quote, error, updated_at FROM wallet_ops "
+        "WHERE state = 'failed' AND error LIKE ? ORDER BY id DESC LIMIT ?",
+        (pattern, limit),
+    )
+    return (int(count[0]) if count else 0), [dict(r) for r in rows]

@@ -36,6 +36,7 @@ from nodeprov.errors import (
     InvalidRequest,
     MintError,
     MintUnavailable,
+    NodeprovError,
     Unauthorized,
 )
 
@@ -87,9 +88,10 @@ _STATE_VIEW = {"unpaid": "unpaid", "pending": "pending", "done": "paid"}
 class LightningFunding:
     """Mint quotes that credit accounts once their invoice is paid."""
 
-    def __init__(self, wallet: Wallet) -> None:
+    def __init__(self, wallet: Wallet, *, max_sat: int | None = None) -> None:
         self.wallet = wallet
         self.db = wallet.ledger.db
+        self.max_sat = max_sat  # the largest invoice create() makes (config: wallet.*)
 
     # --- creating a quote ------------------------------------------------------------
 
@@ -105,6 +107,11 @@ class LightningFunding:
         """An invoice for ``amount`` sat funding ``api_key`` (or a new key when None)."""
         if type(amount) is not int or amount <= 0:
             raise InvalidRequest("'amount' must be a positive whole number of sats")
+        if self.max_sat is not None and amount > self.max_sat:
+            raise InvalidRequest(
+                f"'amount' is {amount} sat; this node funds keys with at most {self.max_sat} sat"
+                " per invoice"
+            )
         if api_key is not None and (expires_at is not None or refund_address is not None):
             raise InvalidRequest("expiry and refund address are set when a key is created")
         if api_key is None:
@@ -338,6 +345,11 @@ class LightningFunding:
             except MintUnavailable as exc:
                 logger.warning("mint op %s stays %s: %s", op.id, op.state, exc)
                 state = op.state
+            except NodeprovError as exc:  # a 4xx: one lost quote must not stop start-up
+                logger.error("mint op %s (quote %s): %s; marked failed", op.id, op.quote, exc)
+                error = journal.RECOVERY_FAILED + exc.message
+                await self._set_state(op.id, op.state, "failed", error=error)
+                state = "failed"
             if state != op.state:
                 outcome[state] = outcome.get(state, 0) + 1
         return outcome

@@ -17,7 +17,7 @@ from nodeprov.core import journal
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import add_asset, credit, debit
 from nodeprov.core.money import Unit, check_unit, to_msat
-from nodeprov.core.wallet import Wallet
+from nodeprov.core.wallet import Wallet, hash_to_curve_hex
 from nodeprov.errors import MintError, MintUnavailable
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Melter:
             await journal.set_op_state(conn, op.id, "done")
             return spent_msat
 
-    async def _reverse(self, op_id: int) -> None:
+    async def _reverse(self, op_id: int, error: str | None = None) -> None:
         async with self.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
@@ -166,7 +166,7 @@ class Melter:
             await journal.set_proof_state(conn, [p.secret for p in op.inputs], "unspent")
             assert op.account_id is not None
             await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
-            await journal.set_op_state(conn, op.id, "failed")
+            await journal.set_op_state(conn, op.id, "failed", error=error)
 
     async def recover(self, *, older_than: int | None = None) -> dict[str, int]:
         """Settle pending melts from their quote's state at the mint; counts by outcome."""
@@ -185,5 +185,27 @@ class Melter:
             except MintUnavailable as exc:
                 logger.warning("melt %s stays pending: %s", row["id"], exc)
                 state = "pending"
+            except MintError as exc:  # a 4xx: one bad record must not stop start-up
+                state = await self._refused(row["id"], exc.message)
             outcome[state] = outcome.get(state, 0) + 1
         return outcome
+
+    async def _refused(self, op_id: int, message: str) -> str:
+        """The mint refused to say how a melt went: undo it if its inputs are unspent.
+
+        Inputs the mint still reports unspent were never melted, so the account gets its
+        money back and the op is marked failed; otherwise it stays pending for an operator.
+        """
+        op = await self.wallet.op(op_id)
+        api = self.wallet.api(op.mint_url)
+        try:
+            states = await api.check_state([hash_to_curve_hex(p.secret) for p in op.inputs])
+        except MintError as exc:
+            logger.error("melt %s stays pending: %s; inputs unknown: %s", op_id, message, exc)
+            return "pending"
+        if any(s != "UNSPENT" for s in states):
+            logger.error("melt %s stays pending: %s; its inputs are %s", op_id, message, states)
+            return "pending"
+        logger.error("melt %s: %s; inputs unspent, marked failed", op_id, message)
+        await self._reverse(op_id, error=journal.RECOVERY_FAILED + message)
+        return "failed"

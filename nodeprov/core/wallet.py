@@ -46,6 +46,7 @@ from nodeprov.errors import (
     InvalidToken,
     MintError,
     MintUnavailable,
+    NodeprovError,
     TokenAlreadySpent,
     TokenTooSmall,
     UnsupportedUnit,
@@ -473,7 +474,9 @@ class Wallet:
             except InsufficientBalance:
                 await log(conn, "operator", "loss", 0, op.ref or "", f"swap fee: {fee_msat}")
 
-    async def _reverse_send(self, op_id: int, *, inputs_spent: bool) -> None:
+    async def _reverse_send(
+        self, op_id: int, *, inputs_spent: bool, error: str | None = None
+    ) -> None:
         async with self.ledger.db.write() as conn:
             op = await journal.get_op(conn, op_id)
             if op.state != "pending":
@@ -481,7 +484,7 @@ class Wallet:
             await journal.set_proof_state(
                 conn, [p.secret for p in op.inputs], "spent" if inputs_spent else "unspent"
             )
-            await journal.set_op_state(conn, op.id, "failed")
+            await journal.set_op_state(conn, op.id, "failed", error=error)
             assert op.account_id is not None
             await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
             if inputs_spent:
@@ -517,6 +520,14 @@ class Wallet:
             except MintUnavailable as exc:
                 logger.warning("op %s stays pending: %s", op.id, exc)
                 result = "pending"
+            except NodeprovError as exc:  # a 4xx: one bad record must not stop start-up
+                logger.error("%s op %s: %s; marked failed", op.kind, op.id, exc.message)
+                error = journal.RECOVERY_FAILED + exc.message
+                if op.kind == "receive":
+                    await self._fail_receive(op.id, spent=False, error=error)
+                else:
+                    await self._reverse_send(op.id, inputs_spent=False, error=error)
+                result = "failed"
             outcome[result] = outcome.get(result, 0) + 1
         return outcome
 

@@ -23,7 +23,7 @@ from nodeprov.http.context import JSON, HttpContext, context, read_json
 
 
 def _funding(ctx: HttpContext) -> LightningFunding:
-    return LightningFunding(ctx.payments.wallet)
+    return LightningFunding(ctx.payments.wallet, max_sat=ctx.config.wallet.lightning_max_sat)
 
 
 def _amount(params: dict[str, Any]) -> int:

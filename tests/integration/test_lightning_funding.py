@@ -153,6 +153,17 @@ async def test_bad_requests_get_openai_errors(
         assert error["code"] == code and error["message"] and error["type"]
 
 
+@pytest.mark.parametrize("amount", [1_000_001, 2**62])
+async def test_amount_over_the_configured_maximum_is_refused(node: Node, amount: int) -> None:
+    assert node.config.wallet.lightning_max_sat == 1_000_000  # the default
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.post("/wallet/lightning", json={"amount": amount})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "at most 1000000 sat" in r.json()["error"]["message"]
+    assert await node.core.ledger.db.fetchall("SELECT id FROM wallet_ops") == []
+
+
 async def test_malformed_requests_and_unknown_quote(node: Node, make_token) -> None:
     async with httpx.AsyncClient(base_url=node.base) as http:
         r = await http.post(

@@ -185,6 +185,8 @@ def test_fresh_node_audit_balance_status(runner: CliRunner, tmp_path: Path) -> N
         "holds": 0,
         "operator_msat": 0,
         "pending_ops": 0,
+        "failed_ops": 0,
+        "failures": [],
     }
     ledger = json.loads(invoke(runner, "-c", path, "status", "--json").stdout)["ledger"]
     assert ledger["audit_ok"] is True and ledger["users_msat"] == 0

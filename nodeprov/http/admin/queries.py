@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from nodeprov.core import journal
 from nodeprov.core.ledger import OPERATOR, Ledger
 
 USER_KINDS = ("api_key", "token", "npub")
@@ -23,6 +24,7 @@ class Totals:
     holds: int
     held_msat: int
     pending_ops: int
+    failed_ops: int = 0  # given up by recovery because the mint refused them
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ async def totals(ledger: Ledger) -> Totals:
         holds=int(holds[0]),
         held_msat=int(holds[1]),
         pending_ops=int(pending[0]),
+        failed_ops=(await journal.recovery_failures(ledger.db, limit=0))[0],
     )
 
 

@@ -1,0 +1,122 @@
+"""Start-up survives one bad record: a mint that refuses (4xx) an op marks that op failed.
+
+Recovery at start settles every interrupted wallet operation with the mint. A quote the
+mint no longer knows used to raise out of ``nodeprov start`` every time; now the op is
+marked failed, logged, counted by ``nodeprov status`` and the admin page, and the node runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import httpx
+from click.testing import CliRunner
+
+from nodeprov.cli import main
+from nodeprov.config import Config
+from nodeprov.core.lightning_funding import LightningFunding
+from nodeprov.core.melt import Melter
+from nodeprov.core.mint_api import MintApi
+from nodeprov.daemon import Core, books, run
+from nodeprov.http.admin.queries import totals
+from tests.support.core import Rerouting
+from tests.support.daemon_core import make_core, write_config
+from tests.support.services import MintHandle
+from tests.support.tcp_proxy import TcpProxy
+
+
+def forget_quote(db: Path, op_kind: str) -> None:
+    """The mint lost the quote (or its database was reset): point the op at an unknown id."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE wallet_ops SET quote = 'no-such-quote' WHERE kind = ?", (op_kind,))
+
+
+def op_row(db: Path, op_kind: str) -> tuple[str, str | None]:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute(
+            "SELECT state, error FROM wallet_ops WHERE kind = ? ORDER BY id DESC", (op_kind,)
+        ).fetchone()
+    return str(row[0]), row[1]
+
+
+async def start_and_stop(config: Config) -> Core:
+    """``nodeprov start`` as far as "ready" (recovery included), then a clean stop."""
+    stop = asyncio.Event()
+    started: list[Core] = []
+
+    def ready(core: Core) -> None:
+        started.append(core)
+        stop.set()
+
+    async def idle(core: Core, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    await asyncio.wait_for(
+        run(config, stop, services=(idle,), on_ready=ready, handle_signals=False), 60
+    )
+    assert started, "the node did not start"
+    return started[0]
+
+
+async def test_quote_the_mint_does_not_know_is_marked_failed_and_the_node_starts(
+    tmp_path: Path, mint: MintHandle
+) -> None:
+    config = write_config(tmp_path, mint.url)
+    core = await make_core(config)
+    try:
+        await LightningFunding(core.wallet).create(100)
+    finally:
+        await core.close()
+    forget_quote(config.ledger_path, "mint")
+    await start_and_stop(config)
+    state, error = op_row(config.ledger_path, "mint")
+    assert state == "failed" and error is not None and "quote not found" in error
+    core = await make_core(config)
+    try:
+        summary = await books(core.ledger)
+        assert summary.failed_ops == 1 and summary.failures[0]["kind"] == "mint"
+        assert (await totals(core.ledger)).failed_ops == 1
+        assert (await core.ledger.audit()).ok
+    finally:
+        await core.close()
+    args = ["-c", str(tmp_path / "nodeprov.toml"), "status"]
+    shown = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "failed ops:    1 (the mint refused to settle them)" in shown.stdout
+    assert "quote not found" in shown.stdout
+
+
+async def test_melt_whose_quote_the_mint_lost_is_undone_and_the_node_starts(
+    tmp_path: Path, mint: MintHandle, fee_mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    config = write_config(tmp_path, mint.url)
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await make_core(config, transport=Rerouting({mint.url: proxy.url}))
+    try:
+        await core.wallet.receive(await make_token(100, mint=mint), "key:m", "api_key")
+        async with httpx.AsyncClient() as client:
+            # An invoice of another mint: paying the node's own mint's invoice is internal.
+            invoice = (await MintApi(fee_mint.url, client).mint_quote(20, "sat"))["request"]
+        melter = Melter(core.wallet)
+        quote = await melter.quote(invoice, mint_url=mint.url)
+        proxy.pause(refuse=True)
+        proxy.drop_connections()
+        melted = await melter.pay("key:m", quote)  # the melt never reaches the mint
+        assert melted.state == "pending"
+    finally:
+        proxy.resume()
+        await core.close()
+    forget_quote(config.ledger_path, "melt")
+    await start_and_stop(config)
+    state, error = op_row(config.ledger_path, "melt")
+    assert state == "failed" and error is not None and "quote not found" in error
+    core = await make_core(config)
+    try:
+        account = await core.ledger.account("key:m")
+        assert account is not None and account.balance_msat == 100_000  # nothing was paid
+        assert (await books(core.ledger)).failed_ops == 1
+        assert (await core.ledger.audit()).ok
+    finally:
+        await core.close()
