@@ -6,8 +6,9 @@ then ``done`` (proofs stored, account credited in the same transaction) or ``exp
 A crash while ``pending`` is settled by :meth:`LightningFunding.recover`: outputs the mint
 already signed are restored (NUT-09), otherwise the still-paid quote is minted again.
 
-The public quote id (``lnq_…``) is ours, not the mint's. A new key is created only when
-its funds arrive; its text is kept until shown once, then only its hash remains.
+The public quote id (``lnq_…``) is ours, not the mint's. A new key's text is handed to
+the client once, in the answer that creates the quote, and never stored: the op keeps only
+its account id (the key's hash). Its account opens when the funds arrive.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class FundingQuote:
     amount_msat: int
     expires_at: int
     mint_url: str
+    api_key: str | None = None  # a new key: shown here once, only its hash is kept
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class FundingStatus:
     amount_msat: int
     expires_at: int
     new_key: bool
-    api_key: str | None  # a new key, in the first answer after payment only
+    api_key: str | None  # only for quotes stored by older versions, first paid answer
     balance_msat: int | None  # the funded key's balance, once paid
 
 
@@ -135,11 +137,13 @@ class LightningFunding:
                 "INSERT INTO lightning_funding (id, op_id, invoice, expires_at, new_key, api_key,"
                 " key_expires_at, refund_address, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    public_id, op_id, invoice, expiry, new_key is not None, new_key, expires_at,
+                    public_id, op_id, invoice, expiry, new_key is not None, None, expires_at,
                     refund_address, now(),
                 ),
             )  # fmt: skip
-        return FundingQuote(public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url)
+        return FundingQuote(
+            public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url, new_key
+        )
 
     async def _fundable(self, api_key: str) -> str:
         account_id = api_key_account(api_key)
@@ -166,6 +170,7 @@ class LightningFunding:
             row = await fetchone(conn, "SELECT * FROM lightning_funding WHERE id = ?", (public_id,))
             assert row is not None
             shown = None
+            # Quotes created by older versions kept the key until shown once; clear it.
             if op.state == "done" and row["api_key"] is not None:
                 shown = str(row["api_key"])
                 await conn.execute(

@@ -1,9 +1,9 @@
 """Funding keys over Lightning: an invoice from the node's mint, then a poll for the key.
 
 ``POST /v1/wallet/lightning {amount, api_key?, expires_at?, refund_address?, mint?}`` ->
-``{quote_id, invoice, amount, amount_msat, expires_at, mint}`` (``amount`` in sats);
-``GET /v1/wallet/lightning/{quote_id}`` -> its state and, once paid, the balance (msat) and,
-for a new key, the ``api_key`` (in the first answer after payment only).
+``{quote_id, invoice, amount, amount_msat, expires_at, mint, api_key?}`` (``amount`` in
+sats; ``api_key``: the new key, in this answer only, usable once the invoice is paid);
+``GET /v1/wallet/lightning/{quote_id}`` -> its state and, once paid, the balance (msat).
 """
 
 from __future__ import annotations
@@ -80,16 +80,17 @@ async def create_invoice(request: Request) -> Response:
         refund_address=address,
         mint_url=mint.rstrip("/") if mint else None,
     )
-    return JSON(
-        {
-            "quote_id": quote.id,
-            "invoice": quote.invoice,
-            "amount": quote.amount,
-            "amount_msat": quote.amount_msat,
-            "expires_at": quote.expires_at,
-            "mint": quote.mint_url,
-        }
-    )
+    body: dict[str, Any] = {
+        "quote_id": quote.id,
+        "invoice": quote.invoice,
+        "amount": quote.amount,
+        "amount_msat": quote.amount_msat,
+        "expires_at": quote.expires_at,
+        "mint": quote.mint_url,
+    }
+    if quote.api_key is not None:
+        body["api_key"] = quote.api_key  # the only copy: the node keeps its hash
+    return JSON(body)
 
 
 async def invoice_status(request: Request) -> Response:

@@ -82,9 +82,10 @@ async def test_new_key_funded_over_lightning_and_shown_once(node: Node) -> None:
         assert quote["invoice"].startswith("lnbc") and quote["amount"] == 100
         assert quote["amount_msat"] == 100_000 and quote["mint"] == node.core.wallet.mints[0]
         assert quote["quote_id"].startswith("lnq_") and quote["expires_at"] > time.time()
+        key = quote["api_key"]
+        assert key.startswith("sk-")
         paid = await pay(node, http, quote["quote_id"])
-        key = paid["api_key"]
-        assert key.startswith("sk-") and paid["balance"] == 100_000 and paid["new_key"]
+        assert paid["balance"] == 100_000 and paid["new_key"] and "api_key" not in paid
         again = (await http.get(f"/wallet/lightning/{quote['quote_id']}")).json()
         assert again["state"] == "paid" and "api_key" not in again
         assert again["balance"] == 100_000
@@ -95,9 +96,14 @@ async def test_new_key_funded_over_lightning_and_shown_once(node: Node) -> None:
     await client.chat.completions.create(**CHAT)
     account = await node.account(key)
     assert 0 < account.total_spent_msat < 100_000
-    # The key's text is gone from the database once shown: only its hash remains.
+    # The key's text was never stored: only its hash (the account id) is.
     rows = await node.core.ledger.db.fetchall("SELECT api_key FROM lightning_funding")
     assert [r[0] for r in rows] == [None]
+    (database,) = [r[2] for r in await node.core.ledger.db.fetchall("PRAGMA database_list")]
+    files = list(Path(database).parent.glob(Path(database).name + "*"))  # -wal, -shm too
+    assert len(files) >= 2
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
 
 
 async def test_existing_key_is_topped_up(node: Node, make_token) -> None:
@@ -122,8 +128,8 @@ async def test_new_key_with_expiry_and_refund_address(node: Node) -> None:
             "/wallet/lightning",
             json={"amount": 5, "expires_at": soon, "refund_address": "me@example.com"},
         )
-        paid = await pay(node, http, r.json()["quote_id"])
-    account = await node.account(paid["api_key"])
+        await pay(node, http, r.json()["quote_id"])
+    account = await node.account(r.json()["api_key"])
     assert account.expires_at == soon and account.refund_address == "me@example.com"
     assert account.kind == "api_key" and account.balance_msat == 5000
 
@@ -207,10 +213,9 @@ async def test_concurrent_polls_credit_once_and_show_the_key_once(node: Node) ->
         )
         bodies = [a.json() for a in answers]
         assert all(a.status_code == 200 for a in answers), bodies
-        keys = [b["api_key"] for b in bodies if "api_key" in b]
-        assert len(keys) == 1
+        assert not any("api_key" in b for b in bodies)  # the key came with the quote only
         await pay(node, http, quote["quote_id"])
-    account = await node.account(keys[0])
+    account = await node.account(quote["api_key"])
     assert account.balance_msat == 64_000 and account.total_deposited_msat == 64_000
     deposits = await node.core.ledger.transactions(account.id)
     assert [t["kind"] for t in deposits] == ["deposit"]
@@ -223,8 +228,8 @@ async def test_unpolled_paid_quote_is_minted_by_recovery(node: Node) -> None:
     assert await funding.recover() == {"done": 1}
     assert await funding.recover() == {}
     status = await funding.status(quote.id)
-    assert status.state == "paid" and status.balance_msat == 33_000 and status.api_key
-    account = await node.core.ledger.account(api_key_account(status.api_key))
+    assert status.state == "paid" and status.balance_msat == 33_000 and quote.api_key
+    account = await node.core.ledger.account(api_key_account(quote.api_key))
     assert account is not None and account.balance_msat == 33_000
 
 
@@ -241,7 +246,7 @@ async def test_poll_service_mints_paid_quotes_and_stops(node: Node) -> None:
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     status = await funding.status(quote.id)
-    assert status.state == "paid" and status.balance_msat == 21_000 and status.api_key
+    assert status.state == "paid" and status.balance_msat == 21_000 and status.api_key is None
 
 
 class UnpaidMint(MintHandle):
@@ -356,8 +361,10 @@ async def test_minting_survives_kill_at_each_step(
         assert await quote_state(mint, db) == "ISSUED"
         (public_id,) = (await core.ledger.db.fetchone("SELECT id FROM lightning_funding")) or ()
         status = await funding.status(public_id)
-        assert status.state == "paid" and status.balance_msat == 100_000 and status.api_key
-        account = await core.ledger.account(api_key_account(status.api_key))
+        assert status.state == "paid" and status.balance_msat == 100_000
+        op = await funding._op_by_public_id(public_id)
+        assert op is not None and op.account_id is not None and op.account_id.startswith("key:")
+        account = await core.ledger.account(op.account_id)
         assert account is not None and account.balance_msat == 100_000
         await core.assert_books_balance()
         # The minted proofs are good: the whole balance pays out as a token.
