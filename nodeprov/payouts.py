@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from nodeprov.core import liabilities
 from nodeprov.core.db import Database
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import OPERATOR, now
@@ -83,16 +84,17 @@ async def recent_payouts(db: Database, limit: int = 50) -> list[dict[str, Any]]:
 
 
 async def _pool(wallet: Wallet, mint_url: str | None) -> tuple[str, Unit, int]:
-    """The trusted (mint, unit) pool that holds the most, in msat."""
-    rows = await wallet.ledger.db.fetchall(
-        "SELECT mint_url, unit, value_msat FROM assets ORDER BY value_msat DESC"
-    )
-    for row in rows:
-        if row["mint_url"] in wallet.mints and (
-            mint_url is None or row["mint_url"] == mint_url.rstrip("/")
-        ):
-            return row["mint_url"], check_unit(row["unit"]), int(row["value_msat"])
-    raise PayoutError("the node holds no proofs to pay out from")
+    """The trusted (mint, unit) pool the operator may take the most from, in msat.
+
+    What a pool owes users stays in it (``core.liabilities``): the amount returned is what
+    is left of the pool after that.
+    """
+    for pool, unit, free in await liabilities.payout_pools(wallet.ledger.db, wallet.mints):
+        if mint_url is None or pool == mint_url.rstrip("/"):
+            if free <= 0:
+                break
+            return pool, check_unit(unit), free
+    raise PayoutError("the node holds no proofs to pay out from beyond what it owes users")
 
 
 async def _input_fee(wallet: Wallet, mint_url: str, unit: Unit, target: int) -> int:

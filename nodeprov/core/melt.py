@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from nodeprov.core import journal
+from nodeprov.core import journal, liabilities
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import add_asset, credit, debit
 from nodeprov.core.money import Unit, check_unit, to_msat
@@ -111,6 +111,7 @@ class Melter:
                 quote=quote.id, ref=ref,
             )  # fmt: skip
             await journal.set_proof_state(conn, [p.secret for p in proofs], "reserved", op_id)
+            await liabilities.check_move(conn, mint_url, unit_, account_id)
         with self.wallet.live.track(op_id):
             try:
                 result = await api.melt(

@@ -32,7 +32,17 @@ from nodeprov.core.charges import (
     decode_result,
     encode_result,
 )
-from nodeprov.core.ledger import OPERATOR, Account, Hold, Ledger, Outcome, credit, debit
+from nodeprov.core.db import fetchone
+from nodeprov.core.ledger import (
+    OPERATOR,
+    Account,
+    Hold,
+    Ledger,
+    Outcome,
+    credit,
+    debit,
+    ensure_account,
+)
 from nodeprov.core.money import check_unit, from_msat_floor
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Received, Sent, Wallet
@@ -335,9 +345,37 @@ class Payments:
                 kind="change",
                 ref="change:" + received.fingerprint,
             )
-        except (MintError, TokenTooSmall) as exc:
+        except TokenTooSmall as exc:
+            await self._credit_small_change(account_id, received.fingerprint, exc.message)
+            return None
+        except MintError as exc:
             logger.warning("change kept claimable for %s: %s", account_id, exc)
             return None
+
+    async def _credit_small_change(self, account_id: str, fingerprint: str, why: str) -> None:
+        """Change the mint's fee would eat goes to the token's own account, once.
+
+        Sending it would cost more than it is worth, and keeping it on the per-request
+        account would retry that at every claim. On the ``token:`` account the original
+        token keeps it usable: sent as a key (``Authorization: Bearer cashu…``) it pays
+        from this balance, and the key's wallet routes can withdraw it once it is larger.
+        """
+        async with self.ledger.db.write() as conn:
+            row = await fetchone(
+                conn,
+                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?",
+                (account_id,),
+            )
+            amount = int(row[0]) if row else 0
+            if amount <= 0:
+                return
+            await debit(conn, account_id, amount, "change_kept", "change:" + fingerprint)
+            await ensure_account(conn, "token:" + fingerprint, "token")
+            await credit(conn, "token:" + fingerprint, amount, "deposit", "change:" + fingerprint)
+        logger.warning(
+            "change of %d msat for %s is below the mint's fee (%s); credited to token:%s",
+            amount, account_id, why, fingerprint,
+        )  # fmt: skip
 
     async def account(self, account_id: str) -> Account | None:
         """An account as the channels may show it (balance, spent, last used)."""

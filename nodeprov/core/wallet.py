@@ -24,7 +24,7 @@ import httpx
 from cashu.core.crypto import b_dhke
 from cashu.core.crypto.secp import PrivateKey, PublicKey
 
-from nodeprov.core import journal
+from nodeprov.core import journal, liabilities
 from nodeprov.core.denominations import complete_split, covering_subset, exact_subset
 from nodeprov.core.journal import BlindedOutput, Op
 from nodeprov.core.keysets import Keyset, MintKeysets
@@ -358,6 +358,8 @@ class Wallet:
                 )  # fmt: skip
                 await journal.set_proof_state(conn, [p.secret for p in proofs], "sent", op_id)
                 await add_asset(conn, mint_url, unit_, -debit_msat)
+                if kind != "change":  # change is what the pool's tied amount is kept for
+                    await liabilities.check_move(conn, mint_url, unit_, account_id)
                 return Sent(token, value, unit_, mint_url, 0, debit_msat)
             fee = self.input_fee(mint_url, proofs)
             if value - fee <= 0:
@@ -371,6 +373,8 @@ class Wallet:
                 ref=ref,
             )  # fmt: skip
             await journal.set_proof_state(conn, [p.secret for p in proofs], "reserved", op_id)
+            if kind != "change":
+                await liabilities.check_move(conn, mint_url, unit_, account_id)
         with self.live.track(op_id):
             try:
                 signatures = await self._apis[mint_url].swap(
