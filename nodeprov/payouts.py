@@ -1,10 +1,8 @@
 """Paying operator earnings to a Lightning address (LNURL-pay + a NUT-05 melt), recorded.
 
 Sizing: the invoice must fit the earnings *with* the mint's fees, because the melt debits
-the operator ``amount + fee_reserve + input_fee``. So an invoice is requested for the whole
-budget, quoted, and if ``amount + fee_reserve + input_fee`` exceeds the budget it is
-requested again for ``budget - fee_reserve - input_fee`` (at most a few rounds; invoices
-that are never paid cost nothing). The unused fee reserve comes back as melt change.
+the operator ``amount + fee_reserve + input_fee`` (``core.melt_sizing``, shared with the
+refunds of expired keys). The unused fee reserve comes back as melt change.
 
 One payout melts at one mint: the (mint, unit) pool holding the most; earnings beyond
 what that pool holds wait for the next payout. Every attempt is a row in ``payouts``
@@ -26,11 +24,11 @@ import httpx
 
 from nodeprov.core import liabilities
 from nodeprov.core.db import Database
-from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import OPERATOR, now
 from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
-from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
+from nodeprov.core.melt_sizing import sized_quote
+from nodeprov.core.money import Unit, check_unit, from_msat_floor, to_msat
 from nodeprov.core.node import Core, Service
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import InsufficientBalance, NodeprovError
@@ -38,7 +36,6 @@ from nodeprov.errors import InsufficientBalance, NodeprovError
 log = logging.getLogger(__name__)
 
 LNURL_TIMEOUT_SECONDS = 15.0
-SIZING_ROUNDS = 4
 STALE_START_SECONDS = 3600  # a 'started' row this old was cut short by a crash
 
 
@@ -97,27 +94,6 @@ async def _pool(wallet: Wallet, mint_url: str | None) -> tuple[str, Unit, int]:
     raise PayoutError("the node holds no proofs to pay out from beyond what it owes users")
 
 
-async def _input_fee(wallet: Wallet, mint_url: str, unit: Unit, target: int) -> int:
-    """The mint's input fee for proofs covering ``target`` (as :meth:`Melter.pay` picks them)."""
-    counts = await wallet.ledger.db.fetchall(
-        "SELECT amount, COUNT(*), MAX(keyset_id) FROM proofs "
-        "WHERE mint_url = ? AND unit = ? AND state = 'unspent' GROUP BY amount",
-        (mint_url, unit),
-    )
-    pool = {int(r[0]): int(r[1]) for r in counts}
-    ppk = max([(await wallet.keyset(mint_url, str(r[2]))).fee_ppk for r in counts] or [0])
-    fee = 0
-    for _ in range(4):
-        chosen = covering_subset(pool, target + fee)
-        if chosen is None:
-            return fee
-        new_fee = ceil_div(ppk * sum(chosen.values()), 1000)
-        if new_fee == fee:
-            break
-        fee = new_fee
-    return fee
-
-
 async def _sized_quote(
     core: Core, http: httpx.AsyncClient, address: str, budget_msat: int, mint_url: str | None
 ) -> MeltQuote:
@@ -125,22 +101,17 @@ async def _sized_quote(
     mint, unit, pool_msat = await _pool(core.wallet, mint_url)
     budget = from_msat_floor(min(budget_msat, pool_msat), unit)
     request = await resolve(http, address)
-    melter = Melter(core.wallet)
-    target = min(budget, from_msat_floor(request.max_sendable_msat, unit))
-    for _ in range(SIZING_ROUNDS):
-        if to_msat(max(target, 0), unit) < request.min_sendable_msat or target <= 0:
-            break
-        invoice = await request_invoice(http, request, to_msat(target, unit))
-        quote = await melter.quote(invoice, mint_url=mint, unit=unit)
-        fee = await _input_fee(core.wallet, mint, unit, quote.amount + quote.reserve)
-        over = quote.amount + quote.reserve + fee - budget
-        if over <= 0:
-            return quote
-        target = quote.amount - over
-    raise PayoutError(
-        f"{budget_msat} msat of earnings do not cover the smallest payment {address} accepts"
-        " plus the mint's fee reserve"
-    )
+    quote = await sized_quote(
+        core.wallet, mint, unit, budget,
+        (request.min_sendable_msat, request.max_sendable_msat),
+        lambda msat: request_invoice(http, request, msat),
+    )  # fmt: skip
+    if quote is None:
+        raise PayoutError(
+            f"{budget_msat} msat of earnings do not cover the smallest payment {address} accepts"
+            " plus the mint's fee reserve"
+        )
+    return quote
 
 
 async def payout_now(

@@ -19,17 +19,16 @@ from typing import Any, Protocol
 import httpx
 
 from nodeprov.core.db import Database
-from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import now
 from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
-from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
+from nodeprov.core.melt_sizing import sized_quote
+from nodeprov.core.money import check_unit, from_msat_floor, to_msat
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import NodeprovError
 
 log = logging.getLogger(__name__)
 
-SIZING_ROUNDS = 4
 LNURL_TIMEOUT_SECONDS = 15.0
 
 
@@ -196,42 +195,17 @@ class ExpiryRefunder:
         mint_url, unit = await self.wallet.choose_pool(available_msat, None, None)
         budget = from_msat_floor(available_msat, unit)
         request = await resolve(http, address)
-        target = min(budget, from_msat_floor(request.max_sendable_msat, unit))
-        melter = Melter(self.wallet)
-        for _ in range(SIZING_ROUNDS):
-            if target <= 0 or to_msat(target, unit) < request.min_sendable_msat:
-                break
-            invoice = await request_invoice(http, request, to_msat(target, unit))
-            quote = await melter.quote(invoice, mint_url=mint_url, unit=unit)
-            fee = await self._input_fee(mint_url, unit, quote.amount + quote.reserve)
-            over = quote.amount + quote.reserve + fee - budget
-            if over <= 0:
-                return quote
-            target = quote.amount - over
-        raise RefundTooSmall(
-            f"{available_msat} msat do not cover the smallest payment {address} accepts"
-            " plus the mint's fees"
-        )
-
-    async def _input_fee(self, mint_url: str, unit: Unit, target: int) -> int:
-        """The mint's input fee for proofs covering ``target`` (as the melt will pick them)."""
-        rows = await self.db.fetchall(
-            "SELECT amount, COUNT(*), MAX(keyset_id) FROM proofs "
-            "WHERE mint_url = ? AND unit = ? AND state = 'unspent' GROUP BY amount",
-            (mint_url, unit),
-        )
-        pool = {int(r[0]): int(r[1]) for r in rows}
-        ppk = max([(await self.wallet.keyset(mint_url, str(r[2]))).fee_ppk for r in rows] or [0])
-        fee = 0
-        for _ in range(SIZING_ROUNDS):
-            chosen = covering_subset(pool, target + fee)
-            if chosen is None:
-                return fee
-            new_fee = ceil_div(ppk * sum(chosen.values()), 1000)
-            if new_fee == fee:
-                break
-            fee = new_fee
-        return fee
+        quote = await sized_quote(
+            self.wallet, mint_url, unit, budget,
+            (request.min_sendable_msat, request.max_sendable_msat),
+            lambda msat: request_invoice(http, request, msat),
+        )  # fmt: skip
+        if quote is None:
+            raise RefundTooSmall(
+                f"{available_msat} msat do not cover the smallest payment {address} accepts"
+                " plus the mint's fees"
+            )
+        return quote
 
     async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
         """Rounds every ``interval`` seconds until ``stop``; a failed round is logged."""
