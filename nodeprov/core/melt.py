@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeprov.core import journal, liabilities
+from nodeprov.core.bdhke import hash_to_curve_hex
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import add_asset, credit, debit
 from nodeprov.core.money import Unit, check_unit, to_msat
-from nodeprov.core.wallet import Wallet, hash_to_curve_hex
+from nodeprov.core.wallet import Wallet
 from nodeprov.errors import MintError, MintUnavailable
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,160 @@
+"""The wallet's access to its trusted mints: APIs, keysets, blinded outputs, the journal.
+
+The base of :class:`~nodeprov.core.wallet.Wallet`: everything the receive, send and
+recovery paths share that moves no money.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from nodeprov.core import journal
+from nodeprov.core.bdhke import blind, point, unblind, verify_signature_dleq
+from nodeprov.core.journal import BlindedOutput, Op
+from nodeprov.core.keysets import Keyset, MintKeysets
+from nodeprov.core.ledger import Ledger
+from nodeprov.core.live_ops import LiveOps
+from nodeprov.core.mint_api import MintApi
+from nodeprov.core.money import check_unit
+from nodeprov.errors import MintError, MintUnavailable, UntrustedMint
+from nodeprov.protocol.cashu_token import Dleq, Proof
+
+logger = logging.getLogger("nodeprov.core.wallet")
+
+
+def norm(url: str) -> str:
+    """A mint URL as the node keys it (no trailing ``/``)."""
+    return url.rstrip("/")
+
+
+class MintAccess:
+    """The trusted mints (APIs, keysets), blinded outputs and reads of the journal."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        mints: Sequence[str],
+        units: Sequence[str],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.ledger = ledger
+        self.units = tuple(check_unit(u) for u in units)
+        self._apis = {norm(m): MintApi(norm(m), client) for m in mints}
+        self._keysets = {m: MintKeysets(api, self.units) for m, api in self._apis.items()}
+        # Ops awaited by a live request of this process: recovery leaves them alone.
+        self.live = LiveOps()
+
+    @property
+    def mints(self) -> tuple[str, ...]:
+        return tuple(self._apis)
+
+    def api(self, mint_url: str) -> MintApi:
+        try:
+            return self._apis[norm(mint_url)]
+        except KeyError:
+            accepted = ", ".join(self._apis)
+            raise UntrustedMint(
+                f"tokens from {mint_url} are not accepted here; accepted mints: {accepted}"
+            ) from None
+
+    async def start(self) -> None:
+        """Load keysets of every trusted mint (a mint that is down is retried on first use)."""
+        for mint_url in self._apis:
+            try:
+                await self._keysets[mint_url].load()
+            except MintUnavailable as exc:
+                logger.warning("mint not reachable at start: %s", exc)
+
+    async def keyset(self, mint_url: str, keyset_id: str) -> Keyset:
+        """The keyset ``keyset_id`` (full or short id) of a trusted mint."""
+        return await self._keysets[mint_url].get(keyset_id)
+
+    async def active_keyset(self, mint_url: str, unit: str) -> Keyset:
+        return await self._keysets[mint_url].active(unit)
+
+    def known_keyset(self, mint_url: str, keyset_id: str) -> Keyset:
+        """A keyset already loaded; never asks the mint, so it is safe inside a ledger write."""
+        keyset = self._keysets[mint_url].find(keyset_id)
+        if keyset is None:
+            raise MintUnavailable(f"keyset {keyset_id} of {mint_url} is not loaded yet")
+        return keyset
+
+    async def pool_keysets(self, mint_url: str, unit: str) -> Keyset:
+        """Load the keysets of a pool's proofs now; returns the active keyset for outputs.
+
+        Called before a write transaction that picks proofs from the pool, so that the
+        input fee is computed from loaded keysets: no mint round trip holds the writer.
+        """
+        active = await self.active_keyset(mint_url, unit)
+        rows = await self.ledger.db.fetchall(
+            "SELECT DISTINCT keyset_id FROM proofs WHERE mint_url = ? AND unit = ? "
+            "AND state = 'unspent'",
+            (mint_url, unit),
+        )
+        for row in rows:
+            await self.keyset(mint_url, str(row[0]))
+        return active
+
+    async def load_output_keyset(self, op_id: int) -> None:
+        """Load the keyset of an op's outputs before a write transaction unblinds them."""
+        op = await self.op(op_id)
+        if op.outputs:
+            await self.keyset(op.mint_url, op.outputs[0].keyset_id)
+
+    def make_outputs(self, keyset: Keyset, amounts: list[int], role: str) -> list[BlindedOutput]:
+        outputs = []
+        for amount in amounts:
+            secret = secrets.token_hex(32)
+            B_, r = blind(secret)
+            outputs.append(BlindedOutput(amount, keyset.id, secret, r, B_, role))
+        return outputs
+
+    def unblind_signatures(
+        self, keyset: Keyset, outputs: Sequence[BlindedOutput], signatures: Sequence[Any]
+    ) -> list[Proof]:
+        """Turn the mint's blind signatures on ``outputs`` into proofs, checking their DLEQ."""
+        proofs = []
+        for output, sig in zip(outputs, signatures, strict=True):
+            # A blank output (NUT-08 melt change) takes the amount the mint signed it for.
+            amount = int(sig.get("amount", output.amount))
+            A = point(keyset.keys[amount])
+            dleq = sig.get("dleq")
+            if dleq and not verify_signature_dleq(output.B_, sig["C_"], dleq["e"], dleq["s"], A):
+                raise MintError("the mint's DLEQ proof does not verify")
+            C = unblind(sig["C_"], output.r, A)
+            proofs.append(
+                Proof(
+                    amount=amount,
+                    keyset_id=output.keyset_id,
+                    secret=output.secret,
+                    C=C,
+                    dleq=Dleq(e=dleq["e"], s=dleq["s"], r=output.r) if dleq else None,
+                )
+            )
+        return proofs
+
+    async def op(self, op_id: int) -> Op:
+        row = await self.ledger.db.fetchone("SELECT * FROM wallet_ops WHERE id = ?", (op_id,))
+        if row is None:
+            raise KeyError(op_id)
+        return journal.ops_from_rows([row])[0]
+
+    async def pending_op_for(self, fingerprint: str) -> Op | None:
+        row = await self.ledger.db.fetchone(
+            "SELECT * FROM wallet_ops WHERE fingerprint = ? ORDER BY id DESC LIMIT 1",
+            (fingerprint,),
+        )
+        return journal.ops_from_rows([row])[0] if row else None
+
+    async def balances(self) -> dict[tuple[str, str], int]:
+        """Value of the proofs held, per (mint, unit), in the mint's unit."""
+        rows = await self.ledger.db.fetchall(
+            "SELECT mint_url, unit, SUM(amount) FROM proofs WHERE state IN ('unspent', 'reserved') "
+            "GROUP BY mint_url, unit"
+        )
+        return {(r[0], r[1]): int(r[2]) for r in rows}
