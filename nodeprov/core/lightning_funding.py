@@ -343,8 +343,8 @@ class LightningFunding:
         )
         outcome: dict[str, int] = {}
         for op in journal.ops_from_rows(rows):
-            if op.id in self.wallet.live:
-                continue  # a poll of this process is minting it right now
+            if not self.wallet.recoverable(op.id, op.mint_url):
+                continue  # e.g. a poll of this process is minting it right now
             try:
                 state = await (self._resolve(op.id) if op.state == "pending" else self.check(op))
             except MintUnavailable as exc:

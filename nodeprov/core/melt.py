@@ -179,8 +179,8 @@ class Melter:
         )
         outcome: dict[str, int] = {}
         for row in rows:
-            if row["id"] in self.wallet.live:
-                continue  # a payout of this process is still waiting for the mint
+            if not self.wallet.recoverable(row["id"], row["mint_url"]):
+                continue
             try:
                 quote = await self.wallet.api(row["mint_url"]).melt_quote_state(row["quote"])
                 state, _ = await self._apply(row["id"], quote)

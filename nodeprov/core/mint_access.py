@@ -53,6 +53,19 @@ class MintAccess:
     def mints(self) -> tuple[str, ...]:
         return tuple(self._apis)
 
+    def recoverable(self, op_id: int, mint_url: str) -> bool:
+        """Whether recovery may settle this op now: no live request owns it, its mint is trusted.
+
+        An op of a mint the config no longer lists stays as it is (logged): the mint may
+        come back, and nothing can be settled without it.
+        """
+        if op_id in self.live:
+            return False  # a request of this process is still waiting for the mint
+        if norm(mint_url) not in self._apis:
+            logger.warning("op %s is at %s, which is not a trusted mint now; left", op_id, mint_url)
+            return False
+        return True
+
     def api(self, mint_url: str) -> MintApi:
         try:
             return self._apis[norm(mint_url)]

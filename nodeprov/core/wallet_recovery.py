@@ -163,8 +163,8 @@ class WalletRecovery(MintAccess):
         )
         outcome: dict[str, int] = {}
         for op in journal.ops_from_rows(rows):
-            if op.id in self.live:
-                continue  # a request of this process is still waiting for the mint
+            if not self.recoverable(op.id, op.mint_url):
+                continue
             try:
                 result = await self._resolve(op.id, deliver=False)
             except MintUnavailable as exc:

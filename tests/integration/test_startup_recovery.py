@@ -120,3 +120,16 @@ async def test_melt_whose_quote_the_mint_lost_is_undone_and_the_node_starts(
         assert (await core.ledger.audit()).ok
     finally:
         await core.close()
+
+
+async def test_ops_of_a_mint_no_longer_trusted_are_left_and_the_node_starts(
+    tmp_path: Path, mint: MintHandle, fee_mint: MintHandle
+) -> None:
+    core = await make_core(write_config(tmp_path, mint.url))
+    try:
+        await LightningFunding(core.wallet).create(100)
+    finally:
+        await core.close()
+    config = write_config(tmp_path, fee_mint.url)  # the operator dropped the first mint
+    await start_and_stop(config)
+    assert op_row(config.ledger_path, "mint") == ("unpaid", None)  # kept for when it returns
