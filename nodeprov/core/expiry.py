@@ -117,7 +117,7 @@ class ExpiryRefunder:
         try:
             account = await self.wallet.ledger.account(account_id)
             available = account.available_msat if account else 0
-            quote = await self._sized_quote(http, address, available)
+            quote = await self._sized_quote(http, address, available, account_id)
             melted = await Melter(self.wallet).pay(account_id, quote, ref=f"refund:{account_id}")
         except RefundTooSmall as exc:
             result = RefundResult(account_id, address, "too_small", error=exc.message)
@@ -189,10 +189,10 @@ class ExpiryRefunder:
                 )  # fmt: skip
 
     async def _sized_quote(
-        self, http: httpx.AsyncClient, address: str, available_msat: int
+        self, http: httpx.AsyncClient, address: str, available_msat: int, account_id: str
     ) -> MeltQuote:
         """An invoice from ``address`` whose amount, fee reserve and input fee fit the balance."""
-        mint_url, unit = await self.wallet.choose_pool(available_msat, None, None)
+        mint_url, unit = await self.wallet.choose_pool(available_msat, None, None, account_id)
         budget = from_msat_floor(available_msat, unit)
         request = await resolve(http, address)
         quote = await sized_quote(

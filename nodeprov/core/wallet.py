@@ -166,7 +166,8 @@ class Wallet(WalletRecovery):
 
         The mint's input fee for a needed swap comes out of the token's value.
         """
-        mint_url, unit_ = await self.choose_pool(amount_msat, mint_url, unit)
+        owner = account_id if kind != "change" else None
+        mint_url, unit_ = await self.choose_pool(amount_msat, mint_url, unit, owner)
         value = from_msat_floor(amount_msat, unit_)
         if value <= 0:
             raise TokenTooSmall(f"{amount_msat} msat is less than one {unit_}")
@@ -224,8 +225,17 @@ class Wallet(WalletRecovery):
         return Sent(op.token, value - fee, unit_, mint_url, fee, debit_msat)
 
     async def choose_pool(
-        self, amount_msat: int, mint_url: str | None, unit: str | None
+        self,
+        amount_msat: int,
+        mint_url: str | None,
+        unit: str | None,
+        account_id: str | None = None,
     ) -> tuple[str, Unit]:
+        """The (mint, unit) pool to pay ``amount_msat`` from: the largest that can.
+
+        With ``account_id``, a pool qualifies only if the move leaves it what it owes
+        (``core.liabilities``); the move itself is checked again when it is made.
+        """
         if mint_url is not None and unit is not None:
             return self.api(mint_url).url, check_unit(unit)
         rows = await self.ledger.db.fetchall(
@@ -238,6 +248,11 @@ class Wallet(WalletRecovery):
                 and row["mint_url"] in self._apis
                 and row["value_msat"] >= amount_msat
             ):
+                if account_id is not None:
+                    fetch = liabilities.committed(self.ledger.db)
+                    left = await liabilities.headroom(fetch, row[0], row[1], account_id)
+                    if left < amount_msat:
+                        continue
                 return row["mint_url"], check_unit(row["unit"])
         raise MintError("no single mint holds enough to pay this amount out")
 
