@@ -1,6 +1,6 @@
 """HTTP calls to a Cashu mint (NUT-01..09), over one shared ``httpx.AsyncClient`` per mint.
 
-Transport failures and 5xx answers become :class:`MintUnavailable` (retryable; the
+Transport failures, 5xx, 408 and 429 answers become :class:`MintUnavailable` (retryable; the
 caller's journal decides what the outcome was); a 4xx answer becomes :class:`MintError`
 carrying the mint's NUT error code (``11001``: proofs already spent).
 """
@@ -30,7 +30,8 @@ class MintApi:
             raise MintUnavailable(f"the mint {self.url} timed out") from None
         except httpx.TransportError as exc:
             raise MintUnavailable(f"the mint {self.url} is unreachable: {exc}") from None
-        if response.status_code >= 500:
+        # 408 and 429 say "not now", not "no": retryable, never a reason to give an op up.
+        if response.status_code >= 500 or response.status_code in (408, 429):
             raise MintUnavailable(f"the mint {self.url} failed with {response.status_code}")
         try:
             data = response.json()

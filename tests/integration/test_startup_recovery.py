@@ -133,3 +133,45 @@ async def test_ops_of_a_mint_no_longer_trusted_are_left_and_the_node_starts(
     config = write_config(tmp_path, fee_mint.url)  # the operator dropped the first mint
     await start_and_stop(config)
     assert op_row(config.ledger_path, "mint") == ("unpaid", None)  # kept for when it returns
+
+
+class FromOneAddress(httpx.AsyncBaseTransport):
+    """Every request says it comes from one public address (the mint exempts loopback)."""
+
+    ADDRESS = "203.0.113.7"
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request.headers["X-Forwarded-For"] = self.ADDRESS
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_rate_limited_mint_leaves_ops_as_they_are(tmp_path: Path, mint_factory) -> None:
+    limited: MintHandle = mint_factory(rate_limit=True)  # nutshell: 20 quote requests a minute
+    config = write_config(tmp_path, limited.url)
+    core = await make_core(config, transport=FromOneAddress())
+    try:
+        funding = LightningFunding(core.wallet)
+        quote = await funding.create(100)
+        op = await funding._op_by_public_id(quote.id)
+        assert op is not None and op.quote is not None
+        async with httpx.AsyncClient(transport=FromOneAddress()) as client:
+            for _ in range(100):  # use up this minute's quote requests
+                answer = await client.get(f"{limited.url}/v1/mint/quote/bolt11/{op.quote}")
+                if answer.status_code == 429:
+                    break
+            else:
+                raise AssertionError("the mint never rate-limited")
+        # 429 means "not now": the quote is not given up but polled again later. (Should the
+        # mint's minute turn over in between, the poll finds it paid and mints it: also fine.)
+        outcome = await funding.recover()
+        assert outcome in ({}, {"done": 1})
+        state, error = op_row(config.ledger_path, "mint")
+        assert (state, error) == ("done" if outcome else "unpaid", None)
+    finally:
+        await core.close()
