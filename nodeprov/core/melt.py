@@ -17,6 +17,7 @@ from nodeprov.core import journal, liabilities
 from nodeprov.core.bdhke import hash_to_curve_hex
 from nodeprov.core.denominations import covering_subset
 from nodeprov.core.ledger import add_asset, credit, debit
+from nodeprov.core.mint_access import KeysetNotLoaded
 from nodeprov.core.money import Unit, check_unit, to_msat
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import MintError, MintUnavailable
@@ -83,6 +84,15 @@ class Melter:
 
     async def pay(self, account_id: str, quote: MeltQuote, *, ref: str = "") -> Melted:
         """Pay a quote from ``account_id``: journal, melt, then settle the change."""
+        try:
+            return await self._pay(account_id, quote, ref)
+        # Only the input fee inside the first write raises it (rolled back, before any mint
+        # call); the later steps load their keyset before their own write.
+        except KeysetNotLoaded as exc:
+            await self.wallet.keyset(exc.mint_url, exc.keyset_id)
+            return await self._pay(account_id, quote, ref)
+
+    async def _pay(self, account_id: str, quote: MeltQuote, ref: str) -> Melted:
         mint_url, unit_, amount, reserve = quote.mint_url, quote.unit, quote.amount, quote.reserve
         api = self.wallet.api(mint_url)
         keyset = await self.wallet.pool_keysets(mint_url, unit_)

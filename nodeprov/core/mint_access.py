@@ -27,6 +27,15 @@ from nodeprov.protocol.cashu_token import Dleq, Proof
 logger = logging.getLogger("nodeprov.core.wallet")
 
 
+class KeysetNotLoaded(MintUnavailable):
+    """A keyset needed inside a ledger write is not loaded: load it outside, then retry."""
+
+    def __init__(self, mint_url: str, keyset_id: str) -> None:
+        super().__init__(f"keyset {keyset_id} of {mint_url} is not loaded yet")
+        self.mint_url = mint_url
+        self.keyset_id = keyset_id
+
+
 def norm(url: str) -> str:
     """A mint URL as the node keys it (no trailing ``/``)."""
     return url.rstrip("/")
@@ -94,24 +103,18 @@ class MintAccess:
         """A keyset already loaded; never asks the mint, so it is safe inside a ledger write."""
         keyset = self._keysets[mint_url].find(keyset_id)
         if keyset is None:
-            raise MintUnavailable(f"keyset {keyset_id} of {mint_url} is not loaded yet")
+            raise KeysetNotLoaded(mint_url, keyset_id)
         return keyset
 
     async def pool_keysets(self, mint_url: str, unit: str) -> Keyset:
-        """Load the keysets of a pool's proofs now; returns the active keyset for outputs.
+        """Before a write that picks proofs from a pool: its mint's keysets, loaded now.
 
-        Called before a write transaction that picks proofs from the pool, so that the
-        input fee is computed from loaded keysets: no mint round trip holds the writer.
+        Returns the active keyset for outputs. The input fee is then computed from loaded
+        keysets inside the transaction, so no mint round trip holds the writer; a proof of a
+        keyset still unknown (one another process added) raises :class:`KeysetNotLoaded`,
+        and the caller loads it and tries again.
         """
-        active = await self.active_keyset(mint_url, unit)
-        rows = await self.ledger.db.fetchall(
-            "SELECT DISTINCT keyset_id FROM proofs WHERE mint_url = ? AND unit = ? "
-            "AND state = 'unspent'",
-            (mint_url, unit),
-        )
-        for row in rows:
-            await self.keyset(mint_url, str(row[0]))
-        return active
+        return await self.active_keyset(mint_url, unit)
 
     async def load_output_keyset(self, op_id: int) -> None:
         """Load the keyset of an op's outputs before a write transaction unblinds them."""

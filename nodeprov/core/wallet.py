@@ -19,7 +19,7 @@ from nodeprov.core.bdhke import hash_to_curve_hex as hash_to_curve_hex
 from nodeprov.core.bdhke import point, verify_proof_dleq
 from nodeprov.core.denominations import complete_split, covering_subset, exact_subset
 from nodeprov.core.ledger import add_asset, debit, ensure_account, mark_processed
-from nodeprov.core.mint_access import norm
+from nodeprov.core.mint_access import KeysetNotLoaded, norm
 from nodeprov.core.mint_api import SPENT_CODE
 from nodeprov.core.money import Unit, ceil_div, check_unit, from_msat_floor, to_msat
 from nodeprov.core.wallet_recovery import WalletRecovery
@@ -166,6 +166,24 @@ class Wallet(WalletRecovery):
 
         The mint's input fee for a needed swap comes out of the token's value.
         """
+        args = (account_id, amount_msat, mint_url, unit, kind, ref)
+        try:
+            return await self._send(*args)
+        # Only the input fee inside the first write raises it (rolled back, before any mint
+        # call); the later steps load their keyset before their own write.
+        except KeysetNotLoaded as exc:
+            await self.keyset(exc.mint_url, exc.keyset_id)
+            return await self._send(*args)
+
+    async def _send(
+        self,
+        account_id: str,
+        amount_msat: int,
+        mint_url: str | None,
+        unit: str | None,
+        kind: str,
+        ref: str,
+    ) -> Sent:
         owner = account_id if kind != "change" else None
         mint_url, unit_ = await self.choose_pool(amount_msat, mint_url, unit, owner)
         value = from_msat_floor(amount_msat, unit_)
