@@ -99,6 +99,8 @@ class WalletSection:
     units: tuple[Unit, ...] = ("sat", "msat")
     mint_timeout_seconds: Decimal = Decimal(10)
     refund_expired: bool = True
+    # Let key refunds reach Lightning addresses on private or loopback hosts (a private network).
+    refund_private_hosts: bool = False
     expiry_check_seconds: int = 600
     # The largest invoice POST /v1/wallet/lightning creates, in sat.
     lightning_max_sat: int = 1_000_000

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from nodeprov.config import Config
 from nodeprov.core.db import Database
 from nodeprov.core.ledger import now
 from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
@@ -69,6 +70,7 @@ class HasWallet(Protocol):
     """What the service needs of the daemon's core."""
 
     wallet: Wallet
+    config: Config
 
 
 async def refund_record(db: Database, account_id: str) -> dict[str, Any] | None:
@@ -87,8 +89,12 @@ class ExpiryRefunder:
         retry_base_seconds: int = 60,
         retry_max_seconds: int = 6 * 3600,
         http: httpx.AsyncClient | None = None,
+        private_hosts: bool = False,
     ) -> None:
         self.wallet = wallet
+        # Refund addresses are chosen by clients: only public hosts, unless the operator
+        # runs on a private network (wallet.refund_private_hosts).
+        self.private_hosts = private_hosts
         self.db = wallet.ledger.db
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
@@ -194,7 +200,7 @@ class ExpiryRefunder:
         """An invoice from ``address`` whose amount, fee reserve and input fee fit the balance."""
         mint_url, unit = await self.wallet.choose_pool(available_msat, None, None, account_id)
         budget = from_msat_floor(available_msat, unit)
-        request = await resolve(http, address)
+        request = await resolve(http, address, trust_host=self.private_hosts)
         quote = await sized_quote(
             self.wallet, mint_url, unit, budget,
             (request.min_sendable_msat, request.max_sendable_msat),
@@ -219,5 +225,10 @@ class ExpiryRefunder:
 
 
 async def refund_expired_keys(core: HasWallet, stop: asyncio.Event) -> None:
-    """Daemon service: refund expired keys to their Lightning address every minute."""
-    await ExpiryRefunder(core.wallet).run(stop)
+    """Daemon service: refund expired keys every ``wallet.expiry_check_seconds`` (if enabled)."""
+    settings = core.config.wallet
+    if not settings.refund_expired:
+        await stop.wait()
+        return
+    refunder = ExpiryRefunder(core.wallet, private_hosts=settings.refund_private_hosts)
+    await refunder.run(stop, interval=float(settings.expiry_check_seconds))

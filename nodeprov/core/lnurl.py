@@ -273,10 +273,18 @@ async def _get_json(client: httpx.AsyncClient, url: str, what: str, home: str) -
     return data
 
 
-async def resolve(client: httpx.AsyncClient, address: str) -> PayRequest:
-    """Fetch and validate the LNURL-pay parameters of a Lightning address."""
+async def resolve(
+    client: httpx.AsyncClient, address: str, *, trust_host: bool = True
+) -> PayRequest:
+    """Fetch and validate the LNURL-pay parameters of a Lightning address.
+
+    ``trust_host``: contact the address's own host as written (the operator named it). A
+    client-chosen address is not trusted: its host, like every other, must resolve to public
+    addresses only, so a client cannot make the node call its loopback or private network.
+    """
     url = address_url(address)
-    home = (urlsplit(url).hostname or "").lower()
+    named = (urlsplit(url).hostname or "").lower()
+    home = named if trust_host else ""
     request = parse_pay_request(await _get_json(client, url, "the address", home))
     return replace(request, home=home)
 

@@ -7,10 +7,12 @@ second real mint (an outside payee the node's mint pays through its FakeWallet).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,9 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from nodeprov.config import Config, WalletSection
 from nodeprov.core.expiry import ExpiryRefunder, refund_expired_keys, refund_record
 from nodeprov.core.mint_api import MintApi
 from nodeprov.core.payments import api_key_account
+from nodeprov.core.wallet import Wallet
 from nodeprov.http.app import bind, serve
 from tests.support.core import Core, build_core
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
@@ -36,6 +40,7 @@ class LnurlServer:
     url: str = ""
     failing: bool = False
     invoices: list[tuple[str, int, str]] = field(default_factory=list)  # user, msat, quote
+    lookups: list[str] = field(default_factory=list)  # users whose pay request was read
 
     def address(self, user: str) -> str:
         return f"{user}@{self.url.removeprefix('http://')}"
@@ -43,6 +48,7 @@ class LnurlServer:
     def app(self) -> Starlette:
         async def pay_request(request: Request) -> JSONResponse:
             user = request.path_params["user"]
+            self.lookups.append(user)
             return JSONResponse(
                 {
                     "tag": "payRequest",
@@ -123,7 +129,7 @@ async def test_expired_key_is_refunded_to_its_address(
         account_id = await expired_key(core, make_token, node_mint, 200, lnurl.address("alice"))
         before = await core.ledger.account(account_id)
         assert before is not None
-        refunder = ExpiryRefunder(core.wallet)
+        refunder = ExpiryRefunder(core.wallet, private_hosts=True)
         (result,) = await refunder.round()
         assert result.state == "paid", result
         # Sizing may ask for a smaller invoice once the fee reserve is known; the last is paid.
@@ -161,7 +167,7 @@ async def test_only_expired_keys_with_an_address_are_refunded(
         no_address, _ = await core.payments.create_key(
             await make_token(50), expires_at=int(time.time()) - 1
         )
-        assert await ExpiryRefunder(core.wallet).round() == []
+        assert await ExpiryRefunder(core.wallet, private_hosts=True).round() == []
         for key in (live, forever, no_address):
             account = await core.ledger.account(api_key_account(key))
             assert account is not None and account.balance_msat == 50_000
@@ -178,7 +184,7 @@ async def test_failed_refund_keeps_the_balance_and_retries_with_backoff(
     core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
     try:
         account_id = await expired_key(core, make_token, mint, 100, lnurl.address("carol"))
-        refunder = ExpiryRefunder(core.wallet, retry_base_seconds=30)
+        refunder = ExpiryRefunder(core.wallet, retry_base_seconds=30, private_hosts=True)
         t0 = int(time.time())
         (first,) = await refunder.round(at=t0)
         assert first.state == "failed" and "cannot take this now" in (first.error or "")
@@ -207,7 +213,7 @@ async def test_unreachable_address_fails_cleanly(
     core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
     try:
         account_id = await expired_key(core, make_token, mint, 30, "dave@127.0.0.1:9")
-        (result,) = await ExpiryRefunder(core.wallet).round()
+        (result,) = await ExpiryRefunder(core.wallet, private_hosts=True).round()
         assert result.state == "failed" and result.error
         account = await core.ledger.account(account_id)
         assert account is not None and account.balance_msat == 30_000
@@ -232,7 +238,7 @@ async def test_expired_key_owner_claims_the_balance_after_a_failed_refund(
         assert r.status_code == 200, r.text
         key = r.json()["api_key"]
         await asyncio.sleep(1.2)
-        (result,) = await ExpiryRefunder(node.core.wallet).round()
+        (result,) = await ExpiryRefunder(node.core.wallet, private_hosts=True).round()
         assert result.state == "failed"
         auth = {"Authorization": f"Bearer {key}"}
         info = (await http.get("/wallet/balance", headers=auth)).json()
@@ -242,7 +248,55 @@ async def test_expired_key_owner_claims_the_balance_after_a_failed_refund(
         assert await make_token.redeem(r.json()["token"]) == 40
         assert (await http.get("/wallet/balance", headers=auth)).json()["balance"] == 0
     # A claimed key has nothing left to refund.
-    assert await ExpiryRefunder(node.core.wallet).round() == []
+    assert await ExpiryRefunder(node.core.wallet, private_hosts=True).round() == []
+
+
+@dataclass
+class Service:
+    """What the refund service reads of the daemon's core."""
+
+    wallet: Wallet
+    config: Config
+
+
+def settings(**wallet: Any) -> Config:
+    return dataclasses.replace(Config(), wallet=dataclasses.replace(WalletSection(), **wallet))
+
+
+async def test_a_refund_address_on_a_loopback_host_is_refused_by_default(
+    tmp_path: Path, mint: MintHandle, make_token, lnurl_factory
+) -> None:
+    """Clients choose refund addresses: the node calls no loopback or private host for them."""
+    lnurl = await lnurl_factory(mint)
+    core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
+    try:
+        account_id = await expired_key(core, make_token, mint, 64, lnurl.address("mallory"))
+        (result,) = await ExpiryRefunder(core.wallet).round()
+        assert result.state == "failed" and "not a public address" in (result.error or "")
+        assert "mallory" not in lnurl.lookups
+        account = await core.ledger.account(account_id)
+        assert account is not None and account.balance_msat == 64_000
+        await core.assert_books_balance()
+    finally:
+        await core.close()
+
+
+async def test_service_does_nothing_when_refunds_are_off(
+    tmp_path: Path, mint: MintHandle, make_token, lnurl_factory
+) -> None:
+    lnurl = await lnurl_factory(mint)
+    core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
+    try:
+        await expired_key(core, make_token, mint, 64, lnurl.address("erin"))
+        stop = asyncio.Event()
+        service = Service(core.wallet, settings(refund_expired=False, refund_private_hosts=True))
+        task = asyncio.create_task(refund_expired_keys(service, stop))
+        await asyncio.sleep(0)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+        assert "erin" not in lnurl.lookups
+    finally:
+        await core.close()
 
 
 async def test_service_refunds_and_stops(
@@ -253,7 +307,8 @@ async def test_service_refunds_and_stops(
     try:
         account_id = await expired_key(core, make_token, mint, 64, lnurl.address("erin"))
         stop = asyncio.Event()
-        task = asyncio.create_task(refund_expired_keys(core, stop))
+        service = Service(core.wallet, settings(refund_private_hosts=True))
+        task = asyncio.create_task(refund_expired_keys(service, stop))
         for _ in range(200):
             record = await refund_record(core.ledger.db, account_id)
             if record is not None:

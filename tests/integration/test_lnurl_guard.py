@@ -126,7 +126,7 @@ async def test_payout_and_refund_refuse_a_redirect_to_another_host(
             refund_address=lnurl.address("alice"),
         )
         lnurl.redirect_next = hostile
-        (result,) = await ExpiryRefunder(core.wallet).round()
+        (result,) = await ExpiryRefunder(core.wallet, private_hosts=True).round()
         assert result.state == "failed" and "redirected to another host" in (result.error or "")
         account = await core.ledger.account(api_key_account(api_key))
         assert account is not None and account.balance_msat == 50_000
