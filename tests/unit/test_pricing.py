@@ -16,14 +16,8 @@ from hypothesis import strategies as st
 
 from nodeprov.config import ModelPrice, PricingSection, Rate, RateSource
 from nodeprov.core.money import MSAT_PER_BTC
-from nodeprov.core.pricing import (
-    IMAGE_PART_TOKENS,
-    MAX_N,
-    Cost,
-    ExchangeRates,
-    Pricer,
-    UsageUnavailable,
-)
+from nodeprov.core.pricing import Cost, ExchangeRates, Pricer, UsageUnavailable
+from nodeprov.core.token_bounds import IMAGE_PART_TOKENS, MAX_N
 from nodeprov.errors import ContextLengthExceeded, InvalidRequest, PriceUnavailable, UnknownModel
 
 CLIENT = httpx.AsyncClient()  # never used: no sources are configured in these tests
