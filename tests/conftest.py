@@ -22,12 +22,27 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 from tests.support.cashu_client import TokenFactory, import_cashu
 from tests.support.services import MintHandle, RelayHandle, start_mint, start_relay
 from tests.support.tcp_proxy import TcpProxy
 
 MintRef = MintHandle | str | None
+
+# Property tests run the same examples every time: derandomize (examples derive from the test,
+# not a random seed or the local example database), and no per-example deadline or "too slow"
+# health check, which fail by chance on a busy machine. Loaded here, before the test modules
+# are imported, so their own @settings(...) inherit it.
+settings.register_profile(
+    "deterministic",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile("deterministic")
 
 
 # ------------------------------------------------------------------------------- servers
