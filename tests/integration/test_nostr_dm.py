@@ -18,14 +18,15 @@ from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream, expected_usage
 from tests.support.nostr_client import (
     CHAT_MODEL,
+    HELD_MODEL,
     MODELS,
-    SLOW_MODEL,
     DmNode,
     SdkClient,
     chat_cost,
     start_dm_node,
 )
 from tests.support.services import MintHandle, RelayHandle
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -184,8 +185,9 @@ async def test_bad_input_gets_error_or_nothing(node: DmNode, client: SdkClient) 
     assert node.listener.stats["dropped"] == dropped + 1
     node.listener.transport.max_age = -10_000  # everything counts as stale now
     await client.publish(client.nip04("old"))
+    # Wait for the listener to see (and drop) it: a fixed pause could end before it arrives.
+    await until(lambda: node.listener.stats["dropped"] == dropped + 2, what="stale DM dropped")
     assert await client.quiet(1.5) == []
-    assert node.listener.stats["dropped"] == dropped + 2
     node.listener.transport.max_age = 24 * 3600
     # A kind 4 dated an hour ahead (signed, handed over directly: relays refuse those too).
     future = nostr_sdk.EventBuilder(
@@ -215,29 +217,34 @@ async def test_same_event_twice_is_processed_once(
     await node.stop_listener()
     await node.start_listener()
     await client.publish(event)
+    # The fresh listener gets the event (from its watermark or live) and counts it as a
+    # duplicate: wait for that rather than for a fixed time, then check nothing was sent.
+    await until(lambda: node.listener.stats["duplicates"] >= 1, what="duplicate seen")
     assert await client.quiet(2.0) == []
     assert await balance(node, client.pubkey) == after
-    assert node.listener.stats["handled"] == 0 and node.listener.stats["duplicates"] >= 1
+    assert node.listener.stats["handled"] == 0
 
 
-async def _wait_accepted(node: DmNode, event_id: str) -> None:
-    deadline = time.monotonic() + 10
-    while (row := await node.store.get(event_id)) is None or row.state != "accepted":
-        assert time.monotonic() < deadline, "job never accepted"
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)  # the upstream call is under way
+async def _in_upstream_call(upstream: FakeUpstream, arrivals: int) -> None:
+    """Until a held request reached the closed gate: the job is inside its upstream call."""
+    await until(lambda: upstream.held_arrivals > arrivals, what="job reached the upstream")
 
 
 async def test_restart_between_receipt_and_reply_npub(
-    node: DmNode, client: SdkClient, make_token: TokenMaker
+    node: DmNode, client: SdkClient, make_token: TokenMaker, upstream: FakeUpstream
 ) -> None:
     token = await make_token(40)
     await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
-    body = chat_body(model=SLOW_MODEL)
-    event_id = await client.send(request(body, ident="slow"))
-    await _wait_accepted(node, event_id)
-    await node.stop_listener(grace=0)  # cancels the job mid-upstream call
-    assert await balance(node, client.pubkey) == 40_000  # hold released, nothing charged
+    body = chat_body(model=HELD_MODEL)
+    arrivals = upstream.held_arrivals
+    upstream.close_gate()
+    try:
+        await client.send(request(body, ident="slow"))
+        await _in_upstream_call(upstream, arrivals)
+        await node.stop_listener(grace=0)  # cancels the job mid-upstream call
+        assert await balance(node, client.pubkey) == 40_000  # hold released, nothing charged
+    finally:
+        upstream.open_gate()
     await node.start_listener()
     data = (await client.replies(1, within=30))[0].json
     assert data["type"] == "response" and data["id"] == "slow"
@@ -248,13 +255,18 @@ async def test_restart_between_receipt_and_reply_npub(
 
 
 async def test_restart_between_receipt_and_reply_token(
-    node: DmNode, client: SdkClient, make_token: TokenMaker
+    node: DmNode, client: SdkClient, make_token: TokenMaker, upstream: FakeUpstream
 ) -> None:
     token = await make_token(30)
-    body = chat_body(model=SLOW_MODEL)
-    event_id = await client.send(request(body, ident="slowtok", cashu=token), "nip04")
-    await _wait_accepted(node, event_id)
-    await node.stop_listener(grace=0)
+    body = chat_body(model=HELD_MODEL)
+    arrivals = upstream.held_arrivals
+    upstream.close_gate()
+    try:
+        await client.send(request(body, ident="slowtok", cashu=token), "nip04")
+        await _in_upstream_call(upstream, arrivals)
+        await node.stop_listener(grace=0)
+    finally:
+        upstream.open_gate()
     await node.start_listener()
     data = (await client.replies(1, within=30))[0].json
     assert data["type"] == "response", data
@@ -358,13 +370,20 @@ async def test_rate_limit_and_concurrency_cap(
     try:
         token = await make_token(30)
         await peer.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
-        # Two slow jobs at once: the second is refused while the first runs.
-        await peer.send(request(chat_body(model=SLOW_MODEL), ident="s1"))
-        await asyncio.sleep(0.8)
-        await peer.send(request(chat_body(model=SLOW_MODEL), ident="s2"))
-        got = {r.json["id"]: r.json for r in await peer.replies(2, within=30)}
-        assert got["s2"]["error"]["code"] == "rate_limited"
-        assert got["s1"]["type"] == "response"
+        # Two jobs at once: the second is refused while the first runs. The first is held
+        # in its upstream call until the second's answer is in, so the order is fixed (a
+        # fixed pause and a slow model raced: s2 could arrive first, or after s1 finished).
+        arrivals = upstream.held_arrivals
+        upstream.close_gate()
+        try:
+            await peer.send(request(chat_body(model=HELD_MODEL), ident="s1"))
+            await _in_upstream_call(upstream, arrivals)
+            second = (await peer.ask(request(chat_body(model=HELD_MODEL), ident="s2"))).json
+        finally:
+            upstream.open_gate()
+        assert second["id"] == "s2" and second["error"]["code"] == "rate_limited"
+        first = (await peer.replies(1, within=30))[0].json
+        assert first["id"] == "s1" and first["type"] == "response"
         third = (await peer.ask('{"type": "balance", "id": "b3"}')).json
         assert third["type"] == "balance"
         fourth = (await peer.ask('{"type": "balance", "id": "b4"}')).json

@@ -56,7 +56,8 @@ REPLY_WORDS = (
 )
 MAX_COMPLETION = len(REPLY_WORDS)  # 16
 _SWITCH = re.compile(
-    r"(fail)-(\d{3})|(slow|drip)-(\d+(?:\.\d+)?)|(drop|stall|pause)-(\d+)|(hang|nousage|earlyusage)"
+    r"(fail)-(\d{3})|(slow|drip)-(\d+(?:\.\d+)?)|(drop|stall|pause)-(\d+)"
+    r"|(hang|held|nousage|earlyusage)"
 )
 
 
@@ -68,6 +69,7 @@ class Behaviour:
     delay: float = 0.0
     chunk_delay: float = 0.0
     hang: bool = False
+    held: bool = False
     drop_after: int | None = None
     stall_after: int | None = None
     pause_after: int | None = None
@@ -91,6 +93,8 @@ class Behaviour:
                 b.hang = True
             elif m[7] == "earlyusage":
                 b.early_usage = True
+            elif m[7] == "held":
+                b.held = True
             else:
                 b.usage = False
         return b

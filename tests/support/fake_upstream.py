@@ -13,6 +13,9 @@ with switches in its model name, ``+``-separated parts matched whole (``"m+drip-
     fail-NNN   answer status NNN with an OpenAI error body (429 adds ``Retry-After: 1``)
     slow-S     wait S seconds before answering          drip-S   wait S s before each word chunk
     hang       never answer (until the server stops)    nousage  no ``usage`` anywhere
+    held       wait while the gate is closed: ``up.close_gate()`` ... ``up.open_gate()``;
+               ``up.held_arrivals`` counts the requests that reached the closed gate, so a
+               test can wait until its request is inside the upstream call (no sleeps)
     drop-K     stream: cut the connection after K ``data:`` events (no terminating chunk)
     stall-K    stream: after K ``data:`` events send nothing more, keep the connection open
     pause-K    stream: after K ``data:`` events wait until ``up.resume_paused()``, then go on
@@ -126,6 +129,8 @@ class FakeUpstream:
         self._server: uvicorn.Server | None = None
         self._seq = 0
         self._resume = threading.Event()
+        self._gate: asyncio.Event | None = None  # set = open (the default)
+        self.held_arrivals = 0
         post = ["POST"]
         self.app = Starlette(
             routes=[
@@ -187,6 +192,8 @@ class FakeUpstream:
     async def _serve(self) -> None:
         assert self._server is not None and self._sock is not None
         self._stopping = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._gate.set()
         await self._server.serve(sockets=[self._sock])
 
     def stop(self) -> None:
@@ -201,6 +208,27 @@ class FakeUpstream:
         if self._sock is not None:
             self._sock.close()
         self._thread = self._server = self._sock = self._loop = None
+
+    def close_gate(self) -> None:
+        """From now on ``held`` requests wait (until :meth:`open_gate` or the server stops)."""
+        self._set_gate(False)
+
+    def open_gate(self) -> None:
+        """Let waiting and future ``held`` requests through. Idempotent."""
+        self._set_gate(True)
+
+    def _set_gate(self, is_open: bool) -> None:
+        assert self._loop is not None and self._gate is not None, "server not started"
+        gate = self._gate
+
+        async def flip() -> None:
+            if is_open:
+                gate.set()
+            else:
+                gate.clear()
+
+        # Synchronous: the gate is in its new state when this returns.
+        asyncio.run_coroutine_threadsafe(flip(), self._loop).result(10)
 
     def __enter__(self) -> FakeUpstream:
         return self.start()
@@ -223,6 +251,21 @@ class FakeUpstream:
         assert self._stopping is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def _pass_gate(self) -> bool:
+        """Wait while the gate is closed (or until stop); True if the server is stopping."""
+        assert self._gate is not None and self._stopping is not None
+        if self._gate.is_set():
+            return False
+        self.held_arrivals += 1
+        opened = asyncio.ensure_future(self._gate.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({opened, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            stopping.cancel()
         return self._stopping.is_set()
 
     async def _begin(self, request: Request) -> tuple[RecordedRequest, Behaviour, Response | None]:
@@ -252,6 +295,8 @@ class FakeUpstream:
                 ),
             )
         if b.hang and await self._sleep(None):
+            return rec, b, error_response(503, "fake upstream is shutting down", "server_error")
+        if b.held and await self._pass_gate():
             return rec, b, error_response(503, "fake upstream is shutting down", "server_error")
         if b.delay:
             await self._sleep(b.delay)

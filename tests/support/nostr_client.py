@@ -37,7 +37,9 @@ from tests.support.fake_upstream import FakeUpstream
 FAST_POOL: dict[str, Any] = {"backoff_base": 0.05, "backoff_cap": 0.5, "connect_timeout": 5.0}
 CHAT_MODEL = "fake-chat"
 SLOW_MODEL = "fake-chat+slow-2"
-MODELS = (CHAT_MODEL, SLOW_MODEL, "fake-embed")
+# Waits inside the upstream call while the fake upstream's gate is closed (no timing involved).
+HELD_MODEL = "fake-chat+held"
+MODELS = (CHAT_MODEL, SLOW_MODEL, HELD_MODEL, "fake-embed")
 
 
 def chat_cost(usage: dict[str, int]) -> int:
