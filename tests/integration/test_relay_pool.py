@@ -23,7 +23,8 @@ from websockets.legacy.server import WebSocketServer, WebSocketServerProtocol, s
 
 from nodeprov.nostr.relay_pool import RelayPool, Subscription
 from tests.support.nostr_keys import Keys, verify_event
-from tests.support.services import RELAY_BIN, RelayHandle, free_port
+from tests.support.services import RELAY_BIN, RelayHandle, ServiceStartError, free_port
+from tests.support.tcp_proxy import dead_url
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +45,25 @@ async def wait_until(cond: Callable[[], bool], within: float = 10.0) -> None:
 
 
 async def drain(sub: Subscription, quiet: float = 0.3) -> list[tuple[str, dict[str, Any]]]:
-    """Everything the subscription yields until it stays quiet for ``quiet`` seconds."""
+    """Everything the subscription yields until it stays quiet for ``quiet`` seconds.
+
+    Only for what is already queued (e.g. stored events before EOSE) or to show that nothing
+    more comes: for live events use :func:`collect`, which waits for them.
+    """
     out: list[tuple[str, dict[str, Any]]] = []
     while True:
         try:
             out.append(await asyncio.wait_for(anext(sub), quiet))
         except TimeoutError:
             return out
+
+
+async def collect(
+    sub: Subscription, n: int, within: float = 30.0, quiet: float = 0.3
+) -> list[tuple[str, dict[str, Any]]]:
+    """The next ``n`` items (waiting for each as long as needed), then any extras."""
+    out = [await asyncio.wait_for(anext(sub), within) for _ in range(n)]
+    return out + await drain(sub, quiet)
 
 
 def tagged(keys: Keys, tag: str, content: str = "hi", **kw: Any) -> dict[str, Any]:
@@ -89,9 +102,11 @@ async def test_two_relays_deliver_each_event_once(
         live = [tagged(keys, tag, f"live {i}") for i in range(2)]
         for event in live:
             assert len((await pool.publish(event, timeout=10)).accepted) == 2
-        got = [event["id"] for _, event in await drain(sub, 0.5)]
+        # A live event may reach us after its OK: wait for all five, and for the second
+        # relay's copies to be dropped, instead of taking what came within a fixed time.
+        got = [event["id"] for _, event in await collect(sub, 5, quiet=0.5)]
         assert sorted(got) == sorted(e["id"] for e in stored + live)
-        assert pool.stats["duplicates"] >= 5  # the second relay's copies were dropped
+        await wait_until(lambda: pool.stats["duplicates"] >= 5)  # the second relay's copies
 
 
 async def test_rejections_are_reported_and_the_throttled_connection_is_replaced(
@@ -113,12 +128,12 @@ async def test_rejections_are_reported_and_the_throttled_connection_is_replaced(
         )
         assert [small.url in r.accepted for r in results] == [True, False, True]
         assert "Bad signature" in results[1].rejected[small.url]
-        # The throttled connection was dropped for a fresh one, so the next publish is fast.
-        await wait_until(lambda: pool.status()[small.url]["connected"], 5)
-        started = time.monotonic()
-        assert (await pool.publish(keys.event("three"), timeout=10)).ok
-        assert time.monotonic() - started < 1.5
+        # The throttled connection was dropped for a fresh one, which takes the next event.
+        # (Counted, not timed: a stopwatch bound fails by chance on a busy machine.)
+        await wait_until(lambda: pool.status()[small.url]["connected"], 30)
         assert pool.status()[small.url]["reconnects"] >= 1
+        three = await pool.publish(keys.event("three"), timeout=10)
+        assert sorted(three.accepted) == sorted([relay.url, small.url]), three
 
 
 async def test_reconnect_resubscribes_without_duplicates(relay: RelayHandle) -> None:
@@ -128,7 +143,7 @@ async def test_reconnect_resubscribes_without_duplicates(relay: RelayHandle) -> 
         assert await sub.wait_eose(10)
         first = tagged(keys, tag, "before")
         assert (await pool.publish(first, timeout=10)).ok
-        assert [e["id"] for _, e in await drain(sub)] == [first["id"]]
+        assert [e["id"] for _, e in await collect(sub, 1)] == [first["id"]]
         relay.stop()
         await wait_until(lambda: not pool.status()[relay.url]["connected"])
         down = await pool.publish(tagged(keys, tag, "while down"), timeout=0.3)
@@ -138,16 +153,24 @@ async def test_reconnect_resubscribes_without_duplicates(relay: RelayHandle) -> 
         assert pool.status()[relay.url]["reconnects"] >= 1
         second = tagged(keys, tag, "after")
         assert (await pool.publish(second, timeout=10)).ok
-        got = [e["id"] for _, e in await drain(sub, 0.5)]
+        got = [e["id"] for _, e in await collect(sub, 1, quiet=0.5)]
         assert got == [second["id"]]  # the resubscription re-sent `first`; dedup dropped it
         assert pool.stats["duplicates"] >= 1
 
 
 async def test_auth_with_nostr_relay(relay_factory: Callable[..., RelayHandle]) -> None:
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
-    auth = {"enabled": True, "relay_urls": [url], "actions": {"save": "w", "query": "a"}}
-    private = relay_factory(port=port, extra_config={"authentication": auth})
+    # The relay must know its own URL, so the port is picked before it starts; another
+    # process may take it in between ("address already in use"): then try another port.
+    for attempt in range(3):
+        port = free_port()
+        url = f"ws://127.0.0.1:{port}"
+        auth = {"enabled": True, "relay_urls": [url], "actions": {"save": "w", "query": "a"}}
+        try:
+            private = relay_factory(port=port, extra_config={"authentication": auth})
+            break
+        except ServiceStartError as exc:
+            if attempt == 2 or "address already in use" not in str(exc).lower():
+                raise
     writer = Keys.generate()
     role_set = ["role", "set", "-p", writer.pubkey, "-r", "w"]
     # Blocking is fine here: nothing else runs on the loop yet.
@@ -317,7 +340,7 @@ async def test_flood_keeps_the_queue_bounded(scripted: Callable[..., Any]) -> No
 async def test_close_leaves_no_tasks(relay: RelayHandle, scripted: Callable[..., Any]) -> None:
     srv: ScriptedRelay = await scripted()
     before = asyncio.all_tasks()
-    dead = f"ws://127.0.0.1:{free_port()}"
+    dead = dead_url("ws")  # reserved, so nothing can start listening there meanwhile
     pool = RelayPool([relay.url, srv.url, dead], **FAST)
     sub = pool.subscribe([{"kinds": [1], "limit": 1}])
     assert await sub.wait_eose(10)
