@@ -70,11 +70,17 @@ def _wait_ready(
     proc: Child,
     url: str,
     *,
+    name: str,
     headers: Mapping[str, str] | None = None,
     timeout: float,
     what: str,
 ) -> float:
-    """Poll ``url`` until it answers 200; return the seconds it took."""
+    """Poll ``url`` until it answers 200 with JSON ``{"name": name}``; return the seconds it took.
+
+    The name is unique per start: the port was only free when it was picked, so another server
+    (another test session's) may hold it now, and its answer must not pass for ours. Ours then
+    exits with "address already in use" and the caller retries on another port.
+    """
     started = time.monotonic()
     deadline = started + timeout
     with httpx.Client(trust_env=False, timeout=1.0) as client:
@@ -86,9 +92,9 @@ def _wait_ready(
                 )
             try:
                 response = client.get(url, headers=dict(headers or {}))
-                if response.status_code == 200:
+                if response.status_code == 200 and response.json().get("name") == name:
                     return time.monotonic() - started
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             if time.monotonic() > deadline:
                 raise ServiceStartError(
@@ -135,6 +141,7 @@ class MintHandle:
         self.startup_seconds: float = 0.0
         self._owns_workdir = owns_workdir
         self._proc: Child | None = None
+        self.name = f"nodeprov test mint {secrets.token_hex(8)}"
 
     @property
     def url(self) -> str:
@@ -167,6 +174,7 @@ class MintHandle:
                 "MINT_PRIVATE_KEY": secrets.token_hex(32),
                 "MINT_DATABASE": str(self.workdir / "db"),
                 "MINT_INPUT_FEE_PPK": str(self.input_fee_ppk),
+                "MINT_INFO_NAME": self.name,
                 # nutshell rate-limits by IP (60 req/min, 20 tx/min): every test client is
                 # 127.0.0.1, so leave it off unless a test wants it.
                 "MINT_RATE_LIMIT": "true" if self.rate_limit else "false",
@@ -188,7 +196,7 @@ class MintHandle:
         self._proc = Child("mint", argv, cwd=self.workdir, env=self._env(), log_path=self.log_path)
         try:
             self.startup_seconds = _wait_ready(
-                self._proc, f"{self.url}/v1/info", timeout=timeout, what="mint"
+                self._proc, f"{self.url}/v1/info", name=self.name, timeout=timeout, what="mint"
             )
             self._check_keysets()
         except BaseException:
@@ -323,6 +331,7 @@ class RelayHandle:
         self._owns_workdir = owns_workdir
         self._extra_config = dict(extra_config or {})
         self._proc: Child | None = None
+        self.name = f"nodeprov test relay {secrets.token_hex(8)}"
 
     @property
     def url(self) -> str:
@@ -342,6 +351,7 @@ class RelayHandle:
     def _write_config(self) -> None:
         config: dict[str, Any] = json.loads(json.dumps(_RELAY_CONFIG_TEMPLATE))
         config["storage"]["sqlalchemy.url"] = f"sqlite+aiosqlite:///{self.db_path}"
+        config["relay_name"] = self.name
         # `serve --use-uvicorn` takes host/port from the `gunicorn` section ("bind" -> port,
         # every other key goes to uvicorn.Config).
         config["gunicorn"] = {
@@ -373,6 +383,7 @@ class RelayHandle:
             self.startup_seconds = _wait_ready(
                 self._proc,
                 f"{self.http_url}/",
+                name=self.name,
                 headers={"Accept": "application/nostr+json"},
                 timeout=timeout,
                 what="nostr-relay",
