@@ -30,6 +30,7 @@ from nodeprov.http.app import bind, serve
 from tests.support.core import Core, build_core
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
 from tests.support.services import MintHandle
+from tests.support.waiting import expires_soon, until_past
 
 
 @dataclass
@@ -227,17 +228,19 @@ async def test_expired_key_owner_claims_the_balance_after_a_failed_refund(
 ) -> None:
     lnurl = await lnurl_factory(fee_mint)
     async with httpx.AsyncClient(base_url=node.base) as http:
+        token = await make_token(40)
+        soon = expires_soon()
         r = await http.post(
             "/wallet/create",
             json={
-                "cashu_token": await make_token(40),
-                "expires_at": int(time.time()) + 1,
+                "cashu_token": token,
+                "expires_at": soon,
                 "refund_address": lnurl.address("broken"),
             },
         )
         assert r.status_code == 200, r.text
         key = r.json()["api_key"]
-        await asyncio.sleep(1.2)
+        await until_past(soon)
         (result,) = await ExpiryRefunder(node.core.wallet, private_hosts=True).round()
         assert result.state == "failed"
         auth = {"Authorization": f"Bearer {key}"}

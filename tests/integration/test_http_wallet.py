@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
 
 from nodeprov.core.payments import api_key_account
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
+from tests.support.waiting import expires_soon, until_past
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -54,20 +54,17 @@ async def test_create_with_expiry_and_refund_address(node: Node, make_token) -> 
             "/wallet/create", json={"cashu_token": await make_token(3), "expires_at": 1}
         )
         assert r.status_code == 400
-        soon = int(time.time()) + 1
+        token = await make_token(3)
+        soon = expires_soon()  # after the token is made, with room for the request to arrive
         r = await http.post(
             "/wallet/create",
-            json={
-                "cashu_token": await make_token(3),
-                "expires_at": soon,
-                "refund_address": "me@example.com",
-            },
+            json={"cashu_token": token, "expires_at": soon, "refund_address": "me@example.com"},
         )
         body = r.json()
         assert body["expires_at"] == soon
         account = await node.core.ledger.account(api_key_account(body["api_key"]))
         assert account is not None and account.refund_address == "me@example.com"
-        await asyncio.sleep(2.1)
+        await until_past(soon)
         r = await http.post(
             "/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {body['api_key']}"}
         )

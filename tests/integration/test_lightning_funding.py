@@ -31,6 +31,7 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.http_node import Node, start_node, upstream_fixture  # noqa: F401  (fixture)
 from tests.support.services import MintHandle, free_port
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import expires_soon, until_past
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -195,12 +196,11 @@ async def test_malformed_requests_and_unknown_quote(node: Node, make_token) -> N
 
 async def test_expired_key_cannot_be_funded(node: Node, make_token) -> None:
     async with httpx.AsyncClient(base_url=node.base) as http:
-        r = await http.post(
-            "/wallet/create",
-            json={"cashu_token": await make_token(2), "expires_at": int(time.time()) + 1},
-        )
+        token = await make_token(2)
+        soon = expires_soon()
+        r = await http.post("/wallet/create", json={"cashu_token": token, "expires_at": soon})
         key = r.json()["api_key"]
-        await asyncio.sleep(1.2)
+        await until_past(soon)
         r = await http.post("/wallet/lightning", json={"amount": 5, "api_key": key})
         assert r.status_code == 401 and r.json()["error"]["code"] == "account_expired"
 
