@@ -17,6 +17,7 @@ from nodeprov.config import PricingSection, RateSource
 from nodeprov.core.money import MSAT_PER_BTC
 from nodeprov.core.pricing import ExchangeRates
 from nodeprov.errors import PriceUnavailable
+from tests.support.waiting import until
 
 # path -> (status, body); the tests edit it between refreshes
 ROUTES: dict[str, tuple[int, bytes]] = {
@@ -208,10 +209,7 @@ async def test_run_refreshes_until_stopped(base_url: str, client: httpx.AsyncCli
     rates = ExchangeRates(section(base_url, GOOD[0], btc_usd_refresh_seconds=3600), client)
     stop = asyncio.Event()
     task = asyncio.create_task(rates.run(stop))
-    for _ in range(200):
-        if rates.last_rate is not None:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: rates.last_rate is not None, what="the first refresh")
     assert rates.last_rate == 60000
     stop.set()
     await asyncio.wait_for(task, timeout=2)

@@ -21,6 +21,7 @@ from nodeprov.protocol.nostr_event import Event
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.nostr_client import MODELS, DmNode, price, start_dm_node
 from tests.support.services import MintHandle, RelayHandle
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -132,10 +133,8 @@ async def test_daemon_service_announces_and_answers(
     stop = asyncio.Event()
     task = asyncio.create_task(nostr_service(core, stop))
     try:
-        for _ in range(100):
-            if config.nostr_key_path.exists():
-                break
-            await asyncio.sleep(0.05)
+        # Wait for the service's key: loading it before it exists would create a second one.
+        await until(config.nostr_key_path.exists, what="the service created its key")
         keys = load_or_create_keys(config.nostr_key_path)
         peer = await SdkClient([relay.url], keys.public_key).connect()
         try:
@@ -143,7 +142,11 @@ async def test_daemon_service_announces_and_answers(
             assert reply.json == {"type": "balance", "id": "svc", "balance_msat": 0}
         finally:
             await peer.close()
-        (listing,) = await fetch(relay, keys.public_key, 38421)
+        # The announcer runs alongside the listener: answering a DM does not mean the
+        # listing is out yet, so wait for it.
+        (listing,) = await until(
+            lambda: fetch(relay, keys.public_key, 38421), what="the listing was announced"
+        )
         assert {m.id for m in ann.parse_listing(listing).models} == set(MODELS)
     finally:
         stop.set()
