@@ -142,7 +142,9 @@ async def test_bad_requests_never_charge(node: Node, make_token) -> None:
         ("fake-chat+fail-500", 502, "upstream_error"),
         ("fake-chat+fail-429", 503, "upstream_unavailable"),
         ("fake-chat+fail-400", 400, "invalid_request"),
-        ("fake-chat+slow-3", 504, "upstream_timeout"),
+        # 30 s, not 3 s, against the 2 s timeout: a stalled test process must not let the
+        # answer arrive before the timeout fires.
+        ("fake-chat+slow-30", 504, "upstream_timeout"),
     ],
 )
 async def test_upstream_failures_charge_nothing_and_refund_x_cashu(

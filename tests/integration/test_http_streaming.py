@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.fake_upstream import expected_usage
+from tests.support.fake_upstream import expected_text, expected_usage
 from tests.support.http_node import Node, chat_cost, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
 
 CHAT = {
@@ -105,24 +105,40 @@ async def test_client_disconnect_with_x_cashu_keeps_change_claimable(
 
 
 async def test_chunks_arrive_as_they_are_produced(node: Node, make_token) -> None:
+    """A word reaches the client while the upstream is stopped mid-stream (pause-2), so the
+    node passes chunks through instead of buffering. Proven by order, not a stopwatch."""
     key = await new_key(node, await make_token(50))
-    body = {**CHAT, "model": "fake-chat+drip-0.05", "stream": True}
-    loop = asyncio.get_running_loop()
-    stamps = []
-    async with (
-        httpx.AsyncClient() as http,
-        http.stream(
-            "POST",
-            node.base + "/chat/completions",
-            json=body,
-            headers={"Authorization": f"Bearer {key}"},
-        ) as r,
-    ):
-        async for line in r.aiter_lines():
-            if line.startswith("data:") and "content" in line:
-                stamps.append(loop.time())
-    assert len(stamps) >= 16
-    assert stamps[-1] - stamps[0] > 0.5  # spread over the upstream's drip, not one burst
+    body = {**CHAT, "model": "fake-chat+pause-2", "stream": True}
+    upstream = node.upstream
+    words: list[str] = []
+
+    def add(line: str) -> None:
+        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            choices = json.loads(line[5:]).get("choices")  # the last event is the settlement
+            if choices and choices[0]["delta"].get("content"):
+                words.append(choices[0]["delta"]["content"])
+
+    upstream.arm_pause()
+    try:
+        async with (
+            httpx.AsyncClient() as http,
+            http.stream(
+                "POST",
+                node.base + "/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+            ) as r,
+        ):
+            lines = r.aiter_lines()
+            while not words:  # the role chunk, then one word; the second waits for us
+                add(await asyncio.wait_for(anext(lines), 30))
+            assert upstream.last_request.finished_at is None  # the upstream is still at work
+            upstream.resume_paused()
+            async for line in lines:
+                add(line)
+    finally:
+        upstream.resume_paused()
+    assert "".join(words) == expected_text(body)
     await node.wait_idle()
     assert (await node.account(key)).balance_msat == 50_000 - chat_cost(expected_usage(body))
 

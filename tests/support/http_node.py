@@ -33,6 +33,7 @@ from nodeprov.upstream import Upstreams
 from tests.support.core import TEST_PRICE, Core, build_core
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import MintHandle
+from tests.support.waiting import until
 
 UPSTREAM_KEY = "sk-upstream-secret-of-the-node"
 MAX_BODY = 64 * 1024
@@ -49,6 +50,7 @@ SWITCHES = (
     "fail-429",
     "fail-400",
     "slow-3",
+    "slow-30",  # far past the 2 s upstream timeout: the timeout wins on any machine
     "drop-4",
     "nousage",
     "drip-0.05",
@@ -96,13 +98,12 @@ class Node:
         assert account is not None
         return account.balance_msat
 
-    async def wait_idle(self, seconds: float = 5.0) -> None:
+    async def wait_idle(self, seconds: float = 30.0) -> None:
         """Wait until no hold is open (a stream's settlement may trail the client)."""
-        for _ in range(int(seconds / 0.02)):
-            if await self.holds() == 0:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("holds still open")
+        await until(self._idle, within=seconds, what="holds still open")
+
+    async def _idle(self) -> bool:
+        return await self.holds() == 0
 
     async def holds(self) -> int:
         """Open holds, unpaid per-request balances and pending wallet ops: work in flight."""
