@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def upstream() -> Iterator[FakeUpstream]:
         yield up
 
 
-def write_config(tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str, port: int) -> Path:
+def write_config(
+    tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str, port: int, name: str
+) -> Path:
     models = ", ".join(f'"{m}"' for m in MODELS)
     prices = "\n".join(
         f'[models."{m}"]\nrequest_msat = 1000\ninput_per_1m_msat = 2000000\n'
@@ -49,7 +52,7 @@ def write_config(tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str,
     path.write_text(
         f"""
 [node]
-name = "e2e-node"
+name = "{name}"
 data_dir = "{tmp / "data"}"
 http_url = "http://127.0.0.1:{port}"
 
@@ -78,10 +81,23 @@ models = [{models}]
     return path
 
 
+class PortTaken(Exception):
+    """The daemon exited because another process took its port first."""
+
+
 class Daemon:
-    def __init__(self, config: Path, port: int) -> None:
+    """``nodeprov start`` on a free port; ready when /v1/info answers with this node's name.
+
+    The port is free when picked and bound by the daemon later; another process may take it in
+    between (other test sessions run on the same machine). The name check keeps that process's
+    answer from passing for ours, and :meth:`start` then retries on another port.
+    """
+
+    def __init__(self, config: Path, port: int, name: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.log = open(config.parent / "daemon.log", "ab")  # noqa: SIM115
+        log_path = config.parent / "daemon.log"
+        started_at = log_path.stat().st_size if log_path.exists() else 0
+        self.log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*NODEPROV, "-c", str(config), "start"],
             cwd=ROOT,
@@ -89,15 +105,39 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/v1/info", timeout=1).status_code == 200:
+                r = httpx.get(self.url + "/v1/info", timeout=1)
+                if r.status_code == 200 and r.json().get("name") == name:
                     return
-            except httpx.TransportError:
-                time.sleep(0.1)
-            assert self.proc.poll() is None, (config.parent / "daemon.log").read_text()
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.1)
+            if self.proc.poll() is not None:
+                self.log.close()
+                text = log_path.read_bytes()[started_at:].decode(errors="replace")
+                if "address already in use" in text.lower():
+                    raise PortTaken(text)
+                raise AssertionError(f"the daemon exited:\n{text}")
+        self.kill()
         raise AssertionError("the daemon did not come up")
+
+    @classmethod
+    def start(
+        cls, tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str
+    ) -> tuple[Daemon, Path]:
+        """A daemon on a fresh free port (the config is rewritten for it), and its config."""
+        name = f"e2e-node-{secrets.token_hex(4)}"
+        for attempt in range(3):
+            port = free_port()
+            config = write_config(tmp, mint, relay, upstream, port, name)
+            try:
+                return cls(config, port, name), config
+            except PortTaken:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -143,9 +183,7 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
     upstream: FakeUpstream,
     make_token,
 ) -> None:
-    port = free_port()
-    config = write_config(tmp_path, mint, relay, upstream.url, port)
-    daemon = Daemon(config, port)
+    daemon, config = Daemon.start(tmp_path, mint, relay, upstream.url)
     try:
         # HTTP: a key from a token, then a paid chat with the official SDK.
         async with httpx.AsyncClient(timeout=30) as http:
@@ -214,7 +252,7 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
     report = audit(config)
     assert report.returncode == 0, report.stdout + report.stderr
 
-    daemon = Daemon(config, port)
+    daemon, config = Daemon.start(tmp_path, mint, relay, upstream.url)  # same data dir
     try:
         after = await balance_of(daemon, key)
         # The interrupted stream was settled (or released) before the daemon stopped.
