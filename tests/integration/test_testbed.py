@@ -137,12 +137,10 @@ async def test_fee_mint_tokens_are_exact_and_redeem_pays_fees(
         assert await make_token.redeem(token) == amount - fee
 
 
-async def test_many_tokens_are_fast(make_token: TokenMaker, fee_mint: MintHandle) -> None:
-    started = time.monotonic()
+async def test_many_tokens_are_distinct(make_token: TokenMaker, fee_mint: MintHandle) -> None:
+    # No stopwatch here: how fast 50 tokens are made depends on the machine's load.
     tokens = [await make_token(1 + i, mint=fee_mint) for i in range(50)]
-    elapsed = time.monotonic() - started
     assert len(set(tokens)) == 50
-    assert elapsed < 10, f"50 tokens took {elapsed:.1f}s"
 
 
 async def test_token_factory_has_its_own_wallet(
@@ -245,19 +243,24 @@ async def test_slow_proxy_delays(mint: MintHandle, tcp_proxy: Any) -> None:
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
         started = time.monotonic()
         assert (await client.get(f"{proxy.url}/v1/info")).status_code == 200
-        assert time.monotonic() - started >= 0.4
+        assert time.monotonic() - started >= 0.4  # a lower bound: load only adds to it
+        # Far beyond the client's timeout, then off again: the knob acts at once. (Not a
+        # stopwatch bound like "answers within 0.3 s", which a busy machine breaks.)
+        proxy.delay = 60.0
+        with pytest.raises(httpx.TimeoutException):
+            await client.get(f"{proxy.url}/v1/keysets", timeout=0.5)
         proxy.delay = 0.0
-        started = time.monotonic()
         assert (await client.get(f"{proxy.url}/v1/keysets")).status_code == 200
-        assert time.monotonic() - started < 0.3
 
 
 async def test_proxy_pause_resume_refuse(mint: MintHandle, tcp_proxy: Any) -> None:
     proxy: TcpProxy = tcp_proxy(mint.url)
-    async with httpx.AsyncClient(trust_env=False, timeout=0.5) as client:
+    # A short timeout only where the proxy stalls for ever; the requests that must succeed get
+    # a long one (0.5 s for a real mint round trip fails by chance on a busy machine).
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
         proxy.pause()  # stall
         with pytest.raises(httpx.TimeoutException):
-            await client.get(f"{proxy.url}/v1/info")
+            await client.get(f"{proxy.url}/v1/info", timeout=0.5)
         proxy.resume()
         assert (await client.get(f"{proxy.url}/v1/info")).status_code == 200
         proxy.pause(refuse=True)
@@ -278,7 +281,6 @@ def test_proxy_works_from_a_blocking_test(mint: MintHandle, tcp_proxy: Any) -> N
 
 async def test_dead_url_refuses() -> None:
     url = dead_url()
-    started = time.monotonic()
+    # Refused, not timed out (that would be httpx.ConnectTimeout): no stopwatch needed.
     with pytest.raises(httpx.ConnectError):
         await _get(f"{url}/v1/info")
-    assert time.monotonic() - started < 1
