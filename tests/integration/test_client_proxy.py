@@ -37,7 +37,7 @@ async def proxy_for(payer: PayingClient) -> AsyncIterator[str]:
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     task = asyncio.create_task(run_proxy(payer, 0, ready=ready, stop=stop))
-    port = await asyncio.wait_for(ready, 5)
+    port = await asyncio.wait_for(ready, 30)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:

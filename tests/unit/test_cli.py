@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +17,15 @@ from nodeprov.cli import EXAMPLE_CONFIG, main
 from nodeprov.config import load_config
 from nodeprov.core.node import Core
 from nodeprov.daemon import run
+from tests.support.tcp_proxy import dead_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def closed_port() -> int:
-    """A port nothing listens on (bound, then released), so mint calls fail fast."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A port nothing listens on, so mint calls fail fast. It stays bound (never listening)
+    for the session: a port released at once could be taken by another server meanwhile."""
+    return dead_port()
 
 
 def write_config(tmp_path: Path, extra: str = "", mint: str | None = None) -> Path:
