@@ -29,9 +29,9 @@ from tests.support import http_node
 from tests.support.core import build_core
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.http_node import Node, start_node, upstream_fixture  # noqa: F401  (fixture)
-from tests.support.services import MintHandle, free_port
+from tests.support.services import MintHandle, start_mint
 from tests.support.tcp_proxy import TcpProxy
-from tests.support.waiting import expires_soon, until_past
+from tests.support.waiting import expires_soon, until, until_past
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -67,12 +67,13 @@ async def lightning_node(
 
 async def pay(node: Node, http: httpx.AsyncClient, quote_id: str) -> dict[str, Any]:
     """Poll a quote until it is paid (the FakeWallet mint pays at once)."""
-    for _ in range(50):
+
+    async def paid() -> dict[str, Any] | None:
         body: dict[str, Any] = (await http.get(f"/wallet/lightning/{quote_id}")).json()
-        if body["state"] == "paid":
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"quote {quote_id} never paid: {body}")
+        return body if body["state"] == "paid" else None
+
+    result: dict[str, Any] = await until(paid, what=f"quote {quote_id} paid")
+    return result
 
 
 async def test_new_key_funded_over_lightning_and_shown_once(node: Node) -> None:
@@ -249,20 +250,9 @@ async def test_poll_service_mints_paid_quotes_and_stops(node: Node) -> None:
     assert status.state == "paid" and status.balance_msat == 21_000 and status.api_key is None
 
 
-class UnpaidMint(MintHandle):
-    """A mint whose FakeWallet leaves invoices unpaid (``FAKEWALLET_BRR=false``)."""
-
-    def _env(self) -> dict[str, str]:
-        return {**super()._env(), "FAKEWALLET_BRR": "false"}
-
-
 async def test_unpaid_quote_stays_unpaid_then_expires(tmp_path: Path) -> None:
-    handle = UnpaidMint(
-        workdir=tmp_path / "mint", port=free_port(), input_fee_ppk=0, rate_limit=False,
-        owns_workdir=False,
-    )  # fmt: skip
-    (tmp_path / "mint").mkdir()
-    handle.start()
+    # A mint whose FakeWallet leaves invoices unpaid; start_mint retries if its port was taken.
+    handle = start_mint(workdir=tmp_path / "mint", extra_env={"FAKEWALLET_BRR": "false"})
     core = await build_core(tmp_path / "ledger.sqlite3", [handle.url])
     try:
         funding = LightningFunding(core.wallet)

@@ -132,11 +132,13 @@ class MintHandle:
         input_fee_ppk: int,
         rate_limit: bool,
         owns_workdir: bool,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = port
         self.input_fee_ppk = input_fee_ppk
         self.rate_limit = rate_limit
+        self.extra_env = dict(extra_env or {})
         self.log_path = workdir / "mint.log"
         self.startup_seconds: float = 0.0
         self._owns_workdir = owns_workdir
@@ -185,6 +187,7 @@ class MintHandle:
                 "FAKEWALLET_BALANCE_SAT": str(10**12),
             }
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 30.0) -> None:
@@ -245,10 +248,12 @@ def start_mint(
     port: int | None = None,
     rate_limit: bool = False,
     timeout: float = 30.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> MintHandle:
     """Start a nutshell mint with FakeWallet for sat and msat; return when ``/v1/info`` answers.
 
     ``workdir`` defaults to a fresh temporary directory that ``close()`` removes again.
+    ``extra_env`` overrides the mint's environment (e.g. ``{"FAKEWALLET_BRR": "false"}``).
     """
     owns = workdir is None
     base = Path(tempfile.mkdtemp(prefix="nodeprov-mint-")) if workdir is None else workdir
@@ -261,6 +266,7 @@ def start_mint(
             input_fee_ppk=input_fee_ppk,
             rate_limit=rate_limit,
             owns_workdir=owns,
+            extra_env=extra_env,
         )
         try:
             handle.start(timeout=timeout)
