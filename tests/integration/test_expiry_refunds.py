@@ -30,7 +30,7 @@ from nodeprov.http.app import bind, serve
 from tests.support.core import Core, build_core
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
 from tests.support.services import MintHandle
-from tests.support.waiting import expires_soon, until_past
+from tests.support.waiting import expires_soon, until, until_past
 
 
 @dataclass
@@ -312,12 +312,10 @@ async def test_service_refunds_and_stops(
         stop = asyncio.Event()
         service = Service(core.wallet, settings(refund_private_hosts=True))
         task = asyncio.create_task(refund_expired_keys(service, stop))
-        for _ in range(200):
-            record = await refund_record(core.ledger.db, account_id)
-            if record is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert record is not None and record["state"] == "paid"
+        record = await until(
+            lambda: refund_record(core.ledger.db, account_id), what="the refund was recorded"
+        )
+        assert record["state"] == "paid"
         stop.set()
         await asyncio.wait_for(task, timeout=5)
         await core.assert_books_balance()

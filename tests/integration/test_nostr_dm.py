@@ -49,15 +49,14 @@ async def balance(node: DmNode, pubkey: str) -> int:
 
 
 async def idle(node: DmNode) -> None:
-    for _ in range(250):
+    async def nothing_in_flight() -> bool:
         row = await node.core.ledger.db.fetchone(
             "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
             " WHERE state = 'pending')"
         )
-        if row is not None and row[0] == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("work still in flight")
+        return row is not None and row[0] == 0
+
+    await until(nothing_in_flight, what="work still in flight")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from nodeprov.payouts import PayoutError, PayoutService, payout_now, recent_payo
 from tests.support.daemon_core import make_core, write_config
 from tests.support.lnurl_server import LnurlServer
 from tests.support.services import MintHandle
+from tests.support.waiting import until
 
 
 class MeltAnswerLost(httpx.AsyncBaseTransport):
@@ -260,13 +261,10 @@ async def test_service_runs_inside_the_daemon(
         run(config, stop, services=(service.service(),), handle_signals=False)
     )
     try:
-        for _ in range(200):
-            if service.results or daemon.done():
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: service.results or daemon.done(), what="a payout or the daemon's end")
     finally:
         stop.set()
-        await asyncio.wait_for(daemon, 15)
+        await asyncio.wait_for(daemon, 30)
     assert [r.state for r in service.results] == ["paid"]
     after = await make_core(config)
     try:
