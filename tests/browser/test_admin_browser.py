@@ -63,7 +63,7 @@ def drive(admin_url: str, account_id: str, profile: str) -> dict[str, Any]:
     browser = webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
     seen: dict[str, Any] = {}
     try:
-        wait = WebDriverWait(browser, 10)
+        wait = WebDriverWait(browser, 30)  # a bound for a busy machine, not a speed check
         browser.get(admin_url + "/")
         wait.until(ec.presence_of_element_located((By.ID, "password")))
         seen["login_url"] = browser.current_url
