@@ -17,6 +17,7 @@ from tests.support.http_node import Node, chat_cost, node_fixture  # noqa: F401 
 from tests.support.http_node import upstream_fixture as upstream_fixture
 from tests.support.nostr_client import MODELS, DmNode, start_dm_node
 from tests.support.services import MintHandle, RelayHandle
+from tests.support.tcp_proxy import dead_url
 
 pytestmark = pytest.mark.integration
 
@@ -102,4 +103,4 @@ async def test_ask_over_nostr_no_reply_takes_the_token_back(
 async def test_down_provider_is_reported(wallet: ClientWallet) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
         with pytest.raises(ProviderDown, match="unreachable"):
-            await fetch_provider("http://127.0.0.1:9", http)
+            await fetch_provider(dead_url(), http)

@@ -13,6 +13,7 @@ from nodeprov.cli_client import client
 from tests.support.fake_upstream import expected_text, expected_usage
 from tests.support.http_node import Node, chat_cost, node_fixture, upstream_fixture  # noqa: F401
 from tests.support.services import MintHandle
+from tests.support.tcp_proxy import dead_url
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,8 @@ async def test_wallet_fund_send_receive_and_ask_over_http(
 
 
 async def test_ask_a_down_provider_is_one_line(tmp_path: Path) -> None:
-    result = await cli("ask", "hi", "--provider", "http://127.0.0.1:9", "--data-dir", str(tmp_path))
+    down = dead_url()  # reserved for the session: nothing can start listening there
+    result = await cli("ask", "hi", "--provider", down, "--data-dir", str(tmp_path))
     assert result.exit_code == 1
-    assert result.output.startswith("error: the provider at http://127.0.0.1:9")
+    assert result.output.startswith(f"error: the provider at {down}")
     assert len(result.output.strip().splitlines()) == 1

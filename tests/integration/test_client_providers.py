@@ -33,6 +33,7 @@ from nodeprov.protocol.nostr_event import Keys, sign_event
 from tests.integration.test_client_proxy import proxy_for
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401
 from tests.support.services import MintHandle, RelayHandle
+from tests.support.tcp_proxy import dead_url
 
 pytestmark = pytest.mark.integration
 
@@ -211,7 +212,7 @@ async def test_discover_finds_the_node_and_a_second_provider_cheapest_first(
         # Announced cheaper than it really is (its /v1/models says PRICES): flagged.
         liar_keys = await announce(relay.url, listing_of("liar", second.url, mint.url, {
             **PRICES, "request": 1}))  # fmt: skip
-        gone = await announce(relay.url, listing_of("gone", "http://127.0.0.1:9", mint.url, cheap))
+        gone = await announce(relay.url, listing_of("gone", dead_url(), mint.url, cheap))
         found = await discover([relay.url], model="fake-chat", wait=5)
     mine = {f.npub: f for f in found}
     ours = [f.npub for f in found if f.npub in (node_keys.npub, liar_keys.npub, gone.npub)]

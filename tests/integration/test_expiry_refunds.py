@@ -30,6 +30,7 @@ from nodeprov.http.app import bind, serve
 from tests.support.core import Core, build_core
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
 from tests.support.services import MintHandle
+from tests.support.tcp_proxy import dead_port
 from tests.support.waiting import expires_soon, until, until_past
 
 
@@ -213,7 +214,7 @@ async def test_unreachable_address_fails_cleanly(
 ) -> None:
     core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
     try:
-        account_id = await expired_key(core, make_token, mint, 30, "dave@127.0.0.1:9")
+        account_id = await expired_key(core, make_token, mint, 30, f"dave@127.0.0.1:{dead_port()}")
         (result,) = await ExpiryRefunder(core.wallet, private_hosts=True).round()
         assert result.state == "failed" and result.error
         account = await core.ledger.account(account_id)
