@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -86,15 +86,17 @@ class PortTaken(Exception):
 
 
 class Daemon:
-    """``nodeprov start`` on a free port; ready when /v1/info answers with this node's name.
+    """``nodeprov start`` on a free port; ready when /v1/info answers with this node's name
+    (``name``: give each run a unique one; None accepts any node).
 
     The port is free when picked and bound by the daemon later; another process may take it in
     between (other test sessions run on the same machine). The name check keeps that process's
     answer from passing for ours, and :meth:`start` then retries on another port.
     """
 
-    def __init__(self, config: Path, port: int, name: str) -> None:
+    def __init__(self, config: Path, port: int, name: str | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self.name = name
         log_path = config.parent / "daemon.log"
         started_at = log_path.stat().st_size if log_path.exists() else 0
         self.log = open(log_path, "ab")  # noqa: SIM115
@@ -109,7 +111,7 @@ class Daemon:
         while time.monotonic() < deadline:
             try:
                 r = httpx.get(self.url + "/v1/info", timeout=1)
-                if r.status_code == 200 and r.json().get("name") == name:
+                if r.status_code == 200 and (name is None or r.json().get("name") == name):
                     return
             except (httpx.TransportError, ValueError):
                 pass
@@ -125,13 +127,14 @@ class Daemon:
 
     @classmethod
     def start(
-        cls, tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str
+        cls, write_config_for: Callable[[int, str], Path], prefix: str = "e2e-node"
     ) -> tuple[Daemon, Path]:
-        """A daemon on a fresh free port (the config is rewritten for it), and its config."""
-        name = f"e2e-node-{secrets.token_hex(4)}"
+        """A daemon on a fresh free port with a unique name; ``write_config_for(port, name)``
+        writes its config (rewritten on a retry) and returns the path."""
+        name = f"{prefix}-{secrets.token_hex(4)}"
         for attempt in range(3):
             port = free_port()
-            config = write_config(tmp, mint, relay, upstream, port, name)
+            config = write_config_for(port, name)
             try:
                 return cls(config, port, name), config
             except PortTaken:
@@ -183,7 +186,10 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
     upstream: FakeUpstream,
     make_token,
 ) -> None:
-    daemon, config = Daemon.start(tmp_path, mint, relay, upstream.url)
+    def config_for(port: int, name: str) -> Path:
+        return write_config(tmp_path, mint, relay, upstream.url, port, name)
+
+    daemon, config = Daemon.start(config_for)
     try:
         # HTTP: a key from a token, then a paid chat with the official SDK.
         async with httpx.AsyncClient(timeout=30) as http:
@@ -252,7 +258,7 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
     report = audit(config)
     assert report.returncode == 0, report.stdout + report.stderr
 
-    daemon, config = Daemon.start(tmp_path, mint, relay, upstream.url)  # same data dir
+    daemon, config = Daemon.start(config_for)  # a fresh port, the same data dir
     try:
         after = await balance_of(daemon, key)
         # The interrupted stream was settled (or released) before the daemon stopped.

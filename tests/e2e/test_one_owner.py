@@ -38,7 +38,9 @@ def upstream() -> Iterator[FakeUpstream]:
         yield up
 
 
-def write_config(tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str, port: int) -> Path:
+def write_config(
+    tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str, port: int, name: str
+) -> Path:
     prices = "".join(
         f'[models."{m}"]\nrequest_msat = 1000\noutput_per_1m_msat = 5000000\n'
         "context_tokens = 8192\nmax_output_tokens = 64\n"
@@ -46,7 +48,7 @@ def write_config(tmp: Path, mint: MintHandle, relay: RelayHandle, upstream: str,
     )
     path = tmp / "nodeprov.toml"
     path.write_text(
-        f'[node]\nname = "owner-node"\ndata_dir = "{tmp / "data"}"\n'
+        f'[node]\nname = "{name}"\ndata_dir = "{tmp / "data"}"\n'
         f'[http]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[nostr]\nrelays = ["{relay.url}"]\n'
         f'[wallet]\nmints = ["{mint.url}"]\n'
@@ -80,9 +82,12 @@ def books(config: Path) -> dict[str, int]:
 def node(
     tmp_path: Path, mint: MintHandle, relay: RelayHandle, upstream: FakeUpstream
 ) -> Iterator[tuple[Daemon, Path]]:
-    port = free_port()
-    config = write_config(tmp_path, mint, relay, upstream.url, port)
-    daemon = Daemon(config, port)
+    # A unique name and a fresh port on a retry: the readiness check accepts only this daemon,
+    # not another process that took the port (picked free, bound by the daemon later).
+    daemon, config = Daemon.start(
+        lambda port, name: write_config(tmp_path, mint, relay, upstream.url, port, name),
+        prefix="owner-node",
+    )
     try:
         yield daemon, config
     finally:
@@ -174,7 +179,7 @@ def test_a_lock_left_by_a_killed_daemon_does_not_block_the_next_start(
     assert lock.read_text().split()[0] == str(daemon.proc.pid)
 
     port = int(daemon.url.rsplit(":", 1)[1])
-    again = Daemon(config, port)  # waits until /v1/info answers
+    again = Daemon(config, port, daemon.name)  # waits until /v1/info answers with our name
     try:
         assert lock.read_text().split()[0] == str(again.proc.pid)
         assert again.terminate() == 0
