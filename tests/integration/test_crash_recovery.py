@@ -325,11 +325,11 @@ async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_l
     """The dead run's hold is still within its lease; the resumed job releases it, pays once."""
     from tests.support.crash_worker import dm_context, dm_reply
     from tests.support.fake_upstream import FakeUpstream, expected_usage
-    from tests.support.nostr_client import MODELS, SLOW_MODEL, chat_cost
+    from tests.support.nostr_client import HELD_MODEL, MODELS, chat_cost
 
     db = tmp_path / "ledger.sqlite3"
     sender, event_id = secrets.token_hex(32), secrets.token_hex(32)
-    body = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    body = {"model": HELD_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     msg = {"type": "request", "id": "r1", "endpoint": "/v1/chat/completions", "body": body}
     token = await make_token(2, mint=mint)  # enough for one hold, not for two
     if pay == "x_cashu":
@@ -337,19 +337,24 @@ async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_l
     text = json.dumps(msg)
     with FakeUpstream(models=MODELS) as upstream:
         core, ctx = await dm_context(db, mint.url, upstream.url)
-        assert 1000 < core.pricer.max_cost(SLOW_MODEL, body).total_msat <= 2000 // 2 + 1000
+        assert 1000 < core.pricer.max_cost(HELD_MODEL, body).total_msat <= 2000 // 2 + 1000
         if pay == "npub":
             await core.wallet.receive(token, "npub:" + sender, "npub")
         await ctx.upstreams.aclose()
         await core.close()
 
         worker = Worker([str(db), mint.url, mint.url, "dm", upstream.url, sender, event_id, text])
+        # The upstream holds the call until the kill: waiting for the hold and then killing
+        # raced a 2 s slow model (a stalled test process let the job finish first).
+        upstream.close_gate()
         try:
             worker.go()
-            wait_until(lambda: open_holds(db) == 1)  # held; the upstream call is under way
+            wait_until(lambda: upstream.held_arrivals == 1)  # the upstream call is under way
+            assert open_holds(db) == 1
             worker.kill()
         finally:
             worker.close()
+            upstream.open_gate()
 
         core, ctx = await dm_context(db, mint.url, upstream.url)
         try:
