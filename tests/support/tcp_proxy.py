@@ -48,6 +48,14 @@ def dead_url(scheme: str = "http") -> str:
     return f"{scheme}://{LOOPBACK}:{dead_port()}"
 
 
+def _reuse_port_socket(reuse_address: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    if reuse_address:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
 class TcpProxy:
     """Forward 127.0.0.1:<port> to ``target_host:target_port``.
 
@@ -81,6 +89,10 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._refusing = False
+        # Bound with SO_REUSEPORT and never listening: keeps the port ours while pause(refuse=True)
+        # has closed the listener, so resume() can bind it again (no other server can take it
+        # meanwhile; connects get ECONNREFUSED, as from a port where nothing listens).
+        self._placeholder: socket.socket | None = None
 
     @classmethod
     def to_url(cls, url: str, **kwargs: Any) -> TcpProxy:
@@ -184,10 +196,14 @@ class TcpProxy:
         if self._open is None:
             self._open = asyncio.Event()
             self._open.set()
-        self._server = await asyncio.start_server(
-            self._handle, LOOPBACK, self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        sock = _reuse_port_socket(reuse_address=True)
+        sock.bind((LOOPBACK, self.port))
+        self.port = sock.getsockname()[1]
+        if self._placeholder is None:
+            # Without SO_REUSEADDR: a server that sets only that (the usual) cannot share it.
+            self._placeholder = _reuse_port_socket(reuse_address=False)
+            self._placeholder.bind((LOOPBACK, self.port))
+        self._server = await asyncio.start_server(self._handle, sock=sock)
 
     async def _pause(self, refuse: bool) -> None:
         assert self._open is not None
@@ -203,7 +219,7 @@ class TcpProxy:
         assert self._open is not None
         if self._refusing:
             self._refusing = False
-            await self._start_server()  # same port again
+            await self._start_server()  # same port again (the placeholder kept it)
         self._open.set()
 
     async def _drop(self) -> None:
@@ -220,6 +236,9 @@ class TcpProxy:
         await self._drop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
