@@ -78,6 +78,7 @@ class HttpSection:
     port: int = 8000
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (ModelPrice, "max_output_tokens"): (1, 100_000_000, False),
     (HttpSection, "port"): (0, 65535, False),
     (HttpSection, "max_body_bytes"): (1024, 1024**3, False),
+    (HttpSection, "header_timeout_seconds"): (1, 3600, False),
     (NostrSection, "chat_history_turns"): (0, 100, False),
     (NostrSection, "max_content_bytes"): (1024, 1024**2, False),
     (NostrSection, "rate_limit_per_minute"): (0, 10_000, False),

@@ -47,4 +47,7 @@ def operator_routes(core: Core) -> list[BaseRoute]:
 async def http_service(core: Core, stop: asyncio.Event) -> None:
     """A daemon service: the HTTP API on ``http.host:http.port`` until ``stop``."""
     app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
-    await serve(app, bind(core.config.http.host, core.config.http.port), stop)
+    http = core.config.http
+    await serve(
+        app, bind(http.host, http.port), stop, header_timeout_seconds=http.header_timeout_seconds
+    )

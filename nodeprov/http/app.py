@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from nodeprov.errors import NodeprovError, RequestTooLarge
 from nodeprov.http import (
@@ -151,6 +152,55 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
     return app
 
 
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers.
+
+    uvicorn times out idle keep-alive connections only after a first response, and every
+    byte received resets that timer: a client that connects and trickles a request line
+    (slowloris) holds a socket for ever. Here a connection must deliver a request's complete
+    headers within ``header_timeout`` seconds of connecting (or of the request's first byte
+    on a kept-alive connection), however slowly the bytes arrive; otherwise it is closed.
+    """
+
+    header_timeout: float = 10.0
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """:class:`HeaderTimeoutProtocol` with its deadline set to ``seconds``."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the daemon (or the test) decides when to stop."""
 
@@ -172,10 +222,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app: Any, sock: socket.socket, stop: asyncio.Event) -> None:
-    """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period."""
+async def serve(
+    app: Any, sock: socket.socket, stop: asyncio.Event, *, header_timeout_seconds: float = 10.0
+) -> None:
+    """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period.
+
+    A connection that has not sent a request's headers ``header_timeout_seconds`` after it
+    opened (or after the request began) is closed.
+    """
     config = uvicorn.Config(
-        app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        app,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        http=header_timeout_protocol(header_timeout_seconds),
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -17,7 +17,12 @@ from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import InvalidRequest
 from nodeprov.observability import Metrics
+from nodeprov.protocol import json_input, openai_body
+from nodeprov.protocol.json_input import INT64_MAX
 from nodeprov.upstream import Upstreams
+
+# 9999-12-31T23:59:59Z: the latest time a client may name (expiry dates).
+MAX_UNIX_TIME = 253_402_300_799
 
 
 class UnsupportedMediaType(InvalidRequest):
@@ -50,19 +55,71 @@ def context(request: Request) -> HttpContext:
     return ctx
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or an OpenAI-shaped 400/415."""
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if kind != "application/json" and not kind.endswith("+json"):
-        raise UnsupportedMediaType(f"expected Content-Type application/json, got {kind!r}")
-    raw = await request.body()
+async def read_body(request: Request) -> bytes:
+    """The whole body, however it was framed (Content-Length or chunked); size-capped upstream."""
+    return await request.body()
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object under :mod:`nodeprov.protocol.json_input`'s limits, else 400."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json_input.loads(raw)
+    except json_input.JsonRejected as exc:
+        raise InvalidRequest(f"the request body is refused: {exc}") from None
+    except ValueError:  # UnicodeDecodeError included
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
+
+
+def _content_type(request: Request) -> str:
+    kind = request.headers.get("content-type", "application/json").split(";")[0]
+    kind = kind.strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {kind!r}")
+    return kind
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or an OpenAI-shaped 400/415.
+
+    The one reader of JSON bodies: strict parsing (nesting, integer range, finite numbers),
+    chunked bodies read like any other, and the OpenAI shapes the node relies on checked
+    for the route's path (``messages`` for chat) before anything is held.
+    """
+    _content_type(request)
+    body = parse_json_object(await read_body(request))
+    openai_body.check_body(request.url.path, body)
+    return body
+
+
+async def read_params(request: Request) -> dict[str, Any]:
+    """Query parameters overlaid with the JSON body, if there is one (Routstr takes both).
+
+    Whether a body exists is decided by reading it, never by ``Content-Length`` alone: a
+    chunked body has none.
+    """
+    params: dict[str, Any] = dict(request.query_params)
+    raw = await read_body(request)
+    if raw.strip():
+        _content_type(request)
+        params.update(parse_json_object(raw))
+    return params
+
+
+def int_param(
+    params: Mapping[str, Any], name: str, *, minimum: int = 1, maximum: int = INT64_MAX
+) -> int | None:
+    """An optional whole-number parameter (JSON integer or decimal digits), range-checked."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidRequest(f"'{name}' must be a whole number from {minimum} to {maximum}")
+    return value
 
 
 def _encode(value: Any) -> str:

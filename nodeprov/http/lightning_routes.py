@@ -19,7 +19,7 @@ from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.errors import InvalidRequest
 from nodeprov.http.auth import bearer
-from nodeprov.http.context import JSON, HttpContext, context, read_json
+from nodeprov.http.context import JSON, MAX_UNIX_TIME, HttpContext, context, int_param, read_params
 
 
 def _funding(ctx: HttpContext) -> LightningFunding:
@@ -27,10 +27,9 @@ def _funding(ctx: HttpContext) -> LightningFunding:
 
 
 def _amount(params: dict[str, Any]) -> int:
-    amount = params.get("amount", params.get("amount_sats"))
-    if isinstance(amount, str) and amount.isdigit():
-        amount = int(amount)
-    if type(amount) is not int or amount <= 0:
+    name = "amount" if "amount" in params else "amount_sats"
+    amount = int_param(params, name)
+    if amount is None:
         raise InvalidRequest("'amount' must be a positive whole number of sats")
     return amount
 
@@ -46,10 +45,8 @@ def _api_key(params: dict[str, Any], request: Request) -> str | None:
 
 
 def _new_key_options(params: dict[str, Any]) -> tuple[int | None, str | None]:
-    expires_at = params.get("expires_at")
-    if isinstance(expires_at, str) and expires_at.isdigit():
-        expires_at = int(expires_at)
-    if expires_at is not None and (type(expires_at) is not int or expires_at <= time.time()):
+    expires_at = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
+    if expires_at is not None and expires_at <= time.time():
         raise InvalidRequest("'expires_at' must be a future unix time in seconds")
     address = params.get("refund_address")
     if address is not None:
@@ -64,9 +61,7 @@ def _new_key_options(params: dict[str, Any]) -> tuple[int | None, str | None]:
 
 async def create_invoice(request: Request) -> Response:
     ctx = context(request)
-    params: dict[str, Any] = dict(request.query_params)
-    if request.headers.get("content-length", "0") != "0":
-        params.update(await read_json(request))
+    params = await read_params(request)
     amount = _amount(params)
     api_key = _api_key(params, request)
     expires_at, address = _new_key_options(params)

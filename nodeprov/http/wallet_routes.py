@@ -17,7 +17,7 @@ from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
 from nodeprov.errors import InvalidRequest, Unauthorized
 from nodeprov.http.auth import key_payer
-from nodeprov.http.context import JSON, HttpContext, context, read_json
+from nodeprov.http.context import JSON, MAX_UNIX_TIME, HttpContext, context, int_param, read_params
 
 
 def _mask(key: str) -> str:
@@ -50,14 +50,6 @@ def _view(account: Account) -> dict[str, Any]:
     }
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    """JSON body for POST (query parameters are accepted too, as Routstr does)."""
-    params: dict[str, Any] = dict(request.query_params)
-    if request.method == "POST" and request.headers.get("content-length", "0") != "0":
-        params.update(await read_json(request))
-    return params
-
-
 def _token_field(params: dict[str, Any]) -> str:
     token = params.get("cashu_token") or params.get("initial_balance_token")
     if not isinstance(token, str) or not token.strip():
@@ -66,10 +58,8 @@ def _token_field(params: dict[str, Any]) -> str:
 
 
 def _expiry(params: dict[str, Any]) -> tuple[int | None, str | None]:
-    expires_at = params.get("expires_at")
-    if isinstance(expires_at, str) and expires_at.isdigit():
-        expires_at = int(expires_at)
-    if expires_at is not None and (type(expires_at) is not int or expires_at <= time.time()):
+    expires_at = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
+    if expires_at is not None and expires_at <= time.time():
         raise InvalidRequest("'expires_at' must be a future unix time in seconds")
     address = params.get("refund_address")
     if address is not None:
@@ -81,7 +71,7 @@ def _expiry(params: dict[str, Any]) -> tuple[int | None, str | None]:
 
 async def create(request: Request) -> Response:
     ctx = context(request)
-    params = await _body(request)
+    params = await read_params(request)
     token = _token_field(params)
     expires_at, address = _expiry(params)
     api_key, account = await ctx.payments.create_key(
@@ -105,7 +95,7 @@ async def balance(request: Request) -> Response:
 
 async def topup(request: Request) -> Response:
     ctx = context(request)
-    params = await _body(request)
+    params = await read_params(request)
     token = _token_field(params)
     _, account = await _account(ctx, request)
     received = await ctx.payments.topup(account.id, token)
@@ -115,12 +105,9 @@ async def topup(request: Request) -> Response:
 
 async def withdraw(request: Request) -> Response:
     ctx = context(request)
-    params = await _body(request) if request.url.path.endswith("withdraw") else {}
-    amount = params.get("amount")
-    if isinstance(amount, str) and amount.isdigit():
-        amount = int(amount)
-    if amount is not None and (type(amount) is not int or amount <= 0):
-        raise InvalidRequest("'amount' must be a positive whole number of msat")
+    # The refund aliases always pay out everything (Routstr's meaning); a body is ignored.
+    params = await read_params(request) if request.url.path.endswith("withdraw") else {}
+    amount = int_param(params, "amount")
     mint, unit = params.get("mint"), params.get("unit")
     if mint is not None and (not isinstance(mint, str) or mint.rstrip("/") not in ctx.mints):
         raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")
@@ -151,8 +138,8 @@ async def change(request: Request) -> Response:
 
 
 ROUTES = [
-    HttpRoute("/v1/wallet/create", create, methods=["POST", "GET"]),
-    HttpRoute("/v1/balance/create", create, methods=["POST", "GET"]),
+    HttpRoute("/v1/wallet/create", create, methods=["POST"]),
+    HttpRoute("/v1/balance/create", create, methods=["POST"]),
     HttpRoute("/v1/wallet/balance", balance, methods=["GET"]),
     HttpRoute("/v1/wallet/info", balance, methods=["GET"]),
     HttpRoute("/v1/balance/info", balance, methods=["GET"]),

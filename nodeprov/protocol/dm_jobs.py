@@ -15,7 +15,8 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
-from nodeprov.errors import InvalidJobMessage, NodeprovError
+from nodeprov.errors import InvalidJobMessage, InvalidRequest, NodeprovError
+from nodeprov.protocol import json_input, openai_body
 
 PROTOCOL = "nodeprov/1"
 MAX_ID_CHARS = 128
@@ -121,8 +122,10 @@ def parse_client_message(text: str) -> ClientMessage | PlainText:
     if len(stripped) > MAX_MESSAGE_CHARS:
         raise InvalidJobMessage(f"job message is larger than {MAX_MESSAGE_CHARS} characters")
     try:
-        obj = json.loads(stripped)
-    except (ValueError, RecursionError):
+        obj = json_input.loads(stripped)
+    except json_input.JsonRejected as exc:
+        raise InvalidJobMessage(f"job message refused: {exc}") from None
+    except ValueError:
         return PlainText(text)
     if not isinstance(obj, dict) or "type" not in obj:
         return PlainText(text)
@@ -139,6 +142,10 @@ def parse_client_message(text: str) -> ClientMessage | PlainText:
         body = obj.get("body")
         if not isinstance(body, dict):
             raise InvalidJobMessage("request 'body' must be a JSON object (the OpenAI body)")
+        try:
+            openai_body.check_body(endpoint, body)
+        except InvalidRequest as exc:
+            raise InvalidJobMessage(exc.message) from None
         return JobRequest(ident, endpoint, body, _cashu(obj, required=False))
     if kind == "deposit":
         cashu = _cashu(obj, required=True)

@@ -44,7 +44,10 @@ async def test_key_lifecycle_create_balance_topup_withdraw_refund(node: Node, ma
         info = (await http.get("/balance/info", headers=auth)).json()
         assert info["balance"] == 0
         assert (await http.get("/wallet/balance")).status_code == 401
-        r = await http.get("/balance/create", params={"initial_balance_token": await make_token(2)})
+        # Routstr's query-parameter form, by POST only (a GET never moves money).
+        r = await http.post(
+            "/balance/create", params={"initial_balance_token": await make_token(2)}
+        )
         assert r.json()["balance"] == 2000
 
 

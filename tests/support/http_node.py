@@ -130,7 +130,7 @@ async def start_node(
     )
     config = Config(
         node=NodeSection(name="test-node", http_url="http://127.0.0.1"),
-        http=HttpSection(cors_origins=cors, max_body_bytes=MAX_BODY),
+        http=HttpSection(cors_origins=cors, max_body_bytes=MAX_BODY, header_timeout_seconds=1),
         wallet=WalletSection(mints=tuple(mints)),
         upstreams=(
             Upstream(
@@ -144,7 +144,11 @@ async def start_node(
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(create_app(ctx), sock, stop))
+    task = asyncio.create_task(
+        serve(
+            create_app(ctx), sock, stop, header_timeout_seconds=config.http.header_timeout_seconds
+        )
+    )
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient() as client:
         for _ in range(200):

@@ -70,11 +70,36 @@ def test_plain_text(text: str) -> None:
         ({"type": "withdraw", "id": "1", "amount_msat": 1.5}, "positive integer"),
         ({"type": "withdraw", "id": "1", "amount_msat": "5"}, "positive integer"),
         ({"type": "withdraw", "id": "1", "amount_msat": True}, "positive integer"),
+        ({"type": "withdraw", "id": "1", "amount_msat": 10**20}, "out of range"),
+        (
+            {
+                "type": "request",
+                "id": "1",
+                "endpoint": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [1]},
+            },
+            r"messages\[0\]",
+        ),
+        (
+            {
+                "type": "request",
+                "id": "1",
+                "endpoint": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": 5}]},
+            },
+            r"messages\[0\].content",
+        ),
     ],
 )
 def test_invalid_job_messages(fields: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidJobMessage, match=message):
         dj.parse_client_message(json.dumps(fields))
+
+
+def test_deeply_nested_job_message_is_refused() -> None:
+    text = '{"type": "request", "id": "1", "body": ' + "[" * 3000 + "]" * 3000 + "}"
+    with pytest.raises(InvalidJobMessage, match="nested deeper"):
+        dj.parse_client_message(text)
 
 
 def test_id_of_invalid_message_for_error_reply() -> None:

@@ -1,0 +1,64 @@
+"""Strict JSON for untrusted input: bounded nesting, 64-bit integers, finite numbers.
+
+Python's ``json`` accepts what the rest of the node cannot handle: 3,000 nested arrays end
+in ``RecursionError``, ``10**20`` in ``OverflowError`` when SQLite stores it, ``1e999`` is
+``inf``. :func:`loads` refuses all three with :class:`JsonRejected` (a ``ValueError``), so
+every channel answers them as bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_DEPTH = 64
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_MAX_DIGITS = len(str(INT64_MAX))
+
+
+class JsonRejected(ValueError):
+    """Well-formed JSON the node refuses: nested too deeply or a number out of range."""
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise JsonRejected(f"the integer {text[:24]}… is out of range (64-bit)")
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise JsonRejected(f"the integer {text} is out of range (64-bit)")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonRejected(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise JsonRejected(f"{name} is not a JSON number")
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise :class:`JsonRejected` if arrays/objects in ``value`` nest deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            raise JsonRejected(f"the JSON is nested deeper than {limit} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+def loads(raw: str | bytes) -> Any:
+    """Parse ``raw`` as JSON under the rules above; ``ValueError`` if it is not JSON at all."""
+    try:
+        value = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise JsonRejected(f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
+    if isinstance(value, dict | list):
+        check_depth(value)
+    return value

@@ -1,0 +1,250 @@
+"""Hostile HTTP input: a clear 400/405 before anything is held, charged or swapped.
+
+Each test checks the books after the bad request: the key's balance is intact, an
+``X-Cashu`` token is still unspent at the mint, and the upstream was never called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TokenMaker
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.http_node import (  # noqa: F401  (fixtures)
+    Node,
+    node_fixture,
+    upstream_fixture,
+)
+
+CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+def assert_400(r: httpx.Response, status: int = 400) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"type", "code", "message"}
+    return dict(error)
+
+
+async def new_key(node: Node, token: str) -> str:
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.post("/wallet/create", json={"cashu_token": token})
+    assert r.status_code == 200, r.text
+    return str(r.json()["api_key"])
+
+
+async def chunked(data: bytes) -> AsyncIterator[bytes]:
+    """A body without Content-Length (httpx sends it with Transfer-Encoding: chunked)."""
+    for i in range(0, len(data), 7):
+        yield data[i : i + 7]
+
+
+async def test_deeply_nested_json_is_400_and_charges_nothing(
+    node: Node, make_token: TokenMaker, upstream: FakeUpstream
+) -> None:
+    key = await new_key(node, await make_token(20))
+    token = await make_token(20)
+    calls = len(upstream.requests)
+    nested = b"[" * 3000 + b"]" * 3000
+    nested_object = b'{"model": "fake-chat", "messages": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        for body in (nested, nested_object):
+            for headers in ({"Authorization": f"Bearer {key}"}, {"X-Cashu": token}):
+                r = await http.post(
+                    "/chat/completions",
+                    content=body,
+                    headers={**headers, "Content-Type": "application/json"},
+                )
+                assert_400(r)
+            r = await http.post(
+                "/wallet/create", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert_400(r)
+    assert (await node.account(key)).balance_msat == 20_000
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert len(upstream.requests) == calls
+
+
+async def test_integers_out_of_range_are_400_and_take_no_token(
+    node: Node, make_token: TokenMaker
+) -> None:
+    token = await make_token(10)
+    key = await new_key(node, await make_token(20))
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post("/wallet/create", json={"cashu_token": token, "expires_at": 10**20})
+        assert_400(r)
+        r = await http.post("/wallet/create", params={"cashu_token": token, "expires_at": 10**20})
+        assert_400(r)
+        r = await http.post(
+            "/wallet/lightning", json={"amount": 10**20}, headers={"Authorization": "Bearer x"}
+        )
+        assert_400(r)
+        for field in ("max_tokens", "seed", "n"):
+            r = await http.post("/chat/completions", json={**CHAT, field: 10**20}, headers=auth)
+            assert_400(r)
+        r = await http.post("/wallet/withdraw", json={"amount": 10**20}, headers=auth)
+        assert_400(r)
+        r = await http.post(
+            "/chat/completions",
+            content=b'{"model": "fake-chat", "temperature": 1e999, "messages": []}',
+            headers={**auth, "Content-Type": "application/json"},
+        )
+        assert_400(r)
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert (await node.account(key)).balance_msat == 20_000
+
+
+async def test_chunked_body_is_read_like_one_with_content_length(
+    node: Node, make_token: TokenMaker
+) -> None:
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        body = json.dumps({"cashu_token": await make_token(10)}).encode()
+        r = await http.post(
+            "/wallet/create", content=chunked(body), headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        key = r.json()["api_key"]
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        r = await http.post(
+            "/wallet/withdraw", content=chunked(json.dumps({"amount": 3000}).encode()), headers=auth
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["msats"] == 3000
+        assert await make_token.redeem(r.json()["token"]) == 3
+        r = await http.post(
+            "/chat/completions", content=chunked(json.dumps(CHAT).encode()), headers=auth
+        )
+        assert r.status_code == 200, r.text
+        r = await http.post("/wallet/withdraw", content=chunked(b"{not json"), headers=auth)
+        assert_400(r)
+    account = await node.account(key)
+    assert 0 < account.balance_msat < 7000
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/wallet/create",
+        "/balance/create",
+        "/wallet/topup",
+        "/balance/topup",
+        "/wallet/withdraw",
+        "/wallet/refund",
+        "/balance/refund",
+        "/wallet/lightning",
+        "/chat/completions",
+    ],
+)
+async def test_state_changes_only_by_post(node: Node, make_token: TokenMaker, path: str) -> None:
+    token = await make_token(5)
+    key = await new_key(node, await make_token(5))
+    params = {"cashu_token": token, "initial_balance_token": token, "amount": "1"}
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.get(path, params=params, headers={"Authorization": f"Bearer {key}"})
+    error = assert_400(r, 405)
+    assert error["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert (await node.account(key)).balance_msat == 5000
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [1],
+        ["hello"],
+        [None],
+        [{"content": "no role"}],
+        [{"role": 7, "content": "x"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": {"text": "an object"}}],
+        [{"role": "user", "content": [1, 2]}],
+        [{"role": "user", "content": [{"text": "part without type"}]}],
+        {"role": "user", "content": "not a list"},
+    ],
+)
+async def test_malformed_messages_are_400_before_anything_is_held(
+    node: Node, make_token: TokenMaker, upstream: FakeUpstream, messages: Any
+) -> None:
+    key = await new_key(node, await make_token(20))
+    token = await make_token(20)
+    calls = len(upstream.requests)
+    client = openai.AsyncOpenAI(base_url=node.base, api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="fake-chat", messages=messages, max_tokens=8)
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        for stream in (False, True):
+            body = {**CHAT, "messages": messages, "stream": stream}
+            assert_400(await http.post("/chat/completions", json=body, headers={"X-Cashu": token}))
+    assert len(upstream.requests) == calls
+    assert (await node.account(key)).balance_msat == 20_000
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+
+
+async def test_valid_message_shapes_still_pass(node: Node, make_token: TokenMaker) -> None:
+    key = await new_key(node, await make_token(50))
+    client = openai.AsyncOpenAI(base_url=node.base, api_key=key, max_retries=0)
+    shapes: list[Any] = [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        [
+            {"role": "user", "content": "call it"},
+            {"role": "assistant", "content": None, "tool_calls": []},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        ],
+    ]
+    for messages in shapes:
+        answer = await client.chat.completions.create(
+            model="fake-chat", messages=messages, max_tokens=8
+        )
+        assert answer.choices[0].message.content
+
+
+def _half_open(url: str, partial: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    if partial:
+        sock.sendall(partial)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Block until the server closes ``sock`` (EOF or reset); False if it never does."""
+    sock.settimeout(60)  # a guard against hanging the suite, not a timing assertion
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+async def test_header_timeout_closes_half_open_requests(node: Node) -> None:
+    """Slowloris: partial request lines and headers are cut off, real requests still served."""
+    assert node.config.http.header_timeout_seconds <= 2
+    partials = [b"", b"GET /v1/info HT", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"]
+    socks = [_half_open(node.url, partials[i % len(partials)]) for i in range(60)]
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        assert (await http.get("/info")).status_code == 200
+    closed = await asyncio.gather(*(asyncio.to_thread(_closed_by_server, s) for s in socks))
+    assert all(closed)
+    # A keep-alive connection that starts a second request but never finishes it: cut too.
+    sock = _half_open(node.url, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(30)  # the node runs on this event loop: block in a thread
+    assert (await asyncio.to_thread(sock.recv, 65536)).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /v1/info HTTP/1.1\r\nHos")
+    assert await asyncio.to_thread(_closed_by_server, sock)
