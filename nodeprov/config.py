@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from nodeprov.core.key_secret import SECRET_FILE
 from nodeprov.core.money import MSAT_PER_BTC, Unit
 from nodeprov.errors import ConfigError
 
@@ -169,6 +170,11 @@ class Config:
     @property
     def ledger_path(self) -> Path:
         return self.node.data_dir / "ledger.sqlite3"
+
+    @property
+    def api_key_secret_path(self) -> Path:
+        """The secret API keys are derived with (``core.key_secret``), 0600 in the data dir."""
+        return self.node.data_dir / SECRET_FILE
 
     @property
     def nostr_key_path(self) -> Path:

@@ -248,3 +248,27 @@ async def recovery_failures(db: Database, limit: int = 20) -> tuple[int, list[di
         (pattern, limit),
     )
     return (int(count[0]) if count else 0), [dict(r) for r in rows]
+
+
+async def op_by_ref(db: Database, kind: str, ref: str, account_id: str | None = None) -> Op | None:
+    """The op of ``kind`` carrying ``ref`` (of ``account_id``, if given), a finished one first.
+
+    Money moves keyed by a reference (``dm:<event id>``) look here for an earlier outcome
+    before moving anything again.
+    """
+    row = await db.fetchone(
+        "SELECT * FROM wallet_ops WHERE kind = ? AND ref = ? AND (? IS NULL OR account_id = ?)"
+        " ORDER BY state = 'done' DESC, state = 'pending' DESC, id DESC LIMIT 1",
+        (kind, ref, account_id, account_id),
+    )
+    return _op(row) if row is not None else None
+
+
+async def sent_tokens(db: Database, account_id: str) -> list[str]:
+    """Tokens handed out to ``account_id`` (its change tokens, for a per-request account)."""
+    rows = await db.fetchall(
+        "SELECT token FROM wallet_ops WHERE account_id = ? AND kind = 'send' AND state = 'done'"
+        " ORDER BY id",
+        (account_id,),
+    )
+    return [str(r[0]) for r in rows]

@@ -15,6 +15,7 @@ import httpx
 
 from nodeprov.config import Config
 from nodeprov.core.identity import load_or_create_keys
+from nodeprov.core.key_secret import load_or_create_secret
 from nodeprov.core.ledger import Ledger, open_ledger
 from nodeprov.core.metrics import Metrics
 from nodeprov.core.payments import Payments
@@ -76,7 +77,8 @@ async def build_core(config: Config) -> Core:
         await upstreams.start()
         rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
         pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
-        payments = Payments(ledger, wallet, pricer)
+        secret = load_or_create_secret(config.api_key_secret_path)
+        payments = Payments(ledger, wallet, pricer, key_secret=secret)
     except BaseException:
         await upstreams.aclose()
         await client.aclose()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from nodeprov.core import journal
 from nodeprov.core.charges import (
     Job,
     JobOutcome,
@@ -33,6 +33,7 @@ from nodeprov.core.charges import (
     encode_result,
 )
 from nodeprov.core.db import fetchone
+from nodeprov.core.key_secret import derive_api_key
 from nodeprov.core.ledger import (
     OPERATOR,
     Account,
@@ -43,12 +44,14 @@ from nodeprov.core.ledger import (
     debit,
     ensure_account,
 )
-from nodeprov.core.money import check_unit, from_msat_floor
+from nodeprov.core.money import check_unit, from_msat_floor, to_msat
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     MintError,
+    MintUnavailable,
+    PaymentError,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -87,58 +90,119 @@ class Payments:
     """Pricing, ledger and wallet behind one interface.
 
     ``renew_seconds``: how often a running job renews its hold's lease (default: a third
-    of the lease, ``ledger.hold_timeout_seconds``).
+    of the lease, ``ledger.hold_timeout_seconds``). ``key_secret`` derives the API key a
+    ``create`` token is worth (:mod:`nodeprov.core.key_secret`).
     """
 
     def __init__(
-        self, ledger: Ledger, wallet: Wallet, pricer: Pricer, *, renew_seconds: float | None = None
+        self,
+        ledger: Ledger,
+        wallet: Wallet,
+        pricer: Pricer,
+        *,
+        key_secret: bytes,
+        renew_seconds: float | None = None,
     ) -> None:
         self.ledger = ledger
         self.wallet = wallet
         self.pricer = pricer
         self.renew_seconds = renew_seconds
-        # Token-as-key first uses in flight: fingerprint -> (lock, number of users).
-        self._first_uses: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._key_secret = key_secret
+        # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
+        self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
-    async def _first_use(self, fingerprint: str) -> AsyncIterator[None]:
-        """Serialise first uses of one token-as-key so later ones see the credited account."""
-        lock, users = self._first_uses.get(fingerprint, (asyncio.Lock(), 0))
-        self._first_uses[fingerprint] = (lock, users + 1)
+    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
+        """Serialise work on one token or reference so the second sees the first's outcome."""
+        lock, users = self._serial.get(key, (asyncio.Lock(), 0))
+        self._serial[key] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._first_uses[fingerprint]
+            lock, users = self._serial[key]
             if users == 1:
-                del self._first_uses[fingerprint]
+                del self._serial[key]
             else:
-                self._first_uses[fingerprint] = (lock, users - 1)
+                self._serial[key] = (lock, users - 1)
 
     # --- accounts ---------------------------------------------------------------------
 
     async def create_key(
         self, token: str, *, expires_at: int | None = None, refund_address: str | None = None
     ) -> tuple[str, Account]:
-        """Fund a new API key with ``token``; returns the key (shown once) and its account."""
-        api_key = "sk-" + secrets.token_urlsafe(32)
+        """Fund an API key with ``token``; returns the key and its account.
+
+        The key is derived from the token (:mod:`nodeprov.core.key_secret`), so creating
+        again with a token that create already redeemed answers with the same key and the
+        account as it is now (``expires_at``/``refund_address`` of the first call stand):
+        the token is the credential, as in token-as-key mode.
+        """
+        fingerprint = token_fingerprint(parse_token(token))
+        api_key = derive_api_key(self._key_secret, fingerprint)
         account_id = api_key_account(api_key)
-        await self.ledger.open_account(
-            account_id, "api_key", expires_at=expires_at, refund_address=refund_address
-        )
-        try:
-            await self.wallet.receive(token, account_id, "api_key")
-        except BaseException:
-            await self.ledger.drop_empty_account(account_id)
-            raise
+        async with self._one_at_a_time("token:" + fingerprint):
+            if (account := await self._funded(account_id)) is not None:
+                return api_key, account
+            await self.ledger.open_account(
+                account_id, "api_key", expires_at=expires_at, refund_address=refund_address
+            )
+            try:
+                await self.wallet.receive(token, account_id, "api_key")
+            except TokenAlreadySpent:
+                # Another process may be redeeming it for this very key right now.
+                if (account := await self._funded(account_id)) is not None:
+                    return api_key, account
+                await self._raise_if_redeeming(fingerprint, account_id)
+                await self.ledger.drop_empty_account(account_id)
+                raise
+            except PaymentError:
+                # The mint never took the token (or was never asked): nothing to keep.
+                await self.ledger.drop_empty_account(account_id)
+                raise
+            # Any other failure (mint unreachable mid-swap, cancellation) keeps the account:
+            # recovery credits it if the swap landed, and a retry finds it by the same key.
         account = await self.ledger.account(account_id)
         assert account is not None
         return api_key, account
+
+    async def _raise_if_redeeming(self, fingerprint: str, account_id: str) -> None:
+        op = await self.wallet.pending_op_for(fingerprint)
+        if op is not None and op.state == "pending" and op.account_id == account_id:
+            raise MintUnavailable(
+                "this token is still being redeemed with the mint; retry in a minute"
+            )
 
     async def topup(self, account_id: str, token: str) -> Received:
         if await self.ledger.account(account_id) is None:
             raise Unauthorized("Unknown API key")
         return await self.wallet.receive(token, account_id, "api_key")
+
+    async def deposit(self, account_id: str, token: str, ref: str) -> Received:
+        """Credit ``token`` to ``account_id`` once per ``ref``: a repeat returns the first outcome.
+
+        ``ref`` names the request that carried the token (``dm:<event id>``); a request that
+        is resumed after a crash finds its deposit here instead of failing on a spent token.
+        """
+        async with self._one_at_a_time("ref:" + ref):
+            op = await journal.op_by_ref(self.ledger.db, "receive", ref, account_id)
+            if op is not None and op.state == "done":
+                unit = check_unit(op.unit)
+                credited = to_msat(op.amount - op.fee, unit)
+                return Received(
+                    credited, op.mint_url, unit, op.amount, op.fee, op.fingerprint or ""
+                )
+            if op is not None and op.state == "pending":
+                raise MintUnavailable("this deposit is still being settled with the mint")
+            kind = account_id.partition(":")[0]
+            return await self.wallet.receive(
+                token, account_id, {"key": "api_key"}.get(kind, kind), ref=ref
+            )
+
+    async def balance(self, account_id: str) -> int:
+        """Available msat of ``account_id`` (0 for an account not seen yet)."""
+        account = await self.ledger.account(account_id)
+        return account.available_msat if account is not None else 0
 
     async def account_for(self, payer: Payer) -> str:
         """The ledger account that pays for ``payer`` (redeeming a token-as-key on first use)."""
@@ -154,24 +218,25 @@ class Payments:
             return account_id
         fingerprint = token_fingerprint(parse_token(payer.credential))
         account_id = "token:" + fingerprint
-        if await self._funded(account_id):
+        if await self._funded(account_id) is not None:
             return account_id
         # Without the lock a concurrent first use would find the account the receive opens
         # before the mint's swap credits it, and fail with "Current: 0 sats". A receive that
         # failed also leaves an empty account: only a funded one means "already redeemed".
-        async with self._first_use(fingerprint):
-            if not await self._funded(account_id):
+        async with self._one_at_a_time("token:" + fingerprint):
+            if await self._funded(account_id) is None:
                 try:
                     await self.wallet.receive(payer.credential, account_id, "token")
                 except TokenAlreadySpent:
                     # Another process redeemed it first; use the account it funded.
-                    if not await self._funded(account_id):
+                    if await self._funded(account_id) is None:
                         raise
         return account_id
 
-    async def _funded(self, account_id: str) -> bool:
+    async def _funded(self, account_id: str) -> Account | None:
+        """The account if it was ever credited (a redeemed token), else None."""
         account = await self.ledger.account(account_id)
-        return account is not None and account.total_deposited_msat > 0
+        return account if account is not None and account.total_deposited_msat > 0 else None
 
     async def withdraw(
         self,
@@ -180,8 +245,33 @@ class Payments:
         *,
         mint_url: str | None = None,
         unit: str | None = None,
+        ref: str = "",
     ) -> Sent:
-        """Pay an account's balance (or ``amount_msat`` of it) out as a token."""
+        """Pay an account's balance (or ``amount_msat`` of it) out as a token.
+
+        With ``ref`` (``dm:<event id>``) it is idempotent: a second call with the same ref
+        returns the token the first one issued and debits nothing.
+        """
+        if not ref:
+            return await self._withdraw(account_id, amount_msat, mint_url, unit, ref)
+        async with self._one_at_a_time("ref:" + ref):
+            op = await journal.op_by_ref(self.ledger.db, "send", ref, account_id)
+            if op is not None and op.state == "done" and op.token is not None:
+                unit_ = check_unit(op.unit)
+                return Sent(op.token, op.amount - op.fee, unit_, op.mint_url, op.fee, op.debit_msat)
+            if op is not None and op.state == "pending":
+                # Recovery settles it (a token issued, or the balance back); then ask again.
+                raise MintUnavailable("this withdrawal is still being settled with the mint")
+            return await self._withdraw(account_id, amount_msat, mint_url, unit, ref)
+
+    async def _withdraw(
+        self,
+        account_id: str,
+        amount_msat: int | None,
+        mint_url: str | None,
+        unit: str | None,
+        ref: str,
+    ) -> Sent:
         account = await self.ledger.account(account_id)
         if account is None:
             raise Unauthorized("Unknown API key")
@@ -193,7 +283,7 @@ class Payments:
                 available_msat=account.available_msat,
                 required_msat=amount,
             )
-        return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit)
+        return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit, ref=ref)
 
     # --- jobs -----------------------------------------------------------------------
 
@@ -395,9 +485,4 @@ class Payments:
                     0, op.mint_url, check_unit(op.unit), op.amount, op.fee, fingerprint
                 )
                 await self._refund(account_id, received)
-        rows = await self.ledger.db.fetchall(
-            "SELECT token FROM wallet_ops WHERE account_id = ? AND kind = 'send' AND state = 'done'"
-            " ORDER BY id",
-            (account_id,),
-        )
-        return [r[0] for r in rows]
+        return await journal.sent_tokens(self.ledger.db, account_id)

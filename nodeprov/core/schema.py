@@ -186,6 +186,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX job_outcomes_at ON job_outcomes (at)
         """,
     ),
+    # Money moves keyed by a reference (dm:<event id>) look up their earlier outcome.
+    Migration(
+        "0008_wallet_ops_ref",
+        """
+        CREATE INDEX IF NOT EXISTS wallet_ops_ref ON wallet_ops (ref, kind)
+        """,
+    ),
     # DM jobs and the listener's cursor (nodeprov.nostr.dm_store).
     Migration(
         "0100_nostr_dm_jobs",

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Mount
 
+from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.node import Core
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, create_app, serve
@@ -22,7 +23,14 @@ __all__ = ["HttpContext", "create_app", "http_context", "http_service"]
 
 def http_context(core: Core, upstreams: Upstreams, npub: str | None = None) -> HttpContext:
     """The routes' wiring over the daemon's core."""
-    return HttpContext(core.config, core.payments, upstreams, npub, metrics=core.metrics)
+    return HttpContext(
+        core.config,
+        core.payments,
+        upstreams,
+        npub,
+        metrics=core.metrics,
+        funding=LightningFunding(core.wallet, max_sat=core.config.wallet.lightning_max_sat),
+    )
 
 
 def operator_routes(core: Core) -> list[BaseRoute]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from nodeprov import __version__
 from nodeprov.config import Config
+from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import InvalidRequest
@@ -40,6 +41,8 @@ class HttpContext:
     npub: str | None = None
     version: str = __version__
     metrics: Metrics | None = None
+    # Lightning top-ups (``/v1/wallet/lightning``), built by whoever owns the wallet.
+    funding: LightningFunding = field(kw_only=True)
 
     @property
     def pricer(self) -> Pricer:

@@ -15,15 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.errors import InvalidRequest
 from nodeprov.http.auth import bearer
-from nodeprov.http.context import JSON, MAX_UNIX_TIME, HttpContext, context, int_param, read_params
-
-
-def _funding(ctx: HttpContext) -> LightningFunding:
-    return LightningFunding(ctx.payments.wallet, max_sat=ctx.config.wallet.lightning_max_sat)
+from nodeprov.http.context import JSON, MAX_UNIX_TIME, context, int_param, read_params
 
 
 def _amount(params: dict[str, Any]) -> int:
@@ -68,7 +63,7 @@ async def create_invoice(request: Request) -> Response:
     mint = params.get("mint")
     if mint is not None and (not isinstance(mint, str) or mint.rstrip("/") not in ctx.mints):
         raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")
-    quote = await _funding(ctx).create(
+    quote = await ctx.funding.create(
         amount,
         api_key=api_key,
         expires_at=expires_at,
@@ -89,7 +84,7 @@ async def create_invoice(request: Request) -> Response:
 
 
 async def invoice_status(request: Request) -> Response:
-    status = await _funding(context(request)).status(request.path_params["quote_id"])
+    status = await context(request).funding.status(request.path_params["quote_id"])
     body: dict[str, Any] = {
         "quote_id": status.id,
         "state": status.state,

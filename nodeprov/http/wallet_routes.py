@@ -29,7 +29,6 @@ async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
     if payer is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-…'")
     account_id = await ctx.payments.account_for(payer)
-    # TODO(core): a read-only Payments.account(id) accessor; this is the only ledger read here.
     account = await ctx.payments.account(account_id)
     if account is None:
         raise Unauthorized("Unknown API key")

@@ -102,7 +102,7 @@ async def handle_plain(
     for index, token in enumerate(find_tokens(text)):
         text = text.replace(token, " ")
         try:
-            credited = await deposit(ctx, sender, token, f"dm:{event_id}:{index}", resumed)
+            credited = await deposit(ctx, sender, token, f"dm:{event_id}:{index}")
             notes.append(f"Deposited {sats(credited)}.")
         except NodeprovError as exc:
             notes.append(f"Token not accepted: {exc.message}")

@@ -79,10 +79,8 @@ def account_of(sender: str) -> str:
 
 
 async def balance_of(ctx: DmContext, sender: str) -> int:
-    """Available msat of the sender's npub account (opened if new)."""
-    account_id = await ctx.payments.account_for(Payer("npub", sender))
-    account = await ctx.payments.account(account_id)
-    return account.available_msat if account is not None else 0
+    """Available msat of the sender's npub account."""
+    return await ctx.payments.balance(account_of(sender))
 
 
 def payment_request(ctx: DmContext, required_msat: int) -> str:
@@ -210,23 +208,18 @@ async def handle_request(
     )
 
 
-async def deposit(ctx: DmContext, sender: str, token: str, ref: str, resumed: bool) -> int:
-    """Credit ``token`` to the sender's account once (``ref`` ties it to the DM); msat credited."""
-    if resumed and await ctx.store.deposit_done(ref):
-        return 0
-    received = await ctx.payments.wallet.receive(token, account_of(sender), "npub", ref=ref)
+async def deposit(ctx: DmContext, sender: str, token: str, ref: str) -> int:
+    """Credit ``token`` to the sender's account once per ``ref`` (the DM); msat credited.
+
+    A DM resumed after a restart finds its earlier deposit by ``ref`` and reports it again.
+    """
+    received = await ctx.payments.deposit(account_of(sender), token, ref)
     return received.credited_msat
 
 
-async def handle_withdraw(
-    ctx: DmContext, sender: str, msg: dm_jobs.Withdraw, since: int, resumed: bool
-) -> str:
-    account_id = await ctx.payments.account_for(Payer("npub", sender))
-    if resumed:
-        found = await ctx.store.withdrawal_since(account_id, since)
-        if found is not None:
-            return dm_jobs.withdrawal_reply(msg.id, found[0], found[1])
-    sent = await ctx.payments.withdraw(account_id, msg.amount_msat)
+async def handle_withdraw(ctx: DmContext, sender: str, msg: dm_jobs.Withdraw, ref: str) -> str:
+    """Pay the sender's balance out once per ``ref`` (the DM): a resumed DM gets its own token."""
+    sent = await ctx.payments.withdraw(account_of(sender), msg.amount_msat, ref=ref)
     return dm_jobs.withdrawal_reply(msg.id, sent.token, sent.debited_msat)
 
 
@@ -248,7 +241,6 @@ async def handle_json(
     sender: str,
     msg: dm_jobs.ClientMessage | PaymentRequestPayload,
     event_id: str,
-    since: int,
     resumed: bool,
 ) -> str:
     """The reply JSON for one job message (errors become ``error`` replies)."""
@@ -260,12 +252,12 @@ async def handle_json(
             token = (
                 msg.cashu if isinstance(msg, dm_jobs.Deposit) else serialize_token(msg.to_token())
             )
-            await deposit(ctx, sender, token, "dm:" + event_id, resumed)
+            await deposit(ctx, sender, token, "dm:" + event_id)
             return dm_jobs.balance_reply(ident, await balance_of(ctx, sender))
         if isinstance(msg, dm_jobs.BalanceQuery):
             return dm_jobs.balance_reply(ident, await balance_of(ctx, sender))
         if isinstance(msg, dm_jobs.Withdraw):
-            return await handle_withdraw(ctx, sender, msg, since, resumed)
+            return await handle_withdraw(ctx, sender, msg, "dm:" + event_id)
         units = list(ctx.config.wallet.units)
         return dm_jobs.info_reply(ident, models_listing(ctx), list(ctx.mints), units)
     except NodeprovError as exc:

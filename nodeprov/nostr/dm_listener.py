@@ -170,7 +170,7 @@ class DmListener:
 
     async def _process(self, inc: Incoming) -> None:
         row = await self.store.accept(inc.event_id, inc.sender, inc.nip, inc.reply_to)
-        resumed, since = False, int(time.time())
+        resumed = False
         if row is not None:
             if row.state == "sent":
                 self.stats["duplicates"] += 1
@@ -180,7 +180,7 @@ class DmListener:
                 await self._deliver(row.event_id, row.nip, row.sender, list(row.replies),
                                     row.reply_to or inc.reply_to)  # fmt: skip
                 return
-            resumed, since = True, row.created_at
+            resumed = True
             log.info("resuming DM %s accepted before a restart", inc.event_id[:12])
         limited = None if resumed else self._admit(inc.sender)
         if limited is not None:
@@ -188,7 +188,7 @@ class DmListener:
         else:
             self._running[inc.sender] += 1
             try:
-                replies = await self._handle(inc, since, resumed)
+                replies = await self._handle(inc, resumed)
             finally:
                 self._running[inc.sender] -= 1
                 if not self._running[inc.sender]:
@@ -218,7 +218,7 @@ class DmListener:
             return split_plain(inc.nip, f"Error: {error.message}")
         return split_for(inc.nip, dm_jobs.error_reply(ident, error))
 
-    async def _handle(self, inc: Incoming, since: int, resumed: bool) -> list[str]:
+    async def _handle(self, inc: Incoming, resumed: bool) -> list[str]:
         if len(inc.text.encode("utf-8")) > self.max_bytes:
             too_big = RequestTooLarge(f"DM content is larger than {self.max_bytes} bytes")
             return self._error_replies(inc, too_big)
@@ -231,7 +231,7 @@ class DmListener:
                 self.ctx, self.sessions, inc.sender, msg.text, inc.event_id, resumed
             )
             return split_plain(inc.nip, text)
-        reply = await handle_json(self.ctx, inc.sender, msg, inc.event_id, since, resumed)
+        reply = await handle_json(self.ctx, inc.sender, msg, inc.event_id, resumed)
         return split_for(inc.nip, reply)
 
     async def _deliver(

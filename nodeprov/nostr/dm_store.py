@@ -93,24 +93,6 @@ class DmStore:
         )
         return [_row(r) for r in rows]
 
-    async def deposit_done(self, ref: str) -> bool:
-        """Whether a receive with wallet ``ref`` completed (a resumed deposit already landed)."""
-        row = await self.db.fetchone(
-            "SELECT 1 FROM wallet_ops WHERE kind = 'receive' AND ref = ? AND state = 'done'",
-            (ref,),
-        )
-        return row is not None
-
-    async def withdrawal_since(self, account_id: str, since: int) -> tuple[str, int] | None:
-        """A withdrawal token (and its msat) for ``account_id`` issued at or after ``since``."""
-        row = await self.db.fetchone(
-            "SELECT token, debit_msat FROM wallet_ops WHERE kind = 'send' AND account_id = ?"
-            " AND state = 'done' AND created_at >= ? AND token IS NOT NULL"
-            " AND (ref IS NULL OR ref = '' OR ref NOT LIKE 'change:%') ORDER BY id DESC",
-            (account_id, since),
-        )
-        return (str(row[0]), int(row[1])) if row is not None else None
-
     async def prune(self, before: int) -> int:
         """Forget answered events last touched before ``before`` (too old to be replayed)."""
         async with self.db.write() as conn:

@@ -19,10 +19,10 @@ from nodeprov.admin_password import (
     verify_password,
 )
 from nodeprov.config import AdminSection, Config, NodeSection, load_config
+from nodeprov.core.admin_queries import channel_of
 from nodeprov.errors import ConfigError
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.admin.format import parse_sat, sat_text
-from nodeprov.http.admin.queries import channel_of
 from nodeprov.http.admin.security import Sessions, Throttle, same
 
 

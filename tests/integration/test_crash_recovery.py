@@ -27,6 +27,7 @@ import pytest
 
 from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
+from nodeprov.core.payments import api_key_account
 from nodeprov.core.wallet import hash_to_curve_hex
 from nodeprov.errors import TokenAlreadySpent
 from nodeprov.protocol.cashu_token import parse_token
@@ -132,6 +133,8 @@ async def states(make_token, token: str) -> set[str]:
 EXPECTED_RECOVERY: dict[tuple[str, str], dict[str, int]] = {
     ("receive", "journalled"): {"failed": 1},
     ("receive", "at_mint"): {"done": 1},
+    ("create", "journalled"): {"failed": 1},
+    ("create", "at_mint"): {"done": 1},
     ("send", "journalled"): {"failed": 1},
     ("send", "at_mint"): {"reversed": 1},
 }
@@ -173,6 +176,44 @@ async def test_receive_survives_kill_at_each_step(
         with pytest.raises(TokenAlreadySpent):
             await core.wallet.receive(token, "key:crash", "api_key")
         assert await states(make_token, token) == {"SPENT"}
+        await core.assert_books_balance()
+    finally:
+        await core.close()
+
+
+def receive_op_account(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT account_id FROM wallet_ops WHERE kind = 'receive'").fetchone()
+    return str(row[0])
+
+
+@pytest.mark.parametrize("step", ["journalled", "at_mint", "committed"])
+async def test_create_again_after_kill_returns_the_same_key_with_its_balance(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy, step: str
+) -> None:
+    """The client of ``/v1/wallet/create`` lost the answer (the node died after the swap, or
+    the reply never arrived): creating again with the same token gives the same key, funded."""
+    db = tmp_path / "ledger.sqlite3"
+    await (await build_core(db, [mint.url])).close()
+    token = await make_token(100, mint=mint)
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    worker = Worker([str(db), mint.url, proxy.url, "create", token])
+    await crash_at(step, worker, proxy, db, mint)
+    first_account = receive_op_account(db)  # the key the first create made (never delivered)
+
+    core = await recovered_core(db, mint, "create", step)
+    try:
+        assert pending_ops(db) == 0
+        key, account = await core.payments.create_key(token)
+        assert api_key_account(key) == first_account
+        assert account.balance_msat == 100_000
+        again, account = await core.payments.create_key(token)
+        assert again == key and account.balance_msat == 100_000
+        assert await states(make_token, token) == {"SPENT"}
+        # Spent down, the key still answers with what is left (the token is its credential).
+        await core.payments.withdraw(api_key_account(key), 40_000)
+        third, account = await core.payments.create_key(token)
+        assert third == key and account.balance_msat == 60_000
         await core.assert_books_balance()
     finally:
         await core.close()

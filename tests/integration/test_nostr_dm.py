@@ -273,6 +273,41 @@ async def test_restart_between_receipt_and_reply_token(
     assert await make_token.redeem(data["change"]) == 30 - -(-cost // 1000)
 
 
+async def test_two_withdraws_resumed_after_a_restart_each_deliver_their_own_token(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    """Both withdrawals debit, then the node dies before it stores either reply: on resume,
+    each DM finds its own token by its ref (``dm:<event id>``) and nothing is paid twice."""
+    await client.ask(json.dumps({"type": "deposit", "id": "d", "cashu": await make_token(40)}))
+    store_done = node.store.done
+
+    async def killed(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the node died before storing the reply")
+
+    node.store.done = killed  # type: ignore[method-assign]
+    amounts = {"w1": 5_000, "w2": 7_000}
+    for ident, amount in amounts.items():
+        msg = {"type": "withdraw", "id": ident, "amount_msat": amount}
+        await client.send(json.dumps(msg))
+        deadline = time.monotonic() + 20
+        while await balance(node, client.pubkey) != 40_000 - sum(
+            amounts[i] for i in amounts if i <= ident
+        ):
+            assert time.monotonic() < deadline, "withdrawal never debited"
+            await asyncio.sleep(0.05)
+    assert await client.quiet(1.0) == []  # no reply went out
+    node.store.done = store_done  # type: ignore[method-assign]
+    await node.stop_listener()
+    await node.start_listener()
+    replies = {r.json["id"]: r.json for r in await client.replies(2, within=30)}
+    assert set(replies) == set(amounts)
+    for ident, amount in amounts.items():
+        assert replies[ident]["type"] == "withdrawal"
+        assert replies[ident]["amount_msat"] == amount
+        assert await make_token.redeem(replies[ident]["cashu"]) == amount // 1000
+    assert await balance(node, client.pubkey) == 28_000
+
+
 async def test_reply_survives_restart_after_the_job(
     node: DmNode, client: SdkClient, make_token: TokenMaker
 ) -> None:

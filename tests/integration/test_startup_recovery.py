@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from click.testing import CliRunner
+from nodeprov.http.admin.queries import totals
 
 from nodeprov.cli import main
 from nodeprov.config import Config
@@ -20,7 +21,6 @@ from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
 from nodeprov.daemon import Core, books, run
-from nodeprov.http.admin.queries import totals
 from tests.support.core import Rerouting
 from tests.support.daemon_core import make_core, write_config
 from tests.support.services import MintHandle

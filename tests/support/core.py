@@ -11,6 +11,7 @@ from types import MappingProxyType
 import httpx
 
 from nodeprov.config import ModelPrice, Rate
+from nodeprov.core.key_secret import SECRET_FILE, load_or_create_secret
 from nodeprov.core.ledger import Ledger, open_ledger
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
@@ -97,5 +98,7 @@ async def build_core(
     await wallet.start()
     prices = MappingProxyType(dict(models) if models else {TEST_MODEL: TEST_PRICE})
     pricer = Pricer(prices, Fraction(1), None)
-    payments = Payments(ledger, wallet, pricer, renew_seconds=renew_seconds)
+    # Next to the ledger, like the data dir's: a core reopened on ``path`` derives the same keys.
+    secret = load_or_create_secret(path.parent / SECRET_FILE)
+    payments = Payments(ledger, wallet, pricer, renew_seconds=renew_seconds, key_secret=secret)
     return Core(ledger, wallet, pricer, payments, client)

@@ -4,6 +4,7 @@
     python -m tests.support.crash_worker DB MINT_URL PROXY_URL send AMOUNT_MSAT ACCOUNT UNIT
     python -m tests.support.crash_worker DB MINT_URL PROXY_URL melt BOLT11 ACCOUNT
     python -m tests.support.crash_worker DB MINT_URL PROXY_URL dm UPSTREAM SENDER EVENT_ID TEXT
+    python -m tests.support.crash_worker DB MINT_URL PROXY_URL create TOKEN
 
 It prints ``ready`` once the wallet has loaded the mint's keysets, waits for a line on
 stdin, runs the operation and prints ``done``. ``dm`` handles one DM the way the listener
@@ -46,7 +47,7 @@ async def dm_reply(ctx: DmContext, sender: str, text: str, event_id: str, resume
     msg = dm_jobs.parse_client_message(text)
     if isinstance(msg, dm_jobs.PlainText):
         return await handle_plain(ctx, ChatSessions(0), sender, msg.text, event_id, resumed)
-    return await handle_json(ctx, sender, msg, event_id, 0, resumed)
+    return await handle_json(ctx, sender, msg, event_id, resumed)
 
 
 async def dm_job(db: Path, mint_url: str, args: list[str]) -> None:
@@ -77,6 +78,8 @@ async def main(argv: list[str]) -> None:
     await asyncio.to_thread(sys.stdin.readline)
     if action == "receive":
         await core.wallet.receive(args[0], args[1], "api_key")
+    elif action == "create":  # POST /v1/wallet/create's work: a key funded by the token
+        await core.payments.create_key(args[0])
     elif quote is not None:
         await Melter(core.wallet).pay(args[1], quote)
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from nodeprov.config import Config, load_config
+from nodeprov.core.key_secret import load_or_create_secret
 from nodeprov.core.ledger import open_ledger
 from nodeprov.core.node import Core
 from nodeprov.core.payments import Payments
@@ -23,7 +24,8 @@ async def make_core(config: Config, transport: httpx.AsyncBaseTransport | None =
     wallet = Wallet(ledger, config.wallet.mints, config.wallet.units, client)
     await wallet.start()
     pricer = Pricer(config.models, config.pricing.fee_multiplier, None)
-    payments = Payments(ledger, wallet, pricer)
+    secret = load_or_create_secret(config.api_key_secret_path)
+    payments = Payments(ledger, wallet, pricer, key_secret=secret)
     upstreams = Upstreams.from_config(config)
     return Core(config, ledger, wallet, pricer, payments, client, None, upstreams)
 

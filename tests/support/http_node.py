@@ -27,6 +27,7 @@ from nodeprov.config import (
     Upstream,
     WalletSection,
 )
+from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.http import HttpContext, create_app
 from nodeprov.http.app import bind, serve
 from nodeprov.upstream import Upstreams
@@ -140,7 +141,8 @@ async def start_node(
         models=MappingProxyType({m: PRICE for m in MODELS}),
     )
     upstreams = Upstreams.from_config(config)
-    ctx = HttpContext(config, core.payments, upstreams)
+    funding = LightningFunding(core.wallet, max_sat=config.wallet.lightning_max_sat)
+    ctx = HttpContext(config, core.payments, upstreams, funding=funding)
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     stop = asyncio.Event()

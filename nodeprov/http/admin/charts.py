@@ -6,8 +6,8 @@ import time
 from collections.abc import Sequence
 from html import escape
 
+from nodeprov.core.admin_queries import DayRevenue
 from nodeprov.http.admin.format import sat_text
-from nodeprov.http.admin.queries import DayRevenue
 
 WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 70, 10, 14, 34

@@ -13,11 +13,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from nodeprov.core import accounts_admin
+from nodeprov.core import admin_queries as queries
 from nodeprov.core.ledger import OPERATOR, Account
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.wallet import Sent
 from nodeprov.errors import NodeprovError
-from nodeprov.http.admin import queries
 from nodeprov.http.admin.app import AdminBase, Form, routes_of
 from nodeprov.http.admin.charts import revenue_svg
 from nodeprov.http.admin.format import parse_sat

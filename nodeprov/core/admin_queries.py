@@ -1,4 +1,4 @@
-"""Read-only figures for the dashboard (revoking is ``core.accounts_admin.revoke``).
+"""Read-only figures for the admin dashboard (revoking is ``core.accounts_admin.revoke``).
 
 Reads go through the ledger's reader connection (WAL: they never block the writer).
 """

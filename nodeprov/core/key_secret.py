@@ -1,0 +1,65 @@
+"""The node's API-key secret: derives the key a ``/v1/wallet/create`` token is worth.
+
+``POST /v1/wallet/create`` must answer a repeated call with the same token (a client that
+lost the first answer) with the same key, yet keys are stored only hashed. So the key is
+derived: ``sk-`` + HMAC-SHA256(secret, token fingerprint). Without the secret, knowing a
+token (as its mint does, once it is spent) does not give the key; with it, only someone
+who also holds the token's proofs can name it. The file is 0600 from creation and written
+under a temporary name first, so a crash never leaves a half-written secret in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from nodeprov.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECRET_FILE = "api_key.secret"
+_BYTES = 32
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the secret at ``path``; create it (random, mode 0600, never overwriting) if missing."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(_BYTES) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process created it first
+                log.info("created the API-key secret at %s", path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("API-key secret %s had mode %o; setting 0600", path, mode)
+        path.chmod(0o600)
+    text = path.read_text().strip()
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != _BYTES:
+        raise ConfigError(f"{path} does not hold a {_BYTES}-byte hex secret")
+    return value
+
+
+def derive_api_key(secret: bytes, fingerprint: str) -> str:
+    """The API key a token with ``fingerprint`` is worth at this node (same format as random)."""
+    mac = hmac.new(secret, b"nodeprov/api-key/v1\0" + fingerprint.encode(), hashlib.sha256)
+    return "sk-" + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
