@@ -2,13 +2,20 @@
 
 Priced by ``core.pricing``'s "audio" endpoint: ``ceil(fee * (request + audio_per_second *
 seconds))``, seconds rounded up to whole seconds.
-The hold bounds the duration from the upload (WAV: from its byte rate; other formats at no
-less than :data:`MIN_BYTES_PER_SECOND`); settlement uses the upstream's reported duration
-(``usage.seconds`` or ``duration``); without one (e.g. ``response_format=text``) the hold.
+
+The hold bounds the duration from the upload, never from what the client claims: a WAV
+header is trusted only when it is self-consistent PCM (``byte_rate == sample_rate x
+block_align``, plausible rates, channels and sample sizes), since that is how a decoder
+reads the samples too; any other upload is bounded at :data:`MIN_BYTES_PER_SECOND`.
+Settlement uses the duration the upstream reports (``usage.seconds`` or ``duration``). To
+get one, a request for ``json`` or ``text`` (the default is ``json``) is forwarded as
+``verbose_json`` and the answer converted back to the format asked for; ``srt`` and
+``vtt`` carry no duration and settle at the hold.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from decimal import Decimal, InvalidOperation
@@ -31,15 +38,68 @@ from nodeprov.upstream import Route
 AUDIO: Endpoint = "audio"
 # 4 kbit/s: below any codec usable for speech, so the bound is never short.
 MIN_BYTES_PER_SECOND = 500
+# WAV formats whose samples are fixed-size: PCM, IEEE float, A-law, mu-law, extensible.
+_FIXED_SIZE_FORMATS = frozenset({1, 3, 6, 7, 0xFFFE})
+_WAV_HEADER = struct.Struct("<HHIIHH")  # format, channels, sample rate, byte rate, align, bits
+# Formats the node converts back from ``verbose_json`` (which reports the duration).
+_CONVERTED_FORMATS = frozenset({"json", "text"})
+
+
+def wav_byte_rate(audio: bytes) -> int | None:
+    """Bytes per second of a WAV upload, if its ``fmt`` chunk describes plausible fixed-size
+    samples consistently; None otherwise (not WAV, compressed, or a forged header)."""
+    if len(audio) < 12 or audio[:4] != b"RIFF" or audio[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(audio):
+        chunk, size = audio[offset : offset + 4], struct.unpack_from("<I", audio, offset + 4)[0]
+        if chunk == b"fmt ":
+            if size < _WAV_HEADER.size or offset + 8 + _WAV_HEADER.size > len(audio):
+                return None
+            fmt, channels, rate, byte_rate, align, bits = _WAV_HEADER.unpack_from(audio, offset + 8)
+            plausible = (
+                fmt in _FIXED_SIZE_FORMATS
+                and 1 <= channels <= 32
+                and 1_000 <= rate <= 768_000
+                and bits in (8, 16, 24, 32, 64)
+                and align == channels * bits // 8
+                and byte_rate == rate * align
+            )
+            return byte_rate if plausible else None
+        offset += 8 + size + (size & 1)  # chunks are padded to even sizes
+    return None
 
 
 def seconds_bound(audio: bytes) -> int:
-    """Whole seconds the upload can last at most (WAV exactly from its header)."""
-    if len(audio) >= 44 and audio[:4] == b"RIFF" and audio[8:12] == b"WAVE":
-        byte_rate = struct.unpack_from("<I", audio, 28)[0]
-        if byte_rate > 0:
-            return max(1, math.ceil(len(audio) / int(byte_rate)))
-    return max(1, math.ceil(len(audio) / MIN_BYTES_PER_SECOND))
+    """Whole seconds the upload can last at most (a consistent WAV exactly from its header)."""
+    byte_rate = wav_byte_rate(audio) or MIN_BYTES_PER_SECOND
+    return max(1, math.ceil(len(audio) / byte_rate))
+
+
+def upstream_fields(fields: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The form fields to forward (asking for ``verbose_json`` where the node can convert the
+    answer back) and the response format the client asked for."""
+    wanted = fields.get("response_format") or "json"
+    if not isinstance(wanted, str):
+        raise InvalidRequest("'response_format' must be given once")
+    if wanted not in _CONVERTED_FORMATS:
+        return fields, wanted
+    return {**fields, "response_format": "verbose_json"}, wanted
+
+
+def client_answer(data: Any, content: bytes, media: str, wanted: str) -> tuple[bytes, str]:
+    """The upstream's answer in the format the client asked for (body, media type)."""
+    if wanted not in _CONVERTED_FORMATS or not isinstance(data, dict):
+        return content, media
+    text = data.get("text")
+    if not isinstance(text, str):
+        return content, media
+    if wanted == "text":
+        return text.encode("utf-8"), "text/plain; charset=utf-8"
+    answer: dict[str, Any] = {"text": text}
+    if isinstance(data.get("usage"), dict):
+        answer["usage"] = data["usage"]
+    return json.dumps(answer, ensure_ascii=False).encode("utf-8"), "application/json"
 
 
 def reported_seconds(data: Any) -> int | None:
@@ -98,6 +158,7 @@ async def read_form(request: Request) -> tuple[dict[str, Any], tuple[str, bytes,
 async def audio_job(request: Request) -> Response:
     ctx = context(request)
     fields, upload = await read_form(request)
+    forward, wanted = upstream_fields(fields)
     model = fields.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
@@ -105,7 +166,7 @@ async def audio_job(request: Request) -> Response:
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
     path = request.url.path.removeprefix("/v1/")
     async with paid_job(ctx, request, route.model, hold_body, AUDIO) as job:
-        response = await send(ctx, route, path, request, data=fields, files={"file": upload})
+        response = await send(ctx, route, path, request, data=forward, files={"file": upload})
         try:
             json_answer = "json" in response.headers.get("content-type", "")
             data: Any = response.json() if json_answer else None
@@ -114,7 +175,8 @@ async def audio_job(request: Request) -> Response:
         seconds = reported_seconds(data)
         settled = await job.settle({"seconds": seconds} if seconds is not None else None)
     media = response.headers.get("content-type", "application/json")
-    return Response(response.content, headers=cost_headers(settled), media_type=media)
+    content, media = client_answer(data, response.content, media, wanted)
+    return Response(content, headers=cost_headers(settled), media_type=media)
 
 
 ROUTES = [
