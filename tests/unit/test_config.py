@@ -161,6 +161,7 @@ BAD = [
     ("[http]\nport = 70000\n", ["http.port", "65535"]),
     ("[http]\nport = -1\n", ["http.port"]),
     ("[http]\nmax_body_bytes = 0\n", ["http.max_body_bytes"]),
+    ("[http]\nheader_timeout_seconds = 0\n", ["http.header_timeout_seconds"]),
     ('[node]\nhttp_url = "ftp://x"\n', ["node.http_url", "URL"]),
     ('[node]\nhttp_url = "not a url"\n', ["node.http_url"]),
     ('[nostr]\nrelays = ["https://relay"]\n', ["nostr.relays[0]", "ws"]),
