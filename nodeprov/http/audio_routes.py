@@ -124,9 +124,12 @@ async def read_form(request: Request) -> tuple[dict[str, Any], tuple[str, bytes,
     if not kind.lower().startswith("multipart/form-data"):
         raise UnsupportedMediaType("expected Content-Type multipart/form-data")
     raw = await request.body()
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + kind.encode("latin-1") + b"\r\n\r\n" + raw
-    )
+    try:
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + kind.encode("latin-1") + b"\r\n\r\n" + raw
+        )
+    except RecursionError:  # multipart nested in multipart, a thousand levels deep
+        raise InvalidRequest("the multipart body is nested too deeply") from None
     if not isinstance(message, EmailMessage) or not message.is_multipart():
         raise InvalidRequest("the multipart body is malformed")
     fields: dict[str, Any] = {}

@@ -73,6 +73,23 @@ async def test_deeply_nested_json_is_400_and_charges_nothing(
     assert len(upstream.requests) == calls
 
 
+async def test_deeply_nested_multipart_upload_is_400(node: Node, make_token: TokenMaker) -> None:
+    token = await make_token(20)
+    depth = 1100  # past the parser's recursion limit, within the test node's body limit
+    body = b"".join(
+        b"--%x\r\nContent-Type:multipart/x;boundary=%x\r\n\r\n" % (i, i + 1) for i in range(depth)
+    )
+    body += b"x\r\n" + b"".join(b"--%x--\r\n" % i for i in reversed(range(depth)))
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post(
+            "/audio/transcriptions",
+            content=body,
+            headers={"Content-Type": "multipart/form-data; boundary=0", "X-Cashu": token},
+        )
+    assert_400(r)
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+
+
 async def test_integers_out_of_range_are_400_and_take_no_token(
     node: Node, make_token: TokenMaker
 ) -> None:
