@@ -107,6 +107,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0005_key_refunds",
             "0006_payouts",
             "0007_hold_leases_job_outcomes",
+            "0008_wallet_ops_ref",
             "0100_nostr_dm_jobs",
             "0100_test_extra",
         ]
