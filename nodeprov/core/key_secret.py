@@ -19,6 +19,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from nodeprov.core.datadir import FILE_MODE, private_dir
 from nodeprov.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,9 @@ _BYTES = 32
 def load_or_create_secret(path: Path) -> bytes:
     """Read the secret at ``path``; create it (random, mode 0600, never overwriting) if missing."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(_BYTES) + "\n")
@@ -48,7 +49,7 @@ def load_or_create_secret(path: Path) -> bytes:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning("API-key secret %s had mode %o; setting 0600", path, mode)
-        path.chmod(0o600)
+        path.chmod(FILE_MODE)
     text = path.read_text().strip()
     try:
         value = bytes.fromhex(text)
