@@ -14,14 +14,13 @@ token: change is returned), or a Nostr pubkey's account.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from nodeprov.core import journal
+from nodeprov.core.account_moves import AccountMoves, api_key_account
 from nodeprov.core.charges import (
     Job,
     JobOutcome,
@@ -33,7 +32,6 @@ from nodeprov.core.charges import (
     encode_result,
 )
 from nodeprov.core.db import fetchone
-from nodeprov.core.key_secret import derive_api_key
 from nodeprov.core.ledger import (
     OPERATOR,
     Account,
@@ -44,14 +42,12 @@ from nodeprov.core.ledger import (
     debit,
     ensure_account,
 )
-from nodeprov.core.money import check_unit, from_msat_floor, to_msat
+from nodeprov.core.money import check_unit, from_msat_floor
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     MintError,
-    MintUnavailable,
-    PaymentError,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -60,12 +56,16 @@ from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-__all__ = ["Charge", "JobOutcome", "Payer", "PayerKind", "PaymentFailed", "Payments", "Settled"]
-
-
-def api_key_account(api_key: str) -> str:
-    """The account id of an API key: only its SHA-256 is ever stored."""
-    return "key:" + hashlib.sha256(api_key.encode()).hexdigest()
+__all__ = [
+    "Charge",
+    "JobOutcome",
+    "Payer",
+    "PayerKind",
+    "PaymentFailed",
+    "Payments",
+    "Settled",
+    "api_key_account",
+]
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Charge:
         return await self.payments._cancel(self)
 
 
-class Payments:
+class Payments(AccountMoves):
     """Pricing, ledger and wallet behind one interface.
 
     ``renew_seconds``: how often a running job renews its hold's lease (default: a third
@@ -111,98 +111,7 @@ class Payments:
         # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    @asynccontextmanager
-    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
-        """Serialise work on one token or reference so the second sees the first's outcome."""
-        lock, users = self._serial.get(key, (asyncio.Lock(), 0))
-        self._serial[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._serial[key]
-            if users == 1:
-                del self._serial[key]
-            else:
-                self._serial[key] = (lock, users - 1)
-
-    # --- accounts ---------------------------------------------------------------------
-
-    async def create_key(
-        self, token: str, *, expires_at: int | None = None, refund_address: str | None = None
-    ) -> tuple[str, Account]:
-        """Fund an API key with ``token``; returns the key and its account.
-
-        The key is derived from the token (:mod:`nodeprov.core.key_secret`), so creating
-        again with a token that create already redeemed answers with the same key and the
-        account as it is now (``expires_at``/``refund_address`` of the first call stand):
-        the token is the credential, as in token-as-key mode.
-        """
-        fingerprint = token_fingerprint(parse_token(token))
-        api_key = derive_api_key(self._key_secret, fingerprint)
-        account_id = api_key_account(api_key)
-        async with self._one_at_a_time("token:" + fingerprint):
-            if (account := await self._funded(account_id)) is not None:
-                return api_key, account
-            await self.ledger.open_account(
-                account_id, "api_key", expires_at=expires_at, refund_address=refund_address
-            )
-            try:
-                await self.wallet.receive(token, account_id, "api_key")
-            except TokenAlreadySpent:
-                # Another process may be redeeming it for this very key right now.
-                if (account := await self._funded(account_id)) is not None:
-                    return api_key, account
-                await self._raise_if_redeeming(fingerprint, account_id)
-                await self.ledger.drop_empty_account(account_id)
-                raise
-            except PaymentError:
-                # The mint never took the token (or was never asked): nothing to keep.
-                await self.ledger.drop_empty_account(account_id)
-                raise
-            # Any other failure (mint unreachable mid-swap, cancellation) keeps the account:
-            # recovery credits it if the swap landed, and a retry finds it by the same key.
-        account = await self.ledger.account(account_id)
-        assert account is not None
-        return api_key, account
-
-    async def _raise_if_redeeming(self, fingerprint: str, account_id: str) -> None:
-        op = await self.wallet.pending_op_for(fingerprint)
-        if op is not None and op.state == "pending" and op.account_id == account_id:
-            raise MintUnavailable(
-                "this token is still being redeemed with the mint; retry in a minute"
-            )
-
-    async def topup(self, account_id: str, token: str) -> Received:
-        if await self.ledger.account(account_id) is None:
-            raise Unauthorized("Unknown API key")
-        return await self.wallet.receive(token, account_id, "api_key")
-
-    async def deposit(self, account_id: str, token: str, ref: str) -> Received:
-        """Credit ``token`` to ``account_id`` once per ``ref``: a repeat returns the first outcome.
-
-        ``ref`` names the request that carried the token (``dm:<event id>``); a request that
-        is resumed after a crash finds its deposit here instead of failing on a spent token.
-        """
-        async with self._one_at_a_time("ref:" + ref):
-            op = await journal.op_by_ref(self.ledger.db, "receive", ref, account_id)
-            if op is not None and op.state == "done":
-                unit = check_unit(op.unit)
-                credited = to_msat(op.amount - op.fee, unit)
-                return Received(
-                    credited, op.mint_url, unit, op.amount, op.fee, op.fingerprint or ""
-                )
-            if op is not None and op.state == "pending":
-                raise MintUnavailable("this deposit is still being settled with the mint")
-            kind = account_id.partition(":")[0]
-            return await self.wallet.receive(
-                token, account_id, {"key": "api_key"}.get(kind, kind), ref=ref
-            )
-
-    async def balance(self, account_id: str) -> int:
-        """Available msat of ``account_id`` (0 for an account not seen yet)."""
-        account = await self.ledger.account(account_id)
-        return account.available_msat if account is not None else 0
+    # --- accounts (create_key, topup, deposit, balance, withdraw: AccountMoves) ----------
 
     async def account_for(self, payer: Payer) -> str:
         """The ledger account that pays for ``payer`` (redeeming a token-as-key on first use)."""
@@ -232,58 +141,6 @@ class Payments:
                     if await self._funded(account_id) is None:
                         raise
         return account_id
-
-    async def _funded(self, account_id: str) -> Account | None:
-        """The account if it was ever credited (a redeemed token), else None."""
-        account = await self.ledger.account(account_id)
-        return account if account is not None and account.total_deposited_msat > 0 else None
-
-    async def withdraw(
-        self,
-        account_id: str,
-        amount_msat: int | None = None,
-        *,
-        mint_url: str | None = None,
-        unit: str | None = None,
-        ref: str = "",
-    ) -> Sent:
-        """Pay an account's balance (or ``amount_msat`` of it) out as a token.
-
-        With ``ref`` (``dm:<event id>``) it is idempotent: a second call with the same ref
-        returns the token the first one issued and debits nothing.
-        """
-        if not ref:
-            return await self._withdraw(account_id, amount_msat, mint_url, unit, ref)
-        async with self._one_at_a_time("ref:" + ref):
-            op = await journal.op_by_ref(self.ledger.db, "send", ref, account_id)
-            if op is not None and op.state == "done" and op.token is not None:
-                unit_ = check_unit(op.unit)
-                return Sent(op.token, op.amount - op.fee, unit_, op.mint_url, op.fee, op.debit_msat)
-            if op is not None and op.state == "pending":
-                # Recovery settles it (a token issued, or the balance back); then ask again.
-                raise MintUnavailable("this withdrawal is still being settled with the mint")
-            return await self._withdraw(account_id, amount_msat, mint_url, unit, ref)
-
-    async def _withdraw(
-        self,
-        account_id: str,
-        amount_msat: int | None,
-        mint_url: str | None,
-        unit: str | None,
-        ref: str,
-    ) -> Sent:
-        account = await self.ledger.account(account_id)
-        if account is None:
-            raise Unauthorized("Unknown API key")
-        amount = account.available_msat if amount_msat is None else amount_msat
-        if amount > account.available_msat:
-            raise InsufficientBalance(
-                f"Insufficient balance. Current: {account.available_msat // 1000} sats, "
-                f"Required: {-(-amount // 1000)} sats",
-                available_msat=account.available_msat,
-                required_msat=amount,
-            )
-        return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit, ref=ref)
 
     # --- jobs -----------------------------------------------------------------------
 
