@@ -80,6 +80,7 @@ class HttpSection:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout_seconds: int = 10
+    body_idle_timeout_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (HttpSection, "port"): (0, 65535, False),
     (HttpSection, "max_body_bytes"): (1024, 1024**3, False),
     (HttpSection, "header_timeout_seconds"): (1, 3600, False),
+    (HttpSection, "body_idle_timeout_seconds"): (1, 3600, False),
     (NostrSection, "chat_history_turns"): (0, 100, False),
     (NostrSection, "max_content_bytes"): (1024, 1024**2, False),
     (NostrSection, "rate_limit_per_minute"): (0, 10_000, False),

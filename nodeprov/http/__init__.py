@@ -57,5 +57,9 @@ async def http_service(core: Core, stop: asyncio.Event) -> None:
     app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
     http = core.config.http
     await serve(
-        app, bind(http.host, http.port), stop, header_timeout_seconds=http.header_timeout_seconds
+        app,
+        bind(http.host, http.port),
+        stop,
+        header_timeout_seconds=http.header_timeout_seconds,
+        body_idle_timeout_seconds=http.body_idle_timeout_seconds,
     )

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -114,6 +114,11 @@ async def on_error(request: Request, exc: Exception) -> Response:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
         return JSON(body, status_code=exc.status_code, headers=exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        # The client left (or was cut off) while its body was being read: nothing was held
+        # yet, and no one is there to read an answer.
+        logger.info("client gone while sending %s %s", request.method, request.url.path)
+        return Response(status_code=400)
     logger.exception("unexpected error on %s", request.url.path, exc_info=exc)
     body = {"error": {"type": "server_error", "code": "internal_error", "message": "internal"}}
     return JSON(body, status_code=500)
@@ -153,17 +158,23 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers.
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers and a limit on
+    pauses while its body arrives.
 
     uvicorn times out idle keep-alive connections only after a first response, and every
     byte received resets that timer: a client that connects and trickles a request line
     (slowloris) holds a socket for ever. Here a connection must deliver a request's complete
     headers within ``header_timeout`` seconds of connecting (or of the request's first byte
-    on a kept-alive connection), however slowly the bytes arrive; otherwise it is closed.
+    on a kept-alive connection), however slowly the bytes arrive; and once the headers are
+    in, the body may not pause for more than ``body_idle_timeout`` seconds (a request that
+    announces a body and never sends it). Either way the connection is closed; nothing has
+    been held or charged yet, since every route reads its body first.
     """
 
     header_timeout: float = 10.0
+    body_idle_timeout: float = 30.0
     _header_deadline: asyncio.TimerHandle | None = None
+    _body_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -176,29 +187,60 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_deadline()
         super().on_headers_complete()
+        self._arm_body_deadline()  # disarmed at once by on_message_complete if no body
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm_body_deadline()
+
+    def on_message_complete(self) -> None:
+        self._disarm_body_deadline()
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
+        self._disarm_body_deadline()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
         if self._header_deadline is None:
-            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._late)
 
     def _disarm_header_deadline(self) -> None:
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
 
-    def _headers_late(self) -> None:
+    def _arm_body_deadline(self) -> None:
+        self._disarm_body_deadline()
+        self._body_deadline = self.loop.call_later(self.body_idle_timeout, self._body_late)
+
+    def _disarm_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_late(self) -> None:
+        self._body_deadline = None
+        if self.flow is not None and self.flow.read_paused:
+            # The server stopped reading (the app has not taken the body yet): not the
+            # client's pause.
+            self._arm_body_deadline()
+            return
+        self._late()
+
+    def _late(self) -> None:
         self._header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
 
 
-def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
-    """:class:`HeaderTimeoutProtocol` with its deadline set to ``seconds``."""
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+def timeout_protocol(
+    header_seconds: float, body_idle_seconds: float
+) -> type[HeaderTimeoutProtocol]:
+    """:class:`HeaderTimeoutProtocol` with its limits set."""
+    limits = {"header_timeout": header_seconds, "body_idle_timeout": body_idle_seconds}
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), limits)
 
 
 class _Server(uvicorn.Server):
@@ -223,12 +265,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    app: Any, sock: socket.socket, stop: asyncio.Event, *, header_timeout_seconds: float = 10.0
+    app: Any,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    *,
+    header_timeout_seconds: float = 10.0,
+    body_idle_timeout_seconds: float = 30.0,
 ) -> None:
     """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period.
 
     A connection that has not sent a request's headers ``header_timeout_seconds`` after it
-    opened (or after the request began) is closed.
+    opened (or after the request began), or whose request body pauses longer than
+    ``body_idle_timeout_seconds``, is closed.
     """
     config = uvicorn.Config(
         app,
@@ -236,7 +284,7 @@ async def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
-        http=header_timeout_protocol(header_timeout_seconds),
+        http=timeout_protocol(header_timeout_seconds, body_idle_timeout_seconds),
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -251,9 +251,19 @@ def _closed_by_server(sock: socket.socket) -> bool:
 
 
 async def test_header_timeout_closes_half_open_requests(node: Node) -> None:
-    """Slowloris: partial request lines and headers are cut off, real requests still served."""
+    """Slowloris: partial request lines and headers are cut off, real requests still served;
+    so is a request that announces a body and stops sending it."""
     assert node.config.http.header_timeout_seconds <= 2
-    partials = [b"", b"GET /v1/info HT", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"]
+    assert node.config.http.body_idle_timeout_seconds <= 2
+    partials = [
+        b"",
+        b"GET /v1/info HT",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+        b"POST /v1/wallet/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{",
+        b"POST /v1/wallet/withdraw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\n{\r\n",
+    ]
     socks = [_half_open(node.url, partials[i % len(partials)]) for i in range(60)]
     async with httpx.AsyncClient(base_url=node.base) as http:
         assert (await http.get("/info")).status_code == 200

@@ -131,7 +131,12 @@ async def start_node(
     )
     config = Config(
         node=NodeSection(name="test-node", http_url="http://127.0.0.1"),
-        http=HttpSection(cors_origins=cors, max_body_bytes=MAX_BODY, header_timeout_seconds=1),
+        http=HttpSection(
+            cors_origins=cors,
+            max_body_bytes=MAX_BODY,
+            header_timeout_seconds=1,
+            body_idle_timeout_seconds=1,
+        ),
         wallet=WalletSection(mints=tuple(mints)),
         upstreams=(
             Upstream(
@@ -148,7 +153,11 @@ async def start_node(
     stop = asyncio.Event()
     task = asyncio.create_task(
         serve(
-            create_app(ctx), sock, stop, header_timeout_seconds=config.http.header_timeout_seconds
+            create_app(ctx),
+            sock,
+            stop,
+            header_timeout_seconds=config.http.header_timeout_seconds,
+            body_idle_timeout_seconds=config.http.body_idle_timeout_seconds,
         )
     )
     url = f"http://127.0.0.1:{port}"

@@ -162,6 +162,7 @@ BAD = [
     ("[http]\nport = -1\n", ["http.port"]),
     ("[http]\nmax_body_bytes = 0\n", ["http.max_body_bytes"]),
     ("[http]\nheader_timeout_seconds = 0\n", ["http.header_timeout_seconds"]),
+    ("[http]\nbody_idle_timeout_seconds = 0\n", ["http.body_idle_timeout_seconds"]),
     ('[node]\nhttp_url = "ftp://x"\n', ["node.http_url", "URL"]),
     ('[node]\nhttp_url = "not a url"\n', ["node.http_url"]),
     ('[nostr]\nrelays = ["https://relay"]\n', ["nostr.relays[0]", "ws"]),
