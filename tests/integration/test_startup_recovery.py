@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 from click.testing import CliRunner
-from nodeprov.http.admin.queries import totals
 
 from nodeprov.cli import main
 from nodeprov.config import Config
+from nodeprov.core.admin_queries import totals
 from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
