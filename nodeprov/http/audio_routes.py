@@ -9,8 +9,9 @@ block_align``, plausible rates, channels and sample sizes), since that is how a 
 reads the samples too; any other upload is bounded at :data:`MIN_BYTES_PER_SECOND`.
 Settlement uses the duration the upstream reports (``usage.seconds`` or ``duration``). To
 get one, a request for ``json`` or ``text`` (the default is ``json``) is forwarded as
-``verbose_json`` and the answer converted back to the format asked for; ``srt`` and
-``vtt`` carry no duration and settle at the hold.
+``verbose_json`` and the answer converted back to the format asked for (a model that
+refuses ``verbose_json`` with a 400 is asked again in the client's format); ``srt`` and
+``vtt`` carry no duration and settle at the hold, like an answer that reports none.
 """
 
 from __future__ import annotations
@@ -169,7 +170,13 @@ async def audio_job(request: Request) -> Response:
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
     path = request.url.path.removeprefix("/v1/")
     async with paid_job(ctx, request, route.model, hold_body, AUDIO) as job:
-        response = await send(ctx, route, path, request, data=forward, files={"file": upload})
+        try:
+            response = await send(ctx, route, path, request, data=forward, files={"file": upload})
+        except InvalidRequest as exc:
+            if forward is fields or exc.details.get("upstream_status") != 400:
+                raise
+            # Some models answer only json/text (no duration): ask again as the client did.
+            response = await send(ctx, route, path, request, data=fields, files={"file": upload})
         try:
             json_answer = "json" in response.headers.get("content-type", "")
             data: Any = response.json() if json_answer else None

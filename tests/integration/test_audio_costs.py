@@ -137,3 +137,35 @@ async def test_response_format_given_twice_is_400_before_the_hold(
         )
     assert r.status_code == 400, r.text
     assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+
+
+@pytest.mark.parametrize("response_format", [None, "text"])
+async def test_a_model_that_answers_only_json_is_asked_again_in_the_clients_format(
+    node: Node, make_token: TokenMaker, upstream: FakeUpstream, response_format: str | None
+) -> None:
+    """Some transcription models refuse ``verbose_json``: the node asks again as the client did,
+    settling from the duration that answer reports (else the hold) instead of failing."""
+    audio = wav(1.5)
+    token = await make_token(20)
+    fields: dict[str, Any] = {"model": "fake-whisper+jsononly"}
+    if response_format:
+        fields["response_format"] = response_format
+    seen = len(upstream.requests)
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post(
+            "/audio/transcriptions",
+            data=fields,
+            files={"file": ("a.wav", audio, "audio/wav")},
+            headers={"X-Cashu": token},
+        )
+    assert r.status_code == 200, r.text
+    asked = [rec.form.get("response_format", "json") for rec in upstream.requests[seen:]]
+    assert asked == ["verbose_json", response_format or "json"]
+    if response_format == "text":
+        assert r.text.startswith("fake transcribe of")
+        assert int(r.headers["x-cost-msat"]) == audio_cost(seconds_bound(audio))
+    else:
+        assert r.json()["text"].startswith("fake transcribe of")
+        assert int(r.headers["x-cost-msat"]) == audio_cost(2)
+    change = await make_token.redeem(r.headers["x-cashu"])
+    assert change == 20 - math.ceil(int(r.headers["x-cost-msat"]) / 1000)

@@ -57,7 +57,7 @@ REPLY_WORDS = (
 MAX_COMPLETION = len(REPLY_WORDS)  # 16
 _SWITCH = re.compile(
     r"(fail)-(\d{3})|(slow|drip)-(\d+(?:\.\d+)?)|(drop|stall|pause)-(\d+)"
-    r"|(hang|held|nousage|earlyusage)"
+    r"|(hang|held|nousage|earlyusage|jsononly)"
 )
 
 
@@ -75,6 +75,7 @@ class Behaviour:
     pause_after: int | None = None
     usage: bool = True
     early_usage: bool = False
+    json_only: bool = False
 
     def with_switches(self, model: str) -> Behaviour:
         """This behaviour overridden by the switches in ``model``."""
@@ -95,6 +96,8 @@ class Behaviour:
                 b.early_usage = True
             elif m[7] == "held":
                 b.held = True
+            elif m[7] == "jsononly":
+                b.json_only = True
             else:
                 b.usage = False
         return b

@@ -21,6 +21,8 @@ with switches in its model name, ``+``-separated parts matched whole (``"m+drip-
     pause-K    stream: after K ``data:`` events wait until ``up.resume_paused()``, then go on
     earlyusage stream: a usage chunk reporting 0 completion tokens right after the role chunk,
                and no usage chunk at the end (an upstream that reports usage early)
+    jsononly   audio: only ``json`` and ``text`` answers; other formats get 400 (as some
+               transcription models answer)
 
 Usage rule (exact, see :func:`expected_usage`): words = ``len(text.split())``.
 chat: prompt_tokens = sum over messages of (3 + words of its text; text parts of a list count,
@@ -424,6 +426,9 @@ class FakeUpstream:
         task = "translate" if request.url.path.endswith("translations") else "transcribe"
         text = f"fake {task} of {len(audio)} bytes"
         fmt = rec.form.get("response_format", "json")
+        if b.json_only and fmt not in ("json", "text"):
+            message = f"response_format '{fmt}' is not compatible with this model"
+            return self._done(rec, error_response(400, message, "invalid_request_error"))
         if fmt in ("text", "srt", "vtt"):
             return self._done(rec, PlainTextResponse(text))
         out: dict[str, Any] = {"text": text}

@@ -61,7 +61,7 @@ SWITCHES = (
     "earlyusage+drop-6",
 )
 BASE_MODELS = ("fake-chat", "fake-embed", "fake-image", "fake-whisper", "fake-tts")
-MODELS = (*BASE_MODELS, *(f"fake-chat+{s}" for s in SWITCHES))
+MODELS = (*BASE_MODELS, *(f"fake-chat+{s}" for s in SWITCHES), "fake-whisper+jsononly")
 
 
 def chat_cost(usage: Mapping[str, int]) -> int:
