@@ -109,6 +109,19 @@ class InsufficientBalance(PaymentError):
     type = "insufficient_balance"
     code = "payment_required"
 
+    @classmethod
+    def of(cls, available_msat: int, required_msat: int, hint: str = "") -> InsufficientBalance:
+        """The payer has ``available_msat`` and needs ``required_msat``: the message clients
+        parse ("Current: X sats, Required: Y sats", X floored, Y rounded up), with both amounts
+        exact in the details."""
+        required_sats = -(-required_msat // 1000)
+        return cls(
+            f"Insufficient balance. Current: {max(0, available_msat) // 1000} sats, "
+            f"Required: {required_sats} sats{hint}",
+            available_msat=available_msat,
+            required_msat=required_msat,
+        )
+
 
 class AccountExpired(PaymentError):
     status = 401

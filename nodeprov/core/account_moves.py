@@ -176,10 +176,5 @@ class AccountMoves:
             raise Unauthorized("Unknown API key")
         amount = account.available_msat if amount_msat is None else amount_msat
         if amount > account.available_msat:
-            raise InsufficientBalance(
-                f"Insufficient balance. Current: {account.available_msat // 1000} sats, "
-                f"Required: {-(-amount // 1000)} sats",
-                available_msat=account.available_msat,
-                required_msat=amount,
-            )
+            raise InsufficientBalance.of(account.available_msat, amount)
         return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit, ref=ref)

@@ -127,12 +127,7 @@ def refusal(raw: sqlite3.Connection, at: int, account_id: str, amount: int) -> N
     if row[2] is not None and row[2] <= at:
         return AccountExpired("This key has expired; its balance is being refunded")
     available = row[0] - row[1]
-    return InsufficientBalance(
-        f"Insufficient balance. Current: {available // 1000} sats, "
-        f"Required: {-(-amount // 1000)} sats",
-        available_msat=available,
-        required_msat=amount,
-    )
+    return InsufficientBalance.of(available, amount)
 
 
 def outcome(raw: sqlite3.Connection, ref: str) -> Outcome | None:

@@ -168,26 +168,17 @@ class Payments(AccountMoves):
             except Unauthorized:
                 if payer.kind != "npub":
                     raise
-                raise InsufficientBalance(
-                    "Insufficient balance. Current: 0 sats, "
-                    f"Required: {-(-max_cost.total_msat // 1000)} sats; deposit first",
-                    available_msat=0,
-                    required_msat=max_cost.total_msat,
-                ) from None
+                raise InsufficientBalance.of(0, max_cost.total_msat, "; deposit first") from None
             return Charge(self, account_id, hold, max_cost, model, endpoint)
         token = parse_token(payer.credential)
         account_id = "req:" + token_fingerprint(token)
         received = await self.wallet.receive(payer.credential, account_id, "request")
         try:
             hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
-        except InsufficientBalance as exc:
+        except InsufficientBalance:
             refund = await self._refund(account_id, received)
             raise PaymentFailed(
-                InsufficientBalance(
-                    f"Insufficient balance. Current: {received.credited_msat // 1000} sats, "
-                    f"Required: {-(-max_cost.total_msat // 1000)} sats",
-                    **exc.details,
-                ),
+                InsufficientBalance.of(received.credited_msat, max_cost.total_msat),
                 refund,
             ) from None
         return Charge(self, account_id, hold, max_cost, model, endpoint, received)

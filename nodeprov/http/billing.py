@@ -35,11 +35,7 @@ def payment_required(ctx: HttpContext, model: str, body: Any, endpoint: Endpoint
 
 
 def unpaid(required_msat: int) -> InsufficientBalance:
-    return InsufficientBalance(
-        f"Insufficient balance. Current: 0 sats, Required: {ceil_div(required_msat, 1000)} sats",
-        available_msat=0,
-        required_msat=required_msat,
-    )
+    return InsufficientBalance.of(0, required_msat)
 
 
 def cost_fields(settled: Settled) -> dict[str, int]:
