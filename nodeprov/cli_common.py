@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from nodeprov.config import ENV_PREFIX, Config, load_config
+from nodeprov.config import ENV_PREFIX, Config
+from nodeprov.config_load import load_config
 from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.errors import ConfigError, NodeprovError
 

@@ -18,7 +18,8 @@ from nodeprov.admin_password import (
     set_password,
     verify_password,
 )
-from nodeprov.config import AdminSection, Config, NodeSection, load_config
+from nodeprov.config import AdminSection, Config, NodeSection
+from nodeprov.config_load import load_config
 from nodeprov.core.admin_queries import channel_of
 from nodeprov.errors import ConfigError
 from nodeprov.http.admin import build_admin_app

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from nodeprov.cli import DEV_CONFIG
-from nodeprov.config import load_config
+from nodeprov.config_load import load_config
 from nodeprov.core.ledger import open_ledger
 from nodeprov.core.node import Core
 from nodeprov.core.wallet import Wallet

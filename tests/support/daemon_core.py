@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from nodeprov.config import Config, load_config
+from nodeprov.config import Config
+from nodeprov.config_load import load_config
 from nodeprov.core.key_secret import load_or_create_secret
 from nodeprov.core.ledger import open_ledger
 from nodeprov.core.node import Core

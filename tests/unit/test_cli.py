@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from nodeprov.cli import EXAMPLE_CONFIG, main
-from nodeprov.config import load_config
+from nodeprov.config_load import load_config
 from nodeprov.core.node import Core
 from nodeprov.daemon import run
 from tests.support.tcp_proxy import dead_port

@@ -11,15 +11,8 @@ from typing import Any
 
 import pytest
 
-from nodeprov.config import (
-    MODEL_KEYS,
-    SECTIONS,
-    Config,
-    ModelPrice,
-    RateSource,
-    Upstream,
-    load_config,
-)
+from nodeprov.config import Config, ModelPrice, RateSource, Upstream
+from nodeprov.config_load import MODEL_KEYS, SECTIONS, load_config
 from nodeprov.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
