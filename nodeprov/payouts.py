@@ -25,9 +25,9 @@ import httpx
 from nodeprov.core import liabilities
 from nodeprov.core.db import Database
 from nodeprov.core.ledger import OPERATOR, now
-from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
+from nodeprov.core.lnurl import lnurl_client
 from nodeprov.core.melt import Melter, MeltQuote
-from nodeprov.core.melt_sizing import sized_quote
+from nodeprov.core.melt_sizing import quote_for_address
 from nodeprov.core.money import Unit, check_unit, from_msat_floor, to_msat
 from nodeprov.core.node import Core, Service
 from nodeprov.core.wallet import Wallet
@@ -100,12 +100,7 @@ async def _sized_quote(
     """Get an invoice from ``address`` and a melt quote that fit ``budget_msat`` with fees."""
     mint, unit, pool_msat = await _pool(core.wallet, mint_url)
     budget = from_msat_floor(min(budget_msat, pool_msat), unit)
-    request = await resolve(http, address)
-    quote = await sized_quote(
-        core.wallet, mint, unit, budget,
-        (request.min_sendable_msat, request.max_sendable_msat),
-        lambda msat: request_invoice(http, request, msat),
-    )  # fmt: skip
+    quote = await quote_for_address(core.wallet, http, address, (mint, unit), budget)
     if quote is None:
         raise PayoutError(
             f"{budget_msat} msat of earnings do not cover the smallest payment {address} accepts"

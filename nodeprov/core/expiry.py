@@ -21,9 +21,9 @@ import httpx
 from nodeprov.config import Config
 from nodeprov.core.db import Database
 from nodeprov.core.ledger import now
-from nodeprov.core.lnurl import lnurl_client, request_invoice, resolve
+from nodeprov.core.lnurl import lnurl_client
 from nodeprov.core.melt import Melter, MeltQuote
-from nodeprov.core.melt_sizing import sized_quote
+from nodeprov.core.melt_sizing import quote_for_address
 from nodeprov.core.money import check_unit, from_msat_floor, to_msat
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import NodeprovError
@@ -200,12 +200,9 @@ class ExpiryRefunder:
         """An invoice from ``address`` whose amount, fee reserve and input fee fit the balance."""
         mint_url, unit = await self.wallet.choose_pool(available_msat, None, None, account_id)
         budget = from_msat_floor(available_msat, unit)
-        request = await resolve(http, address, trust_host=self.private_hosts)
-        quote = await sized_quote(
-            self.wallet, mint_url, unit, budget,
-            (request.min_sendable_msat, request.max_sendable_msat),
-            lambda msat: request_invoice(http, request, msat),
-        )  # fmt: skip
+        quote = await quote_for_address(
+            self.wallet, http, address, (mint_url, unit), budget, trust_host=self.private_hosts
+        )
         if quote is None:
             raise RefundTooSmall(
                 f"{available_msat} msat do not cover the smallest payment {address} accepts"

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import httpx
+
 from nodeprov.core.denominations import covering_subset
+from nodeprov.core.lnurl import request_invoice, resolve
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.money import Unit, ceil_div, from_msat_floor, to_msat
 from nodeprov.core.wallet import Wallet
@@ -47,6 +50,27 @@ async def sized_quote(
             return quote
         target = quote.amount - over
     return None
+
+
+async def quote_for_address(
+    wallet: Wallet,
+    http: httpx.AsyncClient,
+    address: str,
+    pool: tuple[str, Unit],
+    budget: int,
+    *,
+    trust_host: bool = True,
+) -> MeltQuote | None:
+    """:func:`sized_quote` for a Lightning address (LNURL-pay through the guarded fetch).
+
+    ``trust_host`` as in :func:`nodeprov.core.lnurl.resolve`: False for addresses clients chose.
+    """
+    request = await resolve(http, address, trust_host=trust_host)
+    return await sized_quote(
+        wallet, pool[0], pool[1], budget,
+        (request.min_sendable_msat, request.max_sendable_msat),
+        lambda msat: request_invoice(http, request, msat),
+    )  # fmt: skip
 
 
 async def input_fee(wallet: Wallet, mint_url: str, unit: Unit, target: int) -> int:
