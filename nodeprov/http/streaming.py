@@ -6,7 +6,7 @@ an SSE comment ``: nodeprov {"cost_msat", "cost_input_msat", "cost_output_msat",
 it a named event ``event: nodeprov`` with the same JSON (SDKs stop reading at ``[DONE]``).
 The change of an ``X-Cashu`` payment also stays claimable at ``GET /v1/wallet/change``.
 Settlement follows the charge lifecycle's rules (:mod:`nodeprov.core.charges`): each
-content-bearing chunk is counted as output; a stream that ended early (upstream error or
+chunk with output (any non-empty delta field but ``role``) is counted; a stream that ended early (upstream error or
 drop, client gone) settles as incomplete: ``max(reported usage, produced so far)``, or
 nothing if nothing was produced. The job's lease is renewed for as long as the stream runs.
 """
@@ -137,9 +137,9 @@ class SSERelay:
                 self.finished = True
             delta = choice.get("delta")
             delta = delta if isinstance(delta, dict) else {}
-            if choice.get("text") or any(
-                delta.get(k) for k in ("content", "tool_calls", "reasoning_content", "refusal")
-            ):
+            # Output is output whatever the field is called (content, tool_calls,
+            # function_call, reasoning, audio…): every non-empty delta field but the role.
+            if choice.get("text") or any(v for k, v in delta.items() if k != "role"):
                 self.job.output()
 
     @property
