@@ -6,9 +6,10 @@ an SSE comment ``: nodeprov {"cost_msat", "cost_input_msat", "cost_output_msat",
 it a named event ``event: nodeprov`` with the same JSON (SDKs stop reading at ``[DONE]``).
 The change of an ``X-Cashu`` payment also stays claimable at ``GET /v1/wallet/change``.
 Settlement follows the charge lifecycle's rules (:mod:`nodeprov.core.charges`): each
-chunk with output (any non-empty delta field but ``role``) is counted; a stream that ended early (upstream error or
-drop, client gone) settles as incomplete: ``max(reported usage, produced so far)``, or
-nothing if nothing was produced. The job's lease is renewed for as long as the stream runs.
+chunk with output (any non-empty delta field but ``role``) is counted; a stream that
+ended early (upstream error or drop, client gone) settles as incomplete:
+``max(reported usage, produced so far)``, or nothing if nothing was produced. The job's
+lease is renewed for as long as the stream runs.
 """
 
 from __future__ import annotations
