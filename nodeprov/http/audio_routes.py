@@ -39,8 +39,12 @@ from nodeprov.upstream import Route
 AUDIO: Endpoint = "audio"
 # 4 kbit/s: below any codec usable for speech, so the bound is never short.
 MIN_BYTES_PER_SECOND = 500
-# WAV formats whose samples are fixed-size: PCM, IEEE float, A-law, mu-law, extensible.
-_FIXED_SIZE_FORMATS = frozenset({1, 3, 6, 7, 0xFFFE})
+# WAV formats whose samples are fixed-size: PCM, IEEE float, A-law, mu-law.
+_FIXED_SIZE_FORMATS = frozenset({1, 3, 6, 7})
+# WAVE_FORMAT_EXTENSIBLE names its codec in a SubFormat GUID (decoders read that, not the
+# tag): trusted only when the GUID names one of the fixed-size formats above.
+_EXTENSIBLE = 0xFFFE
+_GUID_TAIL = bytes.fromhex("00001000800000aa00389b71")
 _WAV_HEADER = struct.Struct("<HHIIHH")  # format, channels, sample rate, byte rate, align, bits
 # Formats the node converts back from ``verbose_json`` (which reports the duration).
 _CONVERTED_FORMATS = frozenset({"json", "text"})
@@ -58,6 +62,8 @@ def wav_byte_rate(audio: bytes) -> int | None:
             if size < _WAV_HEADER.size or offset + 8 + _WAV_HEADER.size > len(audio):
                 return None
             fmt, channels, rate, byte_rate, align, bits = _WAV_HEADER.unpack_from(audio, offset + 8)
+            if fmt == _EXTENSIBLE:
+                fmt = _extensible_format(audio, offset + 8, size)
             plausible = (
                 fmt in _FIXED_SIZE_FORMATS
                 and 1 <= channels <= 32
@@ -69,6 +75,21 @@ def wav_byte_rate(audio: bytes) -> int | None:
             return byte_rate if plausible else None
         offset += 8 + size + (size & 1)  # chunks are padded to even sizes
     return None
+
+
+def _extensible_format(audio: bytes, start: int, size: int) -> int | None:
+    """The format tag in a WAVE_FORMAT_EXTENSIBLE ``fmt`` chunk's SubFormat GUID, if well formed.
+
+    Layout after the 16 basic bytes: cbSize (>= 22), valid bits, channel mask, then the GUID
+    ``<tag>-0000-0010-8000-00aa00389b71``.
+    """
+    guid_at = start + 24
+    if size < 40 or guid_at + 16 > len(audio):
+        return None
+    if struct.unpack_from("<H", audio, start + 16)[0] < 22:
+        return None
+    tag, tail = struct.unpack_from("<I", audio, guid_at)[0], audio[guid_at + 4 : guid_at + 16]
+    return tag if tail == _GUID_TAIL else None
 
 
 def seconds_bound(audio: bytes) -> int:

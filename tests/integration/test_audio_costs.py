@@ -169,3 +169,37 @@ async def test_a_model_that_answers_only_json_is_asked_again_in_the_clients_form
         assert int(r.headers["x-cost-msat"]) == audio_cost(2)
     change = await make_token.redeem(r.headers["x-cashu"])
     assert change == 20 - math.ceil(int(r.headers["x-cost-msat"]) / 1000)
+
+
+# KSDATAFORMAT_SUBTYPE base GUID (xxxxxxxx-0000-0010-8000-00aa00389b71); the first 4 bytes
+# are a WAV format tag. 0x0055 is MPEG Layer 3: FFmpeg's riffdec.c parse_waveformatex takes
+# the codec from this subformat when the format tag is 0xFFFE, and decodes the data as MP3.
+MP3_SUBFORMAT = struct.pack("<I", 0x0055) + bytes.fromhex(
+    "000010008000 00aa00389b71".replace(" ", "")
+)
+
+
+def extensible_wav(payload: bytes, subformat: bytes) -> bytes:
+    channels, rate, bits = 32, 768_000, 64
+    align = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE, channels, rate, rate * align, align, bits)
+    fmt += struct.pack("<HHI", 22, bits, 0) + subformat  # cbSize, valid bits, mask, GUID
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"data" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_extensible_wav_with_a_compressed_subformat_is_bounded_at_the_floor() -> None:
+    """Decoders take an extensible WAV's codec from its SubFormat GUID: 2 MB of MP3 (about
+    500 s of speech) behind a consistent-looking extensible header must not hold 1 s."""
+    payload = b"\xff\xfb\x50\xc4" + bytes(2_000_000)  # an MP3 frame header, then data
+    audio = extensible_wav(payload, MP3_SUBFORMAT)
+    floor = -(-len(audio) // MIN_BYTES_PER_SECOND)
+    assert seconds_bound(audio) >= floor, seconds_bound(audio)
+
+
+def test_extensible_wav_with_a_pcm_subformat_is_trusted() -> None:
+    pcm = struct.pack("<I", 1) + MP3_SUBFORMAT[4:]
+    audio = extensible_wav(bytes(768_000 * 256 * 2), pcm)
+    assert wav_byte_rate(audio) == 768_000 * 256
+    assert seconds_bound(audio) == 3
