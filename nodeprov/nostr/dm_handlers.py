@@ -152,20 +152,41 @@ async def earlier_outcome(ctx: DmContext, ref: str, payer: Payer) -> Earlier | N
         return None
     data = outcome.result if isinstance(outcome.result, dict) else {}
     if payer.kind == "request_token":
-        tokens = await ctx.payments.claim_change(payer.credential)
-        return Earlier(data, outcome.charged_msat, tokens[-1] if tokens else None, None)
+        change = await latest_change(ctx, payer.credential)
+        return Earlier(data, outcome.charged_msat, change, None)
     return Earlier(data, outcome.charged_msat, None, await balance_of(ctx, payer.credential))
+
+
+# Resumes a DM job can go through; each pays with the change the one before it left.
+MAX_RESUMES = 16
+
+
+async def latest_change(ctx: DmContext, token: str) -> str | None:
+    """The change owed for ``token`` now: each resume of a job paid with it paid with the
+    change the run before left, so follow change the node itself spent to its end."""
+    current: str | None = None
+    paid_with = token
+    for _ in range(MAX_RESUMES):
+        try:
+            tokens = await ctx.payments.claim_change(paid_with)
+        except Unauthorized:
+            return current  # ``paid_with`` paid for nothing here: it is the client's change
+        if not tokens:
+            return None
+        current = paid_with = tokens[-1]
+    return current
 
 
 async def _payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
     """A token an interrupted run already took: pay with the change it refunded (claimable)."""
     try:
-        tokens = await ctx.payments.claim_change(token)
+        await ctx.payments.claim_change(token)
     except Unauthorized:
         raise TokenAlreadySpent("this token was already spent") from None
-    if not tokens:
+    change = await latest_change(ctx, token)
+    if change is None:
         raise TokenAlreadySpent("this token was already used for a job here")
-    return Payer("request_token", tokens[-1])
+    return Payer("request_token", change)
 
 
 async def handle_request(
