@@ -102,6 +102,9 @@ async def topup(request: Request) -> Response:
     return JSON({"msats": received.credited_msat, **_view(after)})
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
 async def withdraw(request: Request) -> Response:
     ctx = context(request)
     # The refund aliases always pay out everything (Routstr's meaning); a body is ignored.
@@ -112,9 +115,16 @@ async def withdraw(request: Request) -> Response:
         raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")
     if unit is not None and unit not in ctx.config.wallet.units:
         raise InvalidRequest(f"'unit' must be one of {', '.join(ctx.config.wallet.units)}")
+    idempotency_key = request.headers.get("idempotency-key", "")
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable():
+        raise InvalidRequest(
+            f"'Idempotency-Key' must be at most {MAX_IDEMPOTENCY_KEY} printable characters"
+        )
     _, account = await _account(ctx, request)
+    # A repeated withdraw with the same key returns the first token (its answer was lost).
+    ref = f"http:{account.id}:{idempotency_key}" if idempotency_key else ""
     sent = await ctx.payments.withdraw(
-        account.id, amount, mint_url=mint.rstrip("/") if mint else None, unit=unit
+        account.id, amount, mint_url=mint.rstrip("/") if mint else None, unit=unit, ref=ref
     )
     return JSON(
         {

@@ -140,3 +140,29 @@ async def test_100_concurrent_requests_on_a_key_funded_for_50(node: Node, make_t
     account = await node.account(key)
     assert account.balance_msat == 0 and account.total_spent_msat == 50 * hold
     assert min(low) >= 0
+
+
+async def test_a_withdraw_repeated_with_its_idempotency_key_returns_the_same_token(
+    node: Node, make_token
+) -> None:
+    """A client that lost a withdraw's answer asks again with the same ``Idempotency-Key``
+    and gets the token it was debited for; nothing is debited twice."""
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        key = await http.post("/wallet/create", json={"cashu_token": await make_token(20)})
+        auth = {"Authorization": f"Bearer {key.json()['api_key']}"}
+        once = {**auth, "Idempotency-Key": "withdraw-1"}
+        first = await http.post("/wallet/withdraw", json={"amount": 5_000}, headers=once)
+        assert first.status_code == 200, first.text
+        again = await http.post("/wallet/withdraw", json={"amount": 5_000}, headers=once)
+        assert again.status_code == 200, again.text
+        assert again.json() == first.json()
+        other = {**auth, "Idempotency-Key": "withdraw-2"}
+        second = await http.post("/wallet/withdraw", json={"amount": 5_000}, headers=other)
+        assert second.json()["token"] != first.json()["token"]
+        balance = (await http.get("/wallet/balance", headers=auth)).json()["balance"]
+        bad = {**auth, "Idempotency-Key": "x" * 300}
+        refused = await http.post("/wallet/withdraw", json={"amount": 1_000}, headers=bad)
+    assert balance == 10_000
+    assert refused.status_code == 400
+    assert await make_token.redeem(first.json()["token"]) == 5
+    assert await make_token.redeem(second.json()["token"]) == 5
