@@ -153,8 +153,8 @@ class Pricer:
         convert = _Converter(self._rates)
         if endpoint == "images":
             n = count(body, "n")
-            rate = _image_rate(price, model, body.get("size"), body.get("quality"))
-            return self._cost(convert, price, output=convert(rate) * n)
+            each = _image_price(convert, price, model, body.get("size"), body.get("quality"))
+            return self._cost(convert, price, output=each * n)
         if endpoint == "speech":
             text = body.get("input")
             if not isinstance(text, str):
@@ -187,8 +187,8 @@ class Pricer:
             return self._tokens(convert, price, prompt, 0)
         if endpoint == "images":
             n = _usage_int(usage, "n")
-            rate = _image_rate(price, model, usage.get("size"), usage.get("quality"))
-            return self._cost(convert, price, output=convert(rate) * n)
+            each = _image_price(convert, price, model, usage.get("size"), usage.get("quality"))
+            return self._cost(convert, price, output=each * n)
         if endpoint == "speech":
             return self._speech(convert, price, _usage_int(usage, "characters"))
         if endpoint == "audio":
@@ -295,8 +295,20 @@ def _display_sats(value_msat: Fraction) -> Decimal:
         return Decimal(sats.numerator) / Decimal(sats.denominator)
 
 
-def _image_rate(price: ModelPrice, model: str, size: Any, quality: Any) -> Rate:
-    """The price of one image: ``size/quality``, else ``size``, else ``default``."""
+def _image_price(
+    convert: _Converter, price: ModelPrice, model: str, size: Any, quality: Any
+) -> Fraction:
+    """The msat price of one image: ``size/quality``, else ``size``, else ``default``.
+
+    A quality the operator priced for some sizes but asked for without a size (the upstream
+    picks one) costs the dearest of those prices, never the plain size's or the default.
+    """
+    if not price.image:
+        raise InvalidRequest(f"model {model!r} does not generate images here")
+    if isinstance(quality, str) and not isinstance(size, str):
+        priced = [rate for key, rate in price.image.items() if key.endswith("/" + quality)]
+        if priced:
+            return max(convert(rate) for rate in priced)
     keys = []
     if isinstance(size, str) and isinstance(quality, str):
         keys.append(f"{size}/{quality}")
@@ -305,9 +317,7 @@ def _image_rate(price: ModelPrice, model: str, size: Any, quality: Any) -> Rate:
     keys.append("default")
     for key in keys:
         if key in price.image:
-            return price.image[key]
-    if not price.image:
-        raise InvalidRequest(f"model {model!r} does not generate images here")
+            return convert(price.image[key])
     offered = ", ".join(sorted(price.image))
     raise InvalidRequest(f"image size {show(size)} is not offered for {model!r}; use {offered}")
 

@@ -244,6 +244,18 @@ def test_embeddings_are_input_only() -> None:
     assert actual.total_msat == math.ceil(7 + Fraction(1_500_001 * 5, 10**6))
 
 
+def test_a_priced_quality_without_a_size_costs_its_dearest_price() -> None:
+    """The upstream picks the size: an hd image asked for without one is never priced below
+    hd (here only 1024x1024/hd is priced), on the hold and on settlement alike."""
+    p = pricer()
+    body = {"quality": "hd"}
+    assert p.max_cost("images", body, "images").total_msat == 80_000
+    usage = {"n": 1, "size": None, "quality": "hd"}
+    assert p.actual_cost("images", usage, "images").total_msat == 80_000
+    # A quality priced nowhere falls back to the size, then the default, as before.
+    assert p.max_cost("images", {"quality": "standard"}, "images").total_msat == 50_000
+
+
 def test_images() -> None:
     p = pricer()
     hd = p.max_cost("images", {"n": 2, "size": "1024x1024", "quality": "hd"}, "images")
