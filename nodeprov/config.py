@@ -96,6 +96,8 @@ class WalletSection:
     expiry_check_seconds: int = 600
     # The largest invoice POST /v1/wallet/lightning creates, in sat.
     lightning_max_sat: int = 1_000_000
+    # Unpaid invoices open at once (anyone may ask for one; each is polled at the mint).
+    lightning_max_open_quotes: int = 1000
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (WalletSection, "mint_timeout_seconds"): (0, 600, True),
     (WalletSection, "expiry_check_seconds"): (10, DAY, False),
     (WalletSection, "lightning_max_sat"): (1, 21_000_000 * 100_000_000, False),
+    (WalletSection, "lightning_max_open_quotes"): (1, 1_000_000, False),
     (LedgerSection, "hold_timeout_seconds"): (1, 7 * DAY, False),
     (PricingSection, "fee_multiplier"): (0, 100, True),
     (PricingSection, "btc_usd_fallback"): (0, 10**9, False),

@@ -37,9 +37,10 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 async def recover(core: Core) -> None:
     """Start-up recovery: settle interrupted wallet operations, release lapsed holds."""
     # Mint ops first: a paid quote credits an account that a later step may pay out of.
-    outcome = {
-        f"mint_{state}": n for state, n in (await LightningFunding(core.wallet).recover()).items()
-    }
+    # Only ops that may have moved money: unpaid quotes (anyone can open one) are left to
+    # the poll service, which runs as soon as the node is up.
+    minted = await LightningFunding(core.wallet).recover(unpaid=False)
+    outcome = {f"mint_{state}": n for state, n in minted.items()}
     outcome.update(await core.wallet.recover())
     for state, n in (await Melter(core.wallet).recover()).items():
         outcome[f"melt_{state}"] = n

@@ -84,16 +84,29 @@ class QuoteNotFound(InvalidRequest):
     code = "quote_not_found"
 
 
+class TooManyOpenQuotes(NodeprovError):
+    """The node holds as many unpaid quotes as it allows (``wallet.lightning_max_open_quotes``)."""
+
+    status = 503
+    type = "server_error"
+    code = "too_many_open_quotes"
+    retryable = True
+
+
 _STATE_VIEW = {"unpaid": "unpaid", "pending": "pending", "done": "paid"}
 
 
 class LightningFunding:
     """Mint quotes that credit accounts once their invoice is paid."""
 
-    def __init__(self, wallet: Wallet, *, max_sat: int | None = None) -> None:
+    def __init__(
+        self, wallet: Wallet, *, max_sat: int | None = None, max_open: int | None = None
+    ) -> None:
         self.wallet = wallet
         self.db = wallet.ledger.db
         self.max_sat = max_sat  # the largest invoice create() makes (config: wallet.*)
+        # Unpaid quotes cost a mint round trip every poll and anyone may create one.
+        self.max_open = max_open
 
     # --- creating a quote ------------------------------------------------------------
 
@@ -122,12 +135,15 @@ class LightningFunding:
             account_id = api_key_account(fresh)
         else:
             new_key, account_id = None, await self._fundable(api_key)
+        # Checked before the mint is asked (cheap refusal) and again in the write (the bound).
+        await self._check_open(None)
         api = self.wallet.api(mint_url or self.wallet.mints[0])
         quote = await api.mint_quote(amount, UNIT)
         invoice = str(quote["request"])
         expiry = int(quote.get("expiry") or now() + DEFAULT_QUOTE_SECONDS)
         public_id = "lnq_" + secrets.token_urlsafe(18)
         async with self.db.write() as conn:
+            await self._check_open(conn)
             op_id = await journal.insert_op(
                 conn, kind=KIND, state="unpaid", mint_url=api.url, unit=UNIT,
                 account_id=account_id, amount=amount, inputs=(), outputs=(),
@@ -144,6 +160,22 @@ class LightningFunding:
         return FundingQuote(
             public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url, new_key
         )
+
+    async def _check_open(self, conn: aiosqlite.Connection | None) -> None:
+        """Refuse a new quote while ``max_open`` unpaid, unexpired quotes wait for payment."""
+        if self.max_open is None:
+            return
+        sql = (
+            "SELECT COUNT(*) FROM wallet_ops w JOIN lightning_funding f ON f.op_id = w.id "
+            "WHERE w.kind = ? AND w.state = 'unpaid' AND f.expires_at >= ?"
+        )
+        params = (KIND, now() - EXPIRY_GRACE_SECONDS)
+        row = await (self.db.fetchone(sql, params) if conn is None else fetchone(conn, sql, params))
+        if row is not None and int(row[0]) >= self.max_open:
+            raise TooManyOpenQuotes(
+                f"this node has {self.max_open} unpaid Lightning invoices open, its maximum;"
+                " try again once some are paid or expire, or pay with a Cashu token"
+            )
 
     async def _fundable(self, api_key: str) -> str:
         account_id = api_key_account(api_key)
@@ -239,24 +271,28 @@ class LightningFunding:
     ) -> str:
         api = self.wallet.api(mint_url)
         try:
-            signatures = await api.mint(quote, [o.to_wire() for o in outputs])
+            try:
+                signatures = await api.mint(quote, [o.to_wire() for o in outputs])
+            except MintUnavailable:
+                return await self._resolve(op_id, retry=False)
+            except MintError as exc:
+                return await self._resolve(op_id, refused=exc.message)
         except MintUnavailable:
-            return await self._resolve(op_id, retry=False)
-        except MintError as exc:
-            return await self._resolve(op_id, refused=exc.message)
+            return "pending"  # the poll settles it once the mint answers
         await self._finish(op_id, signatures)
         return "done"
 
     async def _resolve(self, op_id: int, *, refused: str | None = None, retry: bool = True) -> str:
-        """Settle a ``pending`` op from the mint's view: restore signed outputs, else retry."""
+        """Settle a ``pending`` op from the mint's view: restore signed outputs, else retry.
+
+        Raises :class:`MintUnavailable` (the op stays ``pending``) so a recovery round can
+        leave that mint alone until the next round.
+        """
         op = await self.wallet.op(op_id)
         if op.state != "pending":
             return op.state
         api = self.wallet.api(op.mint_url)
-        try:
-            signed = await api.restore([o.to_wire() for o in op.outputs])
-        except MintUnavailable:
-            return "pending"
+        signed = await api.restore([o.to_wire() for o in op.outputs])
         if op.outputs and all(o.B_ in signed for o in op.outputs):
             await self._finish(op.id, [signed[o.B_] for o in op.outputs])
             return "done"
@@ -274,7 +310,7 @@ class LightningFunding:
         try:
             signatures = await api.mint(op.quote, [o.to_wire() for o in op.outputs])
         except MintUnavailable:
-            return "pending"
+            raise
         except MintError as exc:
             return await self._resolve(op.id, refused=exc.message)
         await self._finish(op.id, signatures)
@@ -330,25 +366,34 @@ class LightningFunding:
 
     # --- recovery ----------------------------------------------------------------------
 
-    async def recover(self, *, older_than: int | None = None) -> dict[str, int]:
-        """Settle ``pending`` mint ops and poll ``unpaid`` quotes; counts by new state.
+    async def recover(
+        self, *, older_than: int | None = None, unpaid: bool = True
+    ) -> dict[str, int]:
+        """Settle ``pending`` mint ops and (with ``unpaid``) poll unpaid quotes; counts by state.
 
         At start-up every pending op is an orphan; while running, pass ``older_than`` so
-        that an op a live request is minting right now is left alone.
+        that an op a live request is minting right now is left alone. Start-up passes
+        ``unpaid=False``: anyone can open an unpaid quote and none of them has moved money,
+        so they wait for the poll instead of holding the node down. A mint that is
+        unreachable is asked once per round: its other ops wait for the next round.
         """
+        states = "('unpaid', 'pending')" if unpaid else "('pending')"
         rows = await self.db.fetchall(
-            "SELECT * FROM wallet_ops WHERE kind = ? AND (state = 'unpaid' OR "
-            "(state = 'pending' AND updated_at <= ?)) ORDER BY id",
+            f"SELECT * FROM wallet_ops WHERE kind = ? AND state IN {states} "
+            "AND (state = 'unpaid' OR updated_at <= ?) ORDER BY id",
             (KIND, older_than if older_than is not None else 2**62),
         )
         outcome: dict[str, int] = {}
+        down: set[str] = set()
         for op in journal.ops_from_rows(rows):
-            if not self.wallet.recoverable(op.id, op.mint_url):
+            if op.mint_url in down or not self.wallet.recoverable(op.id, op.mint_url):
                 continue  # e.g. a poll of this process is minting it right now
             try:
                 state = await (self._resolve(op.id) if op.state == "pending" else self.check(op))
             except MintUnavailable as exc:
-                logger.warning("mint op %s stays %s: %s", op.id, op.state, exc)
+                logger.warning("mint op %s stays %s: %s; %s left for now", op.id, op.state, exc,
+                               op.mint_url)  # fmt: skip
+                down.add(op.mint_url)
                 state = op.state
             except NodeprovError as exc:  # a 4xx: one lost quote must not stop start-up
                 logger.error("mint op %s (quote %s): %s; marked failed", op.id, op.quote, exc)

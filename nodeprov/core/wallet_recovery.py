@@ -154,7 +154,8 @@ class WalletRecovery(MintAccess):
         """Finish or undo pending swaps; counts by outcome.
 
         At start-up every pending op is an orphan. While the node runs, pass ``older_than``
-        (a time) so that swaps still awaited by a live request are left alone.
+        (a time) so that swaps still awaited by a live request are left alone. A mint that
+        is unreachable is asked once per round; its other ops wait for the next round.
         """
         rows = await self.ledger.db.fetchall(
             "SELECT * FROM wallet_ops WHERE state = 'pending' AND kind IN ('receive', 'send') "
@@ -162,13 +163,18 @@ class WalletRecovery(MintAccess):
             (older_than if older_than is not None else 2**62,),
         )
         outcome: dict[str, int] = {}
+        down: set[str] = set()  # unreachable this round: one timeout per mint, not per op
         for op in journal.ops_from_rows(rows):
+            if op.mint_url in down:
+                outcome["pending"] = outcome.get("pending", 0) + 1
+                continue
             if not self.recoverable(op.id, op.mint_url):
                 continue
             try:
                 result = await self._resolve(op.id, deliver=False)
             except MintUnavailable as exc:
-                logger.warning("op %s stays pending: %s", op.id, exc)
+                logger.warning("op %s stays pending: %s; %s left for now", op.id, exc, op.mint_url)
+                down.add(op.mint_url)
                 result = "pending"
             except NodeprovError as exc:  # a 4xx: one bad record must not stop start-up
                 logger.error("%s op %s: %s; marked failed", op.kind, op.id, exc.message)

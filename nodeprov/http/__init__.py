@@ -29,7 +29,11 @@ def http_context(core: Core, upstreams: Upstreams, npub: str | None = None) -> H
         upstreams,
         npub,
         metrics=core.metrics,
-        funding=LightningFunding(core.wallet, max_sat=core.config.wallet.lightning_max_sat),
+        funding=LightningFunding(
+            core.wallet,
+            max_sat=core.config.wallet.lightning_max_sat,
+            max_open=core.config.wallet.lightning_max_open_quotes,
+        ),
     )
 
 

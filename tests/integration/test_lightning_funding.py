@@ -386,3 +386,31 @@ async def _worker(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     asyncio.run(_worker(sys.argv[1:]))
+
+
+async def test_open_unpaid_quotes_are_capped_with_a_clear_error(
+    tmp_path: Path, mint: MintHandle, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may open a quote without a key; the node keeps at most the configured number
+    unpaid at once (each costs a mint call per poll), and says so in an OpenAI error."""
+    monkeypatch.setattr(http_node, "create_app", with_lightning_routes(http_node.create_app))
+    node = await start_node(
+        tmp_path, [mint.url], upstream, wallet_options={"lightning_max_open_quotes": 3}
+    )
+    try:
+        async with httpx.AsyncClient(base_url=node.base) as http:
+            opened = [await http.post("/wallet/lightning", json={"amount": 10}) for _ in range(3)]
+            assert [r.status_code for r in opened] == [200, 200, 200]
+            over = await http.post("/wallet/lightning", json={"amount": 10})
+            assert over.status_code == 503, over.text
+            error = over.json()["error"]
+            assert error["code"] == "too_many_open_quotes" and error["type"] == "server_error"
+            assert "3 unpaid Lightning invoices" in error["message"]
+            ops = await node.core.ledger.db.fetchall("SELECT id FROM wallet_ops")
+            assert len(ops) == 3  # the refused one was never stored
+            await pay(node, http, opened[0].json()["quote_id"])  # one paid: room for one more
+            assert (await http.post("/wallet/lightning", json={"amount": 10})).status_code == 200
+        await node.wait_idle()
+        await node.core.assert_books_balance()
+    finally:
+        await node.stop()

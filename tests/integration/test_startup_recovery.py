@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from nodeprov.cli import main
@@ -21,7 +22,8 @@ from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
 from nodeprov.daemon import Core, books, run
-from tests.support.core import Rerouting
+from nodeprov.errors import MintUnavailable
+from tests.support.core import Rerouting, build_core
 from tests.support.daemon_core import make_core, write_config
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import TcpProxy
@@ -71,6 +73,13 @@ async def test_quote_the_mint_does_not_know_is_marked_failed_and_the_node_starts
         await core.close()
     forget_quote(config.ledger_path, "mint")
     await start_and_stop(config)
+    # An unpaid quote moved no money: start-up leaves it to the poll, whose round marks it.
+    assert op_row(config.ledger_path, "mint") == ("unpaid", None)
+    core = await make_core(config)
+    try:
+        assert await LightningFunding(core.wallet).recover() == {"failed": 1}
+    finally:
+        await core.close()
     state, error = op_row(config.ledger_path, "mint")
     assert state == "failed" and error is not None and "quote not found" in error
     core = await make_core(config)
@@ -174,4 +183,67 @@ async def test_a_rate_limited_mint_leaves_ops_as_they_are(tmp_path: Path, mint_f
         state, error = op_row(config.ledger_path, "mint")
         assert (state, error) == ("done" if outcome else "unpaid", None)
     finally:
+        await core.close()
+
+
+async def test_start_up_asks_a_hanging_mint_nothing_about_unpaid_quotes(
+    tmp_path: Path, mint: MintHandle, tcp_proxy
+) -> None:
+    """Anyone can open unpaid quotes; none has moved money, so start-up leaves them to the poll
+    (a mint that accepts connections and never answers used to cost a full timeout each)."""
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    config = write_config(tmp_path, proxy.url)
+    core = await make_core(config)
+    try:
+        for _ in range(6):
+            await LightningFunding(core.wallet).create(100)
+    finally:
+        await core.close()
+    proxy.pause()  # connections are accepted and never answered
+    proxy.drop_connections()
+    before = proxy.connections_total
+    try:
+        await start_and_stop(config)
+        # At most the wallet's keyset load at start; not one call per quote.
+        assert proxy.connections_total - before <= 1
+    finally:
+        proxy.resume()
+    core = await make_core(config)
+    try:
+        # Nothing was lost: the poll finds them (this mint pays its invoices at once).
+        assert await LightningFunding(core.wallet).recover() == {"done": 6}
+        assert (await core.ledger.audit()).ok
+    finally:
+        await core.close()
+
+
+async def test_a_recovery_round_asks_an_unreachable_mint_once_then_retries_next_round(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await build_core(
+        tmp_path / "l.sqlite3", [mint.url], mint_timeout=1.0, routes={mint.url: proxy.url}
+    )
+    try:
+        funding = LightningFunding(core.wallet)
+        for _ in range(3):
+            await funding.create(10)
+        tokens = [await make_token(20, mint=mint) for _ in range(3)]
+        proxy.delay = 60.0  # the swaps wait in the proxy: three receives left pending
+        for i, token in enumerate(tokens):
+            with pytest.raises(MintUnavailable):
+                await core.wallet.receive(token, f"key:{i}", "api_key")
+        proxy.drop_connections()
+        proxy.delay = 0.0
+        proxy.pause()  # the mint now accepts connections and never answers
+        before = proxy.connections_total
+        assert await core.wallet.recover() == {"pending": 3}
+        assert await funding.recover() == {}
+        assert proxy.connections_total - before == 2  # one call per round, not one per op
+        proxy.resume()
+        assert await core.wallet.recover() == {"failed": 3}  # the mint never saw the swaps
+        assert await funding.recover() == {"done": 3}
+        await core.assert_books_balance()
+    finally:
+        proxy.resume()
         await core.close()

@@ -123,9 +123,11 @@ async def start_node(
     *,
     upstream_timeout: Decimal = Decimal(2),
     cors: tuple[str, ...] = ("https://app.example",),
+    wallet_options: Mapping[str, Any] | None = None,
     **core_options: Any,
 ) -> Node:
-    """The node; ``core_options`` go to :func:`tests.support.core.build_core` (lease, clock)."""
+    """The node; ``core_options`` go to :func:`tests.support.core.build_core` (lease, clock),
+    ``wallet_options`` to its ``[wallet]`` config section."""
     core = await build_core(
         tmp_path / "ledger.sqlite3", mints, models={m: PRICE for m in MODELS}, **core_options
     )
@@ -137,7 +139,7 @@ async def start_node(
             header_timeout_seconds=1,
             body_idle_timeout_seconds=1,
         ),
-        wallet=WalletSection(mints=tuple(mints)),
+        wallet=WalletSection(mints=tuple(mints), **(wallet_options or {})),
         upstreams=(
             Upstream(
                 "fake", upstream.url, UPSTREAM_KEY, models=MODELS, timeout_seconds=upstream_timeout
@@ -146,7 +148,11 @@ async def start_node(
         models=MappingProxyType({m: PRICE for m in MODELS}),
     )
     upstreams = Upstreams.from_config(config)
-    funding = LightningFunding(core.wallet, max_sat=config.wallet.lightning_max_sat)
+    funding = LightningFunding(
+        core.wallet,
+        max_sat=config.wallet.lightning_max_sat,
+        max_open=config.wallet.lightning_max_open_quotes,
+    )
     ctx = HttpContext(config, core.payments, upstreams, funding=funding)
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]

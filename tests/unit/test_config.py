@@ -171,6 +171,7 @@ BAD = [
     ("[wallet]\nunits = []\n", ["wallet.units"]),
     ("[wallet]\nlightning_max_sat = 0\n", ["wallet.lightning_max_sat"]),
     ("[wallet]\nlightning_max_sat = 4611686018427387904\n", ["wallet.lightning_max_sat"]),
+    ("[wallet]\nlightning_max_open_quotes = 0\n", ["wallet.lightning_max_open_quotes"]),
     ("[ledger]\nhold_timeout_seconds = -5\n", ["ledger.hold_timeout_seconds"]),
     ('[admin]\npassword_hash = "hunter2"\n', ["admin.password_hash"]),
     ('[payouts]\nlightning_address = "nobody"\n', ["payouts.lightning_address"]),
