@@ -31,6 +31,9 @@ from nodeprov.errors import NodeprovError
 log = logging.getLogger(__name__)
 
 LNURL_TIMEOUT_SECONDS = 15.0
+# All of one refund's asking (LNURL requests and the mint's melt quotes) within a round:
+# the address is a client's choice and must not stall the refunds due after it.
+ADDRESS_SECONDS = 4 * LNURL_TIMEOUT_SECONDS
 
 
 # Expired keys with an address and money, not in a melt, and due (new, or retry time
@@ -52,6 +55,12 @@ class RefundTooSmall(NodeprovError):
     """The balance does not cover the smallest payment the address takes plus fees."""
 
     code = "refund_too_small"
+
+
+class RefundStalled(NodeprovError):
+    """Asking the address for an invoice took longer than a refund may (retried later)."""
+
+    code = "refund_stalled"
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,10 @@ class ExpiryRefunder:
         retry_max_seconds: int = 6 * 3600,
         http: httpx.AsyncClient | None = None,
         private_hosts: bool = False,
+        address_seconds: float = ADDRESS_SECONDS,
     ) -> None:
         self.wallet = wallet
+        self.address_seconds = address_seconds
         # Refund addresses are chosen by clients: only public hosts, unless the operator
         # runs on a private network (wallet.refund_private_hosts).
         self.private_hosts = private_hosts
@@ -123,7 +134,14 @@ class ExpiryRefunder:
         try:
             account = await self.wallet.ledger.account(account_id)
             available = account.available_msat if account else 0
-            quote = await self._sized_quote(http, address, available, account_id)
+            try:
+                # Only the asking is cut short: it writes nothing, the melt below is journalled.
+                async with asyncio.timeout(self.address_seconds):
+                    quote = await self._sized_quote(http, address, available, account_id)
+            except TimeoutError:
+                raise RefundStalled(
+                    f"{address} gave no payable invoice within {self.address_seconds:g} s"
+                ) from None
             melted = await Melter(self.wallet).pay(account_id, quote, ref=f"refund:{account_id}")
         except RefundTooSmall as exc:
             result = RefundResult(account_id, address, "too_small", error=exc.message)

@@ -10,12 +10,16 @@ Every request goes through :func:`_get_json`, the one guarded fetch: a Lightning
 network. A redirect is followed only on the host that sent it; a host other than the
 address's own (a callback elsewhere) must resolve to public addresses only, and the
 connection goes to the address that was checked (no second DNS answer in between).
+A server chosen by a client must not hold the node either: each request (redirects
+included) has one overall deadline, the client's timeout, and its body is read up to
+:data:`MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import re
 import socket
 from dataclasses import dataclass, replace
@@ -28,6 +32,8 @@ from nodeprov.errors import NodeprovError
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_REDIRECTS = 3
+MAX_BODY_BYTES = 64 * 1024  # an LNURL answer is a small JSON object
+DEFAULT_DEADLINE_SECONDS = 30.0  # for a client built without a timeout
 _USER = re.compile(r"^[a-z0-9\-_.+]+$")  # LUD-16: the username's character set
 _HOST = re.compile(r"^[a-z0-9.\-]+(:[0-9]{1,5})?$")
 _HRP = re.compile(r"^ln(bcrt|bc|tbs|tb|sb)([1-9][0-9]*|0)?([munp])?$")
@@ -225,28 +231,68 @@ def _same_host(a: SplitResult, b: SplitResult) -> bool:
     return upgrade or (a.scheme, a.port) == (b.scheme, b.port)
 
 
-async def _get_once(client: httpx.AsyncClient, url: str, home: str) -> httpx.Response:
+async def _get_once(client: httpx.AsyncClient, url: str, home: str) -> tuple[httpx.Response, bytes]:
+    """One GET, not following redirects; its body read up to :data:`MAX_BODY_BYTES`."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     headers = {"Accept": "application/json"}
     if host == home:  # the address's own host: what the operator or client named
-        return await client.get(url, headers=headers, follow_redirects=False)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    ip = await public_address(host, port)
-    pinned = f"[{ip}]" if ":" in ip else ip
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    target = urlunsplit(parts._replace(netloc=pinned if parts.port is None else f"{pinned}:{port}"))
-    return await client.get(
-        target,
-        headers={**headers, "Host": netloc},
-        extensions={"sni_hostname": host},  # TLS checks the certificate against the name
-        follow_redirects=False,
-    )
+        request = client.build_request("GET", url, headers=headers)
+    else:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        ip = await public_address(host, port)
+        pinned = f"[{ip}]" if ":" in ip else ip
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        target = urlunsplit(
+            parts._replace(netloc=pinned if parts.port is None else f"{pinned}:{port}")
+        )
+        request = client.build_request(
+            "GET",
+            target,
+            headers={**headers, "Host": netloc},
+            extensions={"sni_hostname": host},  # TLS checks the certificate against the name
+        )
+    response = await client.send(request, stream=True, follow_redirects=False)
+    try:
+        body = b"" if response.has_redirect_location else await _read_capped(response, url)
+    finally:
+        await response.aclose()
+    return response, body
+
+
+async def _read_capped(response: httpx.Response, url: str) -> bytes:
+    """The body, refused once it passes :data:`MAX_BODY_BYTES` (announced or as it streams)."""
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+        raise LnurlError(f"{url} announced {announced} bytes; an LNURL answer is far smaller")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise LnurlError(f"{url} sent more than {MAX_BODY_BYTES} bytes; not read further")
+    return bytes(body)
+
+
+def _deadline(client: httpx.AsyncClient) -> float:
+    """Seconds one request may take in all: the client's longest timeout."""
+    limits = client.timeout
+    values = [v for v in (limits.connect, limits.read, limits.write, limits.pool) if v]
+    return max(values) if values else DEFAULT_DEADLINE_SECONDS
 
 
 async def _get_json(client: httpx.AsyncClient, url: str, what: str, home: str) -> Any:
+    # Per-read timeouts alone let a server drip its answer for ever: one deadline in all.
+    deadline = _deadline(client)
     try:
-        response = await _get_once(client, url, home)
+        async with asyncio.timeout(deadline):
+            return await _fetch_json(client, url, what, home)
+    except TimeoutError:
+        raise LnurlError(f"{what} {url} did not answer within {deadline:g} s") from None
+
+
+async def _fetch_json(client: httpx.AsyncClient, url: str, what: str, home: str) -> Any:
+    try:
+        response, body = await _get_once(client, url, home)
         for _ in range(MAX_REDIRECTS):
             if not response.has_redirect_location:
                 break
@@ -259,13 +305,13 @@ async def _get_json(client: httpx.AsyncClient, url: str, what: str, home: str) -
                     f" ({there.hostname or url!r}); not followed"
                 )
             _check_url(url, what)
-            response = await _get_once(client, url, home)
+            response, body = await _get_once(client, url, home)
         if response.has_redirect_location:
             raise LnurlError(f"{what} {url} redirected more than {MAX_REDIRECTS} times")
     except httpx.HTTPError as exc:
         raise LnurlError(f"{what} {url} is unreachable: {exc.__class__.__name__}") from None
     try:
-        data = response.json()
+        data = json.loads(body)
     except ValueError:
         raise LnurlError(f"{what} {url} answered {response.status_code}, not JSON") from None
     if response.status_code >= 400 and _error_reason(data) is None:

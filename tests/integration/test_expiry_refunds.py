@@ -23,11 +23,13 @@ from starlette.routing import Route
 
 from nodeprov.config import Config, WalletSection
 from nodeprov.core.expiry import ExpiryRefunder, refund_expired_keys, refund_record
+from nodeprov.core.lnurl import lnurl_client
 from nodeprov.core.mint_api import MintApi
 from nodeprov.core.payments import api_key_account
 from nodeprov.core.wallet import Wallet
 from nodeprov.http.app import bind, serve
 from tests.support.core import Core, build_core
+from tests.support.drip_server import drip_server
 from tests.support.http_node import Node, node_fixture, upstream_fixture  # noqa: F401  (fixtures)
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import dead_port
@@ -319,6 +321,33 @@ async def test_service_refunds_and_stops(
         assert record["state"] == "paid"
         stop.set()
         await asyncio.wait_for(task, timeout=5)
+        await core.assert_books_balance()
+    finally:
+        await core.close()
+
+
+async def test_a_stalling_refund_address_does_not_hold_up_the_refunds_after_it(
+    tmp_path: Path, mint: MintHandle, fee_mint: MintHandle, make_token, lnurl_factory
+) -> None:
+    """A client's address whose server drips its answer is cut off within the round's time box
+    (here the LNURL client's own deadline is far longer), and the next key is refunded."""
+    lnurl = await lnurl_factory(fee_mint)
+    core = await build_core(tmp_path / "ledger.sqlite3", [mint.url])
+    try:
+        async with drip_server() as port, lnurl_client(600.0) as http:
+            stalled = await expired_key(core, make_token, mint, 50, f"eve@127.0.0.1:{port}")
+            fine = await expired_key(core, make_token, mint, 100, lnurl.address("frank"))
+            async with core.ledger.db.write() as conn:  # the stalling key comes first
+                await conn.execute("UPDATE accounts SET expires_at = 1 WHERE id = ?", (stalled,))
+            refunder = ExpiryRefunder(core.wallet, http=http, private_hosts=True, address_seconds=1)
+            first, second = await asyncio.wait_for(refunder.round(), 120)  # a hang guard only
+        assert (first.account_id, first.state) == (stalled, "failed")
+        assert "gave no payable invoice within 1 s" in (first.error or "")
+        assert (second.account_id, second.state) == (fine, "paid")
+        account = await core.ledger.account(stalled)
+        assert account is not None and account.balance_msat == 50_000  # kept, retried later
+        record = await refund_record(core.ledger.db, stalled)
+        assert record is not None and record["failures"] == 1
         await core.assert_books_balance()
     finally:
         await core.close()

@@ -8,6 +8,8 @@ on 127.0.0.1, the address's own host, which stays allowed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from nodeprov.core.payments import api_key_account
 from nodeprov.daemon import Core
 from nodeprov.payouts import payout_now
 from tests.support.daemon_core import make_core, write_config
+from tests.support.drip_server import drip_server
 from tests.support.lnurl_server import LnurlServer
 from tests.support.services import MintHandle
 
@@ -134,3 +137,40 @@ async def test_payout_and_refund_refuse_a_redirect_to_another_host(
         assert (await core.ledger.audit()).ok
     finally:
         await core.close()
+
+
+async def test_a_dripping_lnurl_server_is_cut_off_at_the_request_deadline() -> None:
+    """Each byte comes within the read timeout, the answer never ends: one deadline in all."""
+    async with drip_server() as port, lnurl_client(1.0) as client:
+        # The outer wait only turns a hang into a failure; the error is what is asserted.
+        with pytest.raises(LnurlError, match="did not answer within 1 s"):
+            await asyncio.wait_for(resolve(client, f"alice@127.0.0.1:{port}"), 60)
+
+
+@pytest.mark.parametrize("announced", [True, False])
+async def test_an_lnurl_answer_larger_than_the_cap_is_refused(announced: bool) -> None:
+    big = b'{"tag": "payRequest", "padding": "' + b"x" * 64 * 1024 + b'"}'  # over the 64 KiB cap
+
+    async def serve_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if announced:
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(big) + big)
+        else:  # chunked: the size is known only while reading
+            writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for start in range(0, len(big), 4096):
+                part = big[start : start + 4096]
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            writer.write(b"0\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve_big, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with lnurl_client(5.0) as client:
+            with pytest.raises(LnurlError, match="bytes"):
+                await resolve(client, f"alice@127.0.0.1:{port}")
+    finally:
+        server.close()
