@@ -1,9 +1,11 @@
 """The data dir: private to its user (0700, files 0600) and owned by one process at a time.
 
-Ownership is an OS lock (``flock``) on ``<data_dir>/nodeprov.lock``, not the mere presence
-of a pid file: the kernel drops the lock when its holder exits, however it exits, so a
-process killed with SIGKILL never blocks the next start. The file's content (pid and
-command of the holder) is only there to say who holds it.
+Ownership is an OS lock (``flock``) on the data dir itself, not the mere presence of a pid
+file: the kernel drops the lock when its holder exits, however it exits, so a process
+killed with SIGKILL never blocks the next start. The lock is on the directory, not on a
+file in it, because a file can be deleted (a "stale lock" clean-up) and a new one created
+and locked by a second owner; the directory cannot be replaced under a running ledger.
+``<data_dir>/nodeprov.lock`` (pid and command of the holder) only says who holds it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class DataDirLock:
 
     def __init__(self, data_dir: Path, fd: int) -> None:
         self.data_dir = data_dir
-        self._fd: int | None = fd
+        self._fd: int | None = fd  # the directory's descriptor, which holds the flock
 
     @classmethod
     def acquire(cls, data_dir: Path, command: str = "start") -> DataDirLock:
@@ -70,18 +72,21 @@ class DataDirLock:
         path = data_dir / LOCK_FILE
         # Not inherited by child processes (Python's default): a dev-stack child that
         # outlives a killed daemon must not keep holding the data dir.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid, holder = _holder(fd)
             os.close(fd)
+            pid, holder = _holder(path)
             raise DataDirBusy(data_dir, pid, holder) from None
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{command}\n".encode(), 0)
+        try:
+            _write_holder(path, f"{os.getpid()}\n{command}\n")
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(data_dir, fd)
 
     def release(self) -> None:
@@ -90,7 +95,7 @@ class DataDirLock:
             return
         fd, self._fd = self._fd, None
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+            _write_holder(self.data_dir / LOCK_FILE, "")
         os.close(fd)  # closing the last descriptor drops the flock
 
     def __enter__(self) -> DataDirLock:
@@ -105,10 +110,21 @@ class DataDirLock:
         self.release()
 
 
-def _holder(fd: int) -> tuple[int | None, str]:
-    """The pid and command written by the lock's holder (None, "" while it is writing)."""
+def _write_holder(path: Path, text: str) -> None:
+    """Say who holds the lock (0600 from creation; written in place, read only as a hint)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
-        lines = os.pread(fd, 256, 0).decode(errors="replace").splitlines()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> tuple[int | None, str]:
+    """The pid and command written by the lock's holder (None, "" while it writes, or gone)."""
+    try:
+        with open(path, "rb") as file:
+            lines = file.read(256).decode(errors="replace").splitlines()
     except OSError:
         return None, ""
     pid = int(lines[0]) if lines and lines[0].isdigit() else None
