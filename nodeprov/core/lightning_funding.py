@@ -270,15 +270,13 @@ class LightningFunding:
         self, op_id: int, quote: str, mint_url: str, outputs: Sequence[journal.BlindedOutput]
     ) -> str:
         api = self.wallet.api(mint_url)
+        # A MintUnavailable from here leaves the op pending for the poll (callers catch it).
         try:
-            try:
-                signatures = await api.mint(quote, [o.to_wire() for o in outputs])
-            except MintUnavailable:
-                return await self._resolve(op_id, retry=False)
-            except MintError as exc:
-                return await self._resolve(op_id, refused=exc.message)
+            signatures = await api.mint(quote, [o.to_wire() for o in outputs])
         except MintUnavailable:
-            return "pending"  # the poll settles it once the mint answers
+            return await self._resolve(op_id, retry=False)
+        except MintError as exc:
+            return await self._resolve(op_id, refused=exc.message)
         await self._finish(op_id, signatures)
         return "done"
 
@@ -391,10 +389,10 @@ class LightningFunding:
             try:
                 state = await (self._resolve(op.id) if op.state == "pending" else self.check(op))
             except MintUnavailable as exc:
-                logger.warning("mint op %s stays %s: %s; %s left for now", op.id, op.state, exc,
+                state = (await self.wallet.op(op.id)).state  # a paid quote may be pending now
+                logger.warning("mint op %s stays %s: %s; %s left for now", op.id, state, exc,
                                op.mint_url)  # fmt: skip
                 down.add(op.mint_url)
-                state = op.state
             except NodeprovError as exc:  # a 4xx: one lost quote must not stop start-up
                 logger.error("mint op %s (quote %s): %s; marked failed", op.id, op.quote, exc)
                 error = journal.RECOVERY_FAILED + exc.message
