@@ -70,6 +70,12 @@ class HttpSection:
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout_seconds: int = 10
     body_idle_timeout_seconds: int = 30
+    # The whole body must arrive within this (a byte a second never pauses long enough).
+    body_timeout_seconds: int = 120
+    # Request line plus headers; past it the answer is 431 and the connection closes.
+    max_header_bytes: int = 64 * 1024
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or networks).
+    forwarded_allow_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ key). ``NODEPROV_UPSTREAMS__0__API_KEY`` edits an upstream of the file by index,
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -63,6 +64,8 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (HttpSection, "max_body_bytes"): (1024, 1024**3, False),
     (HttpSection, "header_timeout_seconds"): (1, 3600, False),
     (HttpSection, "body_idle_timeout_seconds"): (1, 3600, False),
+    (HttpSection, "body_timeout_seconds"): (1, 86400, False),
+    (HttpSection, "max_header_bytes"): (1024, 16 * 1024**2, False),
     (NostrSection, "chat_history_turns"): (0, 100, False),
     (NostrSection, "max_content_bytes"): (1024, 1024**2, False),
     (NostrSection, "rate_limit_per_minute"): (0, 10_000, False),
@@ -327,6 +330,13 @@ def validate(config: Config, *, require_upstream: bool = True) -> None:
     for i, origin in enumerate(config.http.cors_origins):
         if origin != "*":
             _check_url(origin, f"http.cors_origins[{i}]", ("http", "https"))
+    for i, proxy in enumerate(config.http.forwarded_allow_ips):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"http.forwarded_allow_ips[{i}]: {proxy!r} is not an IP address or network"
+            ) from None
     if not config.wallet.mints:
         raise ConfigError("wallet.mints: at least one trusted mint is required")
     for i, mint in enumerate(config.wallet.mints):

@@ -60,10 +60,4 @@ async def http_service(core: Core, stop: asyncio.Event) -> None:
     """A daemon service: the HTTP API on ``http.host:http.port`` until ``stop``."""
     app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
     http = core.config.http
-    await serve(
-        app,
-        bind(http.host, http.port),
-        stop,
-        header_timeout_seconds=http.header_timeout_seconds,
-        body_idle_timeout_seconds=http.body_idle_timeout_seconds,
-    )
+    await serve(app, bind(http.host, http.port), stop, http)

@@ -6,16 +6,11 @@ adds little to the payment pipeline's own cost and streams are never buffered.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
-import socket
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,7 +19,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from nodeprov.errors import NodeprovError, RequestTooLarge
 from nodeprov.http import (
@@ -36,9 +30,12 @@ from nodeprov.http import (
 )
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
+from nodeprov.http.server import bind, serve
 from nodeprov.observability import Metrics
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Guard", "bind", "create_app", "serve"]
 
 EXPOSED_HEADERS = [
     "X-Cashu",
@@ -155,146 +152,3 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
     )
     app.state.ctx = ctx
     return app
-
-
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers and a limit on
-    pauses while its body arrives.
-
-    uvicorn times out idle keep-alive connections only after a first response, and every
-    byte received resets that timer: a client that connects and trickles a request line
-    (slowloris) holds a socket for ever. Here a connection must deliver a request's complete
-    headers within ``header_timeout`` seconds of connecting (or of the request's first byte
-    on a kept-alive connection), however slowly the bytes arrive; and once the headers are
-    in, the body may not pause for more than ``body_idle_timeout`` seconds (a request that
-    announces a body and never sends it). Either way the connection is closed; nothing has
-    been held or charged yet, since every route reads its body first.
-    """
-
-    header_timeout: float = 10.0
-    body_idle_timeout: float = 30.0
-    _header_deadline: asyncio.TimerHandle | None = None
-    _body_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_deadline()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._arm_header_deadline()
-
-    def on_headers_complete(self) -> None:
-        self._disarm_header_deadline()
-        super().on_headers_complete()
-        self._arm_body_deadline()  # disarmed at once by on_message_complete if no body
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        self._arm_body_deadline()
-
-    def on_message_complete(self) -> None:
-        self._disarm_body_deadline()
-        super().on_message_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        self._disarm_body_deadline()
-        super().connection_lost(exc)
-
-    def _arm_header_deadline(self) -> None:
-        if self._header_deadline is None:
-            self._header_deadline = self.loop.call_later(self.header_timeout, self._late)
-
-    def _disarm_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _arm_body_deadline(self) -> None:
-        self._disarm_body_deadline()
-        self._body_deadline = self.loop.call_later(self.body_idle_timeout, self._body_late)
-
-    def _disarm_body_deadline(self) -> None:
-        if self._body_deadline is not None:
-            self._body_deadline.cancel()
-            self._body_deadline = None
-
-    def _body_late(self) -> None:
-        self._body_deadline = None
-        if self.flow is not None and self.flow.read_paused:
-            # The server stopped reading (the app has not taken the body yet): not the
-            # client's pause.
-            self._arm_body_deadline()
-            return
-        self._late()
-
-    def _late(self) -> None:
-        self._header_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-
-def timeout_protocol(
-    header_seconds: float, body_idle_seconds: float
-) -> type[HeaderTimeoutProtocol]:
-    """:class:`HeaderTimeoutProtocol` with its limits set."""
-    limits = {"header_timeout": header_seconds, "body_idle_timeout": body_idle_seconds}
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), limits)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon (or the test) decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio turns on TCP_NODELAY only for sockets that do, and without
-    # it every keep-alive response waits ~40 ms (Nagle against the client's delayed ACK).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-async def serve(
-    app: Any,
-    sock: socket.socket,
-    stop: asyncio.Event,
-    *,
-    header_timeout_seconds: float = 10.0,
-    body_idle_timeout_seconds: float = 30.0,
-) -> None:
-    """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period.
-
-    A connection that has not sent a request's headers ``header_timeout_seconds`` after it
-    opened (or after the request began), or whose request body pauses longer than
-    ``body_idle_timeout_seconds``, is closed.
-    """
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        http=timeout_protocol(header_timeout_seconds, body_idle_timeout_seconds),
-    )
-    server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    waiter = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        server.should_exit = True
-        waiter.cancel()
-        await asyncio.gather(task, waiter, return_exceptions=True)
-        sock.close()
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise RuntimeError("the HTTP server stopped") from task.exception()

@@ -275,3 +275,20 @@ async def test_header_timeout_closes_half_open_requests(node: Node) -> None:
     assert (await asyncio.to_thread(sock.recv, 65536)).startswith(b"HTTP/1.1 200")
     sock.sendall(b"GET /v1/info HTTP/1.1\r\nHos")
     assert await asyncio.to_thread(_closed_by_server, sock)
+
+
+async def test_oversized_request_headers_are_431_and_the_connection_closes(node: Node) -> None:
+    """Request line and headers past ``http.max_header_bytes`` are answered 431 and the
+    connection is closed: the server never buffers an unbounded header block."""
+    limit = node.config.http.max_header_bytes
+    sock = _half_open(node.url, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n")
+    sock.settimeout(30)  # the node runs on this event loop: block in a thread
+    # No blank line: the headers never end, they only grow past the limit.
+    await asyncio.to_thread(sock.sendall, b"X-Filler: " + b"a" * limit + b"\r\n")
+    answer = await asyncio.to_thread(sock.recv, 65536)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert await asyncio.to_thread(_closed_by_server, sock)
+    # Headers just under the limit are still served.
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        r = await http.get("/info", headers={"X-Filler": "a" * (limit - 1024)})
+    assert r.status_code == 200

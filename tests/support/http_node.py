@@ -157,15 +157,7 @@ async def start_node(
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            create_app(ctx),
-            sock,
-            stop,
-            header_timeout_seconds=config.http.header_timeout_seconds,
-            body_idle_timeout_seconds=config.http.body_idle_timeout_seconds,
-        )
-    )
+    task = asyncio.create_task(serve(create_app(ctx), sock, stop, config.http))
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient() as client:
         for _ in range(200):
