@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from nodeprov.admin_password import hash_password
-from nodeprov.config import AdminSection, Config, NodeSection, WalletSection
+from nodeprov.config import AdminSection, Config, HttpSection, NodeSection, WalletSection
 from nodeprov.core.payments import Payer
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, serve
@@ -66,12 +66,14 @@ async def start_admin_node(tmp_path: Path, mints: list[str]) -> AdminNode:
         node=NodeSection(name="test-node", data_dir=tmp_path),
         wallet=WalletSection(mints=tuple(mints)),
         admin=AdminSection(password_hash=_HASH, session_seconds=600),
+        # As if behind a TLS-terminating proxy on this host (tests send X-Forwarded-Proto).
+        http=HttpSection(forwarded_allow_ips=("127.0.0.1",)),
     )
     app = Starlette(routes=[Mount("/admin", app=build_admin_app(core, config))])
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, sock, stop))
+    task = asyncio.create_task(serve(app, sock, stop, config.http))
     async with httpx.AsyncClient() as client:
         for _ in range(200):
             try:

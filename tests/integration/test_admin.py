@@ -101,16 +101,17 @@ async def test_wrong_password_then_right_one(node: AdminNode) -> None:
         assert r.status_code == 200 and "Overview" in r.text
 
 
-async def test_lockout_after_repeated_failures(node: AdminNode) -> None:
+async def test_repeated_failures_never_lock_the_right_password_out(node: AdminNode) -> None:
+    """Five wrong guesses from the owner's address (127.0.0.1: anyone on the host) slow it
+    down; the right password is still checked and let in."""
     async with client(node) as http:
         codes = [(await login(http, f"guess-{i}")).status_code for i in range(5)]
-        assert codes == [401, 401, 401, 401, 429]
-        r = await login(http)  # the right password is refused while locked out
-        assert r.status_code == 429
-        assert 50 <= int(r.headers["retry-after"]) <= 61
-        assert "Too many failed logins" in r.text
+        assert codes == [401] * 5
         assert "nodeprov_admin" not in http.cookies
         assert (await http.get("/admin/")).status_code == 303
+        r = await login(http)  # waits the address's delay (1 s), then logs in
+        assert r.status_code == 303
+        assert (await http.get("/admin/")).status_code == 200
 
 
 async def test_csrf_missing_or_wrong_is_refused(node: AdminNode, make_token: Any) -> None:
@@ -155,7 +156,7 @@ async def test_session_cookie_flags_and_security_headers(node: AdminNode) -> Non
         assert page.headers["cache-control"] == "no-store"
         assert page.headers["x-frame-options"] == "DENY"
         assert "default-src 'none'" in page.headers["content-security-policy"]
-    async with client(node) as http:  # behind a TLS proxy (uvicorn trusts 127.0.0.1)
+    async with client(node) as http:  # behind a TLS proxy (http.forwarded_allow_ips)
         https = {"x-forwarded-proto": "https"}
         page = await http.get("/admin/login", headers=https)
         assert "secure" in cookie_flags(page, "nodeprov_admin_login")

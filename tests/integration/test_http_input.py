@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from nodeprov.config import HttpSection
+from nodeprov.http.app import bind, serve
 from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.http_node import (  # noqa: F401  (fixtures)
@@ -23,6 +25,7 @@ from tests.support.http_node import (  # noqa: F401  (fixtures)
     node_fixture,
     upstream_fixture,
 )
+from tests.support.waiting import until
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -292,3 +295,39 @@ async def test_oversized_request_headers_are_431_and_the_connection_closes(node:
     async with httpx.AsyncClient(base_url=node.base) as http:
         r = await http.get("/info", headers={"X-Filler": "a" * (limit - 1024)})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("trusted", [(), ("127.0.0.1",)])
+async def test_forwarded_for_is_believed_only_from_configured_proxies(
+    trusted: tuple[str, ...],
+) -> None:
+    """With no ``http.forwarded_allow_ips`` the client address is the peer's, whatever
+    X-Forwarded-For says (else anyone on a same-host proxy could name any address, and
+    rotate it past the admin throttle); a configured proxy's header is believed."""
+
+    async def client_address(scope: Any, receive: Any, send: Any) -> None:
+        body = scope["client"][0].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    sock = bind("127.0.0.1", 0)
+    stop = asyncio.Event()
+    http = HttpSection(forwarded_allow_ips=trusted)
+    server = asyncio.create_task(serve(client_address, sock, stop, http))
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        async with httpx.AsyncClient() as client:
+            await until(lambda: _answers(client, url))
+            r = await client.get(url, headers={"X-Forwarded-For": "192.0.2.7"})
+        assert r.text == ("192.0.2.7" if trusted else "127.0.0.1")
+    finally:
+        stop.set()
+        await server
+
+
+async def _answers(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        await client.get(url)
+    except httpx.TransportError:
+        return False
+    return True

@@ -26,8 +26,10 @@ from nodeprov.core.payments import Payments
 from nodeprov.core.wallet import Wallet
 from nodeprov.http.admin.format import sat_text, when
 from nodeprov.http.admin.security import (
+    DEVICE_COOKIE,
     LOGIN_COOKIE,
     SESSION_COOKIE,
+    KnownDevices,
     Session,
     Sessions,
     Throttle,
@@ -113,7 +115,9 @@ class AdminBase:
         self.password_hash = password_hash
         self.sessions = Sessions(config.admin.session_seconds)
         self.throttle = Throttle()
+        self.devices = KnownDevices(password_hash)
         self._verifying = asyncio.Semaphore(2)  # the KDF is costly: bound concurrent checks
+        self.verify: Callable[[str, str], bool] = verify_password
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("nodeprov.http.admin", "templates"),
@@ -194,9 +198,6 @@ class AdminBase:
 
     async def login(self, request: Request) -> Response:
         ip = request.client.host if request.client else "?"
-        wait = self.throttle.retry_after(ip)
-        if wait > 0:
-            return self._locked(request, wait)
         try:
             form = await read_form(request)
         except Forbidden as exc:
@@ -204,40 +205,57 @@ class AdminBase:
         if not same(form.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
             reason = "The login form expired or was not sent by this site; reload it."
             return self.render(request, "denied.html", None, 403, reason=reason)
-        if not self.throttle.begin(ip):
-            return self._locked(request, 0.0)
-        try:
-            async with self._verifying:
-                ok = await asyncio.to_thread(
-                    verify_password, form.get("password", ""), self.password_hash
-                )
-                if not ok and (slow := self.throttle.slowdown()) > 0:
-                    # Under a flood: hold the slot, so wrong guesses from everywhere together
-                    # stay a few per second; a right password is never refused for it.
-                    await self.sleep(slow)
-            if not ok:
-                self.throttle.failed(ip)
-        finally:
-            self.throttle.end(ip)
+        password = form.get("password", "")
+        device = self.devices.check(request.cookies.get(DEVICE_COOKIE))
+        if device is not None:
+            ok = await self._check(password, refuse_when_busy=False)
+        else:
+            ok = await self._check_from(ip, password)
+        if ok is None:
+            return self._busy(request)
         if not ok:
             logger.warning("admin login failed from %s", ip)
-            wait = self.throttle.retry_after(ip)
-            if wait > 0:
-                return self._locked(request, wait)
+            if device is not None:
+                self.devices.failed(device)
+            else:
+                self.throttle.failed(ip)
             return self._login_page(request, "Wrong password.", 401)
-        self.throttle.succeeded(ip)
+        if device is not None:
+            self.devices.succeeded(device)
+        else:  # a known browser's login leaves its address's record (others may share it)
+            self.throttle.succeeded(ip)
         session = self.sessions.create()
         response = self.redirect(request, "/")
         self._cookie(request, response, SESSION_COOKIE, session.id, self.sessions.seconds)
+        self._cookie(request, response, DEVICE_COOKIE, self.devices.issue(), self.devices.seconds)
         response.delete_cookie(LOGIN_COOKIE, path=base(request) or "/")
         logger.info("admin login from %s", ip)
         return response
 
-    def _locked(self, request: Request, wait: float) -> Response:
-        seconds = int(wait) + 1
-        error = f"Too many failed logins. Try again in {seconds} s."
+    async def _check_from(self, ip: str, password: str) -> bool | None:
+        """Check a password from an unknown browser: one check per address at a time,
+        after the address's delay (waited outside the check slots); None: refused, busy."""
+        if not self.throttle.begin(ip):
+            return None
+        try:
+            if (delay := self.throttle.delay(ip)) > 0:
+                await self.sleep(delay)
+            return await self._check(password, refuse_when_busy=self.throttle.flooded())
+        finally:
+            self.throttle.end(ip)
+
+    async def _check(self, password: str, *, refuse_when_busy: bool) -> bool | None:
+        """Run the KDF in one of the check slots; None if all are busy and
+        ``refuse_when_busy`` (under a flood nobody queues behind the guesses)."""
+        if refuse_when_busy and self._verifying.locked():
+            return None
+        async with self._verifying:  # held for the KDF only
+            return await asyncio.to_thread(self.verify, password, self.password_hash)
+
+    def _busy(self, request: Request) -> Response:
+        error = "Too many logins at once. Try again in a moment."
         response = self._login_page(request, error, 429)
-        response.headers["Retry-After"] = str(seconds)
+        response.headers["Retry-After"] = "1"
         return response
 
     async def logout(self, request: Request, session: Session, form: Form) -> Response:

@@ -1,4 +1,4 @@
-"""Admin sessions, CSRF tokens and the login throttle (per client address; global slowdown).
+"""Admin sessions, CSRF tokens, the login throttle (per-address delays) and known devices.
 
 Sessions live in memory (a restart logs everyone out): the cookie carries only a random
 id. Each session has its own CSRF token, required on every POST and compared in
@@ -7,6 +7,7 @@ constant time. Before login the form is protected by a double-submit cookie.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -17,6 +18,7 @@ from typing import Any
 
 SESSION_COOKIE = "nodeprov_admin"
 LOGIN_COOKIE = "nodeprov_admin_login"
+DEVICE_COOKIE = "nodeprov_admin_device"
 MAX_SESSIONS = 64
 
 
@@ -72,7 +74,6 @@ class Sessions:
 class _Failures:
     count: int = 0
     last: float = 0.0
-    locked_until: float = 0.0
 
 
 def address_key(host: str) -> str:
@@ -89,15 +90,16 @@ def address_key(host: str) -> str:
 
 
 class Throttle:
-    """Login throttle: a lockout per client address, a global slowdown that never locks.
+    """Login throttle: per address a delay that grows, never a lockout; a flood mode.
 
-    ``per_ip`` failures from one address (IPv6: one /64) lock that address for
-    ``lock_seconds``, doubling with every further failure up to ``max_lock``; a locked
-    address is refused before its password is checked. Failures from everywhere only slow
-    checking down: past ``global_limit`` of them the login holds its password-check slot
-    for ``slow_seconds`` after each wrong password, which caps the guesses per second
-    the whole world gets, while a right password from an address that is not locked is
-    always let in. A failure older than ``window`` seconds is forgotten.
+    After ``per_ip`` failures from one address (IPv6: one /64) each further attempt from it
+    waits ``delay_seconds`` before its password is checked, doubling with every failure up
+    to ``max_delay``, and the address gets one check at a time: guessing stays slow, yet a
+    right password is always checked, so clients that share an address (a same-host proxy,
+    a Tor onion service) cannot lock its owner out. Past ``global_limit`` failures from
+    everywhere the node is under a flood (:meth:`flooded`): a login that finds every
+    password check busy is refused at once instead of queueing. A failure older than
+    ``window`` seconds is forgotten.
     """
 
     def __init__(
@@ -105,15 +107,13 @@ class Throttle:
         *,
         per_ip: int = 5,
         global_limit: int = 50,
-        lock_seconds: float = 60.0,
-        max_lock: float = 3600.0,
+        delay_seconds: float = 1.0,
+        max_delay: float = 30.0,
         window: float = 900.0,
-        slow_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.per_ip, self.global_limit = per_ip, global_limit
-        self.lock_seconds, self.max_lock, self.window = lock_seconds, max_lock, window
-        self.slow_seconds = slow_seconds
+        self.delay_seconds, self.max_delay, self.window = delay_seconds, max_delay, window
         self.clock = clock
         self._ips: dict[str, _Failures] = {}
         self._all = _Failures()
@@ -133,35 +133,85 @@ class Throttle:
     def end(self, ip: str) -> None:
         self._checking.discard(address_key(ip))
 
-    def retry_after(self, ip: str) -> float:
-        """Seconds until ``ip`` may try again (0: it may try now). Never global."""
+    def delay(self, ip: str) -> float:
+        """Seconds ``ip``'s next attempt waits before its password is checked (0: none)."""
         failures = self._ips.get(address_key(ip))
-        return 0.0 if failures is None else max(0.0, failures.locked_until - self.clock())
-
-    def slowdown(self) -> float:
-        """Seconds to hold the check slot after a wrong password (0 unless under a flood)."""
-        if self.clock() - self._all.last > self.window:
+        if failures is None or self.clock() - failures.last > self.window:
             return 0.0
-        return self.slow_seconds if self._all.count >= self.global_limit else 0.0
+        if failures.count < self.per_ip:
+            return 0.0
+        extra = min(failures.count - self.per_ip, 32)  # bounds the power, not the delay
+        return float(min(self.max_delay, self.delay_seconds * 2.0**extra))
 
-    def _bump(self, failures: _Failures, limit: int, now: float) -> None:
-        if now - failures.last > self.window:
+    def flooded(self) -> bool:
+        """Whether failures from everywhere passed ``global_limit`` within the window."""
+        if self.clock() - self._all.last > self.window:
+            return False
+        return self._all.count >= self.global_limit
+
+    @staticmethod
+    def _bump(failures: _Failures, now: float, window: float) -> None:
+        if now - failures.last > window:
             failures.count = 0
         failures.count += 1
         failures.last = now
-        if failures.count >= limit:
-            extra = failures.count - limit
-            failures.locked_until = now + min(self.max_lock, self.lock_seconds * 2**extra)
 
     def failed(self, ip: str) -> None:
         now = self.clock()
         if len(self._ips) > 10_000:  # forget stale entries so a spray cannot grow memory
             self._ips = {k: v for k, v in self._ips.items() if now - v.last <= self.window}
-        self._bump(self._ips.setdefault(address_key(ip), _Failures()), self.per_ip, now)
-        if now - self._all.last > self.window:
-            self._all.count = 0
-        self._all.count += 1
-        self._all.last = now
+        self._bump(self._ips.setdefault(address_key(ip), _Failures()), now, self.window)
+        self._bump(self._all, now, self.window)
 
     def succeeded(self, ip: str) -> None:
         self._ips.pop(address_key(ip), None)
+
+
+class KnownDevices:
+    """Browsers that logged in before carry a signed cookie that lets them past the address
+    throttle and the flood refusal: the owner's browser is never kept out by what others
+    sharing (or spoofing) its address do.
+
+    The cookie is ``<id>.<expiry>.<hmac>``, keyed by the password hash, so a new password
+    forgets every device. ``per_device`` wrong passwords sent with one cookie make it count
+    for nothing (a stolen cookie buys a few guesses, not a way past the throttle).
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        seconds: int = 90 * 24 * 3600,
+        per_device: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = hashlib.sha256(b"nodeprov admin device\0" + secret.encode()).digest()
+        self.seconds, self.per_device, self.clock = seconds, per_device, clock
+        self._failures: dict[str, int] = {}
+
+    def _mac(self, payload: str) -> str:
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def issue(self) -> str:
+        """A new device cookie value."""
+        payload = f"{secrets.token_urlsafe(16)}.{int(self.clock()) + self.seconds}"
+        return f"{payload}.{self._mac(payload)}"
+
+    def check(self, value: str | None) -> str | None:
+        """The device id of a valid, unexpired cookie that has not failed too often."""
+        if not value or value.count(".") != 2:
+            return None
+        device, expiry, mac = value.split(".")
+        if not same(mac, self._mac(f"{device}.{expiry}")) or not expiry.isdigit():
+            return None
+        if int(expiry) <= self.clock() or self._failures.get(device, 0) >= self.per_device:
+            return None
+        return device
+
+    def failed(self, device: str) -> None:
+        if len(self._failures) > 10_000:
+            self._failures = {k: v for k, v in self._failures.items() if v >= self.per_device}
+        self._failures[device] = self._failures.get(device, 0) + 1
+
+    def succeeded(self, device: str) -> None:
+        self._failures.pop(device, None)
