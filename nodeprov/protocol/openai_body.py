@@ -3,7 +3,8 @@
 A body that passes may still be refused by the upstream (with a 400 and a refund); these
 checks catch the shapes that would otherwise reach the upstream as garbage and come back
 as a 5xx: ``messages`` must be a non-empty array of objects, each with a string ``role``
-and a ``content`` that is a string, null or an array of typed parts.
+and a ``content`` that is a string, null or an array of typed parts; ``stream`` must be a
+boolean and ``stream_options`` an object.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from nodeprov.errors import InvalidRequest
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "chat/completions"})
+STREAMING_PATHS = CHAT_PATHS | {"/v1/completions", "completions"}
 
 
 def _check_content(where: str, content: Any) -> None:
@@ -52,3 +54,18 @@ def check_body(path: str, body: Mapping[str, Any]) -> None:
     """The shape checks for a request to ``path`` (``/v1/chat/completions`` or without ``/v1/``)."""
     if path in CHAT_PATHS:
         check_messages(body.get("messages"))
+    if path in STREAMING_PATHS:
+        check_stream_flags(body)
+
+
+def check_stream_flags(body: Mapping[str, Any]) -> None:
+    """``stream`` must be a boolean and ``stream_options`` an object (either may be null).
+
+    A truthy non-boolean ``stream`` would be forwarded as is: the upstream streams while
+    the node, reading ``stream is True``, waits for one JSON answer.
+    """
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be true or false")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidRequest("'stream_options' must be an object")

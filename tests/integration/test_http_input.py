@@ -210,6 +210,39 @@ async def test_malformed_messages_are_400_before_anything_is_held(
     assert set(await make_token.proof_states(token)) == {"UNSPENT"}
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/chat/completions", "stream", 1),
+        ("/chat/completions", "stream", "true"),
+        ("/chat/completions", "stream", [1]),
+        ("/completions", "stream", "x"),
+        ("/chat/completions", "stream_options", "include_usage"),
+        ("/completions", "stream_options", [True]),
+    ],
+)
+async def test_a_non_boolean_stream_flag_is_400_before_the_upstream(
+    node: Node, make_token: TokenMaker, upstream: FakeUpstream, path: str, field: str, value: Any
+) -> None:
+    """``stream`` must be a boolean and ``stream_options`` an object: a truthy non-boolean
+    would make the upstream stream while the node reads JSON (502, upstream work unpaid)."""
+    key = await new_key(node, await make_token(20))
+    token = await make_token(20)
+    body: dict[str, Any] = {**CHAT, field: value}
+    if path == "/completions":
+        body = {"model": "fake-chat", "prompt": "hi", "max_tokens": 8, field: value}
+    calls = len(upstream.requests)
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        error = assert_400(
+            await http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+        )
+        assert field in error["message"]
+        assert_400(await http.post(path, json=body, headers={"X-Cashu": token}))
+    assert len(upstream.requests) == calls
+    assert (await node.account(key)).balance_msat == 20_000
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+
+
 async def test_valid_message_shapes_still_pass(node: Node, make_token: TokenMaker) -> None:
     key = await new_key(node, await make_token(50))
     client = openai.AsyncOpenAI(base_url=node.base, api_key=key, max_retries=0)
