@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -364,3 +365,52 @@ async def _answers(client: httpx.AsyncClient, url: str) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+async def test_a_trickled_body_is_cut_off_at_the_total_body_deadline() -> None:
+    """A body sent a byte at a time never pauses for ``body_idle_timeout_seconds``; the
+    whole-body deadline (``body_timeout_seconds``) still closes the connection."""
+
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    stop = asyncio.Event()
+    http = HttpSection(body_idle_timeout_seconds=30, body_timeout_seconds=1)
+    server = asyncio.create_task(serve(echo, sock, stop, http))
+
+    def trickle() -> bool:
+        """Send a 1000-byte body a byte per 0.1 s; True once the server closed on it."""
+        conn = socket.create_connection(("127.0.0.1", port))
+        try:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(200):  # 20 s of body, far past the 1 s deadline
+                conn.sendall(b"x")
+                time.sleep(0.1)
+                try:
+                    if conn.recv(1, socket.MSG_DONTWAIT) == b"":
+                        return True
+                except BlockingIOError:
+                    continue
+            return False
+        except OSError:
+            return True  # reset by the server
+        finally:
+            conn.close()
+
+    try:
+        async with httpx.AsyncClient() as client:
+            await until(lambda: _answers(client, f"http://127.0.0.1:{port}/"))
+        assert await asyncio.to_thread(trickle)
+    finally:
+        stop.set()
+        await server
