@@ -163,18 +163,13 @@ async def read_form(request: Request) -> tuple[dict[str, Any], tuple[str, bytes,
             continue
         if name == "file":
             upload = (part.get_filename() or "audio", payload, part.get_content_type())
-        elif name in fields:
-            previous = fields[name]
-            fields[name] = (
-                [*previous, payload.decode()]
-                if isinstance(previous, list)
-                else [
-                    previous,
-                    payload.decode(),
-                ]
-            )
         else:
-            fields[name] = payload.decode("utf-8", "replace")
+            text = payload.decode("utf-8", "replace")  # a field is text; undecodable bytes too
+            previous = fields.get(name)
+            if previous is None:
+                fields[name] = text
+            else:  # a repeated field (e.g. timestamp_granularities[]) becomes a list
+                fields[name] = [*previous, text] if isinstance(previous, list) else [previous, text]
     if upload is None or not upload[1]:
         raise InvalidRequest("'file' is required")
     return fields, upload

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.ledger import Account
+from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.core.payments import Payer
 from nodeprov.errors import InvalidRequest, Unauthorized
 from nodeprov.http.auth import key_payer
@@ -62,9 +63,12 @@ def _expiry(params: dict[str, Any]) -> tuple[int | None, str | None]:
         raise InvalidRequest("'expires_at' must be a future unix time in seconds")
     address = params.get("refund_address")
     if address is not None:
-        user, _, host = str(address).partition("@")
-        if not isinstance(address, str) or not user or "." not in host or " " in address:
-            raise InvalidRequest("'refund_address' must be a Lightning address (user@domain)")
+        try:
+            address_url(str(address))  # the refund must be able to reach it
+        except LnurlError:
+            raise InvalidRequest(
+                "'refund_address' must be a Lightning address (user@domain)"
+            ) from None
     return expires_at, address
 
 

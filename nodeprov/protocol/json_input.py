@@ -1,9 +1,10 @@
-"""Strict JSON for untrusted input: bounded nesting, 64-bit integers, finite numbers.
+"""Strict JSON for untrusted input: bounded nesting, 64-bit integers, finite numbers, text.
 
 Python's ``json`` accepts what the rest of the node cannot handle: 3,000 nested arrays end
 in ``RecursionError``, ``10**20`` in ``OverflowError`` when SQLite stores it, ``1e999`` is
-``inf``. :func:`loads` refuses all three with :class:`JsonRejected` (a ``ValueError``), so
-every channel answers them as bad input.
+``inf``, and ``"\\ud800"`` (a lone UTF-16 surrogate) is a string that cannot be encoded, so
+SQLite or the upstream request fails on it. :func:`loads` refuses all four with
+:class:`JsonRejected` (a ``ValueError``), so every channel answers them as bad input.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
 
 
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JsonRejected("a JSON string holds a lone UTF-16 surrogate (not text)") from None
+
+
+def check_strings(value: Any) -> None:
+    """Raise :class:`JsonRejected` if a string or key in ``value`` is not encodable text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key)
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def loads(raw: str | bytes) -> Any:
     """Parse ``raw`` as JSON under the rules above; ``ValueError`` if it is not JSON at all."""
     try:
@@ -60,5 +83,6 @@ def loads(raw: str | bytes) -> Any:
     except RecursionError:
         raise JsonRejected(f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
     if isinstance(value, dict | list):
-        check_depth(value)
+        check_depth(value)  # first: check_strings walks the value, bounded only by its depth
+    check_strings(value)
     return value

@@ -414,3 +414,95 @@ async def test_a_trickled_body_is_cut_off_at_the_total_body_deadline() -> None:
     finally:
         stop.set()
         await server
+
+
+def _multipart(*parts: tuple[str, bytes]) -> bytes:
+    body = b""
+    for name, value in parts:
+        body += b'--b\r\nContent-Disposition: form-data; name="%s"' % name.encode()
+        if name == "file":
+            body += b'; filename="a.wav"\r\nContent-Type: audio/wav'
+        body += b"\r\n\r\n" + value + b"\r\n"
+    return body + b"--b--\r\n"
+
+
+async def test_a_repeated_form_field_that_is_not_utf8_is_decoded_like_a_single_one(
+    node: Node, make_token: TokenMaker
+) -> None:
+    """Repeated text fields are decoded like single ones, undecodable bytes replaced (it
+    was a 500): ``language`` sent twice, once as raw bytes, is read and the job served."""
+    token = await make_token(20)
+    body = _multipart(
+        ("file", b"x" * 2000),
+        ("model", b"fake-whisper"),
+        ("language", b"en"),
+        ("language", b"\xff\xfe"),
+    )
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post(
+            "/audio/transcriptions",
+            content=body,
+            headers={"Content-Type": "multipart/form-data; boundary=b", "X-Cashu": token},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] and r.headers["X-Cashu"]  # served, charged, change returned
+
+
+async def test_a_lone_surrogate_in_refund_address_is_400_and_takes_no_token(
+    node: Node, make_token: TokenMaker
+) -> None:
+    token = await make_token(20)
+    raw = b'{"cashu_token": "%s", "refund_address": "a\\ud800@example.com"}' % token.encode()
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post(
+            "/wallet/create", content=raw, headers={"Content-Type": "application/json"}
+        )
+        assert_400(r)
+        # An address the refund could not reach is refused the same way.
+        body = {"cashu_token": token, "refund_address": "user@localhost:x"}
+        assert_400(await http.post("/wallet/create", json=body))
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+
+
+LONE = "\ud800"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", {"model": f"nope{LONE}", "messages": MESSAGES}),
+        ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": f"hi {LONE}"}]}),
+        ("/chat/completions", {**CHAT, "messages": [{"role": "\udfff", "content": "hi"}]}),
+        ("/chat/completions", {**CHAT, LONE: 1}),
+        ("/embeddings", {"model": "fake-embed", "input": LONE}),
+    ],
+)
+@pytest.mark.parametrize("escaped", [True, False])
+async def test_lone_surrogates_in_json_are_400_before_anything_is_held(
+    node: Node,
+    make_token: TokenMaker,
+    upstream: FakeUpstream,
+    path: str,
+    body: dict[str, Any],
+    escaped: bool,
+) -> None:
+    """A lone UTF-16 surrogate (``\\ud800``, escaped or as raw bytes) is not text: 400."""
+    token = await make_token(20)
+    calls = len(upstream.requests)
+    raw = json.dumps(body, ensure_ascii=escaped).encode("utf-8", "surrogatepass")
+    headers = {"Content-Type": "application/json", "X-Cashu": token}
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        r = await http.post(path, content=raw, headers=headers)
+    assert_400(r)
+    assert len(upstream.requests) == calls
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    # A surrogate pair (an emoji, escaped) is text and still served.
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        ok = b'{"model": "fake-embed", "input": "\\ud83d\\ude00"}'
+        r = await http.post(
+            "/embeddings",
+            content=ok,
+            headers={"Content-Type": "application/json", "X-Cashu": token},
+        )
+    assert r.status_code == 200, r.text
