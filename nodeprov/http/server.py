@@ -54,11 +54,12 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     _header_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
     _body_total_deadline: asyncio.TimerHandle | None = None
-    # Bytes received while a request's headers are incomplete (counted per received chunk:
-    # a chunk that also carries the previous request's body tail counts whole, and the
-    # parser may hold one chunk past the limit before it is refused).
+    # Bytes received while a request's headers are incomplete, counted per received chunk
+    # (a chunk in which a request ended is not counted: it is mostly that request's body;
+    # so the parser may hold a chunk or two past the limit before the request is refused).
     _header_bytes: int = 0
     _in_headers: bool = True
+    _ended_in_chunk: bool = False
     _refused: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -68,8 +69,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until the client closes or the linger ends
+        self._ended_in_chunk = False
         super().data_received(data)
-        if self._in_headers and not self.transport.is_closing():
+        if self._in_headers and not self._ended_in_chunk and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 self._refuse_headers()
@@ -91,7 +93,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm_body_deadline()
-        self._in_headers, self._header_bytes = True, 0
+        self._in_headers, self._header_bytes, self._ended_in_chunk = True, 0, True
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

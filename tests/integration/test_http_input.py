@@ -22,6 +22,7 @@ from nodeprov.http.app import bind, serve
 from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.http_node import (  # noqa: F401  (fixtures)
+    MAX_BODY,
     Node,
     node_fixture,
     upstream_fixture,
@@ -506,3 +507,16 @@ async def test_lone_surrogates_in_json_are_400_before_anything_is_held(
             headers={"Content-Type": "application/json", "X-Cashu": token},
         )
     assert r.status_code == 200, r.text
+
+
+async def test_large_bodies_on_a_kept_alive_connection_are_not_counted_as_headers(
+    node: Node, make_token: TokenMaker
+) -> None:
+    """Only header bytes count toward ``http.max_header_bytes``: a body larger than it,
+    arriving in big chunks (and refused 413 unread), never turns into a 431."""
+    limit = node.config.http.max_header_bytes
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * (limit + MAX_BODY)}]}
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        for _ in range(3):  # the same connection, again and again
+            assert (await http.post("/chat/completions", json=big)).status_code == 413
+            assert (await http.get("/info")).status_code == 200
