@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from nodeprov import __version__
 from nodeprov.config import Config
 from nodeprov.core.lightning_funding import LightningFunding
+from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import InvalidRequest
@@ -146,3 +148,20 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return _encode(content).encode("utf-8")
+
+
+def new_key_options(params: dict[str, Any]) -> tuple[int | None, str | None]:
+    """A new key's ``expires_at`` (future unix seconds) and ``refund_address`` (a Lightning
+    address the refund can reach), checked before any money moves."""
+    expires_at = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
+    if expires_at is not None and expires_at <= time.time():
+        raise InvalidRequest("'expires_at' must be a future unix time in seconds")
+    address = params.get("refund_address")
+    if address is not None:
+        try:
+            address_url(str(address))  # the refund must be able to reach it
+        except LnurlError:
+            raise InvalidRequest(
+                "'refund_address' must be a Lightning address (user@domain)"
+            ) from None
+    return expires_at, address

@@ -8,17 +8,21 @@ sats; ``api_key``: the new key, in this answer only, usable once the invoice is 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
-from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.errors import InvalidRequest
 from nodeprov.http.auth import bearer
-from nodeprov.http.context import JSON, MAX_UNIX_TIME, context, int_param, read_params
+from nodeprov.http.context import (
+    JSON,
+    context,
+    int_param,
+    new_key_options,
+    read_params,
+)
 
 
 def _amount(params: dict[str, Any]) -> int:
@@ -39,27 +43,12 @@ def _api_key(params: dict[str, Any], request: Request) -> str | None:
     return key
 
 
-def _new_key_options(params: dict[str, Any]) -> tuple[int | None, str | None]:
-    expires_at = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
-    if expires_at is not None and expires_at <= time.time():
-        raise InvalidRequest("'expires_at' must be a future unix time in seconds")
-    address = params.get("refund_address")
-    if address is not None:
-        try:
-            address_url(str(address))
-        except LnurlError:
-            raise InvalidRequest(
-                "'refund_address' must be a Lightning address (user@domain)"
-            ) from None
-    return expires_at, address
-
-
 async def create_invoice(request: Request) -> Response:
     ctx = context(request)
     params = await read_params(request)
     amount = _amount(params)
     api_key = _api_key(params, request)
-    expires_at, address = _new_key_options(params)
+    expires_at, address = new_key_options(params)
     mint = params.get("mint")
     if mint is not None and (not isinstance(mint, str) or mint.rstrip("/") not in ctx.mints):
         raise InvalidRequest(f"'mint' must be one of the accepted mints: {', '.join(ctx.mints)}")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from starlette.requests import Request
@@ -14,11 +13,17 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.ledger import Account
-from nodeprov.core.lnurl import LnurlError, address_url
 from nodeprov.core.payments import Payer
 from nodeprov.errors import InvalidRequest, Unauthorized
 from nodeprov.http.auth import key_payer
-from nodeprov.http.context import JSON, MAX_UNIX_TIME, HttpContext, context, int_param, read_params
+from nodeprov.http.context import (
+    JSON,
+    HttpContext,
+    context,
+    int_param,
+    new_key_options,
+    read_params,
+)
 
 
 def _mask(key: str) -> str:
@@ -57,26 +62,11 @@ def _token_field(params: dict[str, Any]) -> str:
     return token.strip()
 
 
-def _expiry(params: dict[str, Any]) -> tuple[int | None, str | None]:
-    expires_at = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
-    if expires_at is not None and expires_at <= time.time():
-        raise InvalidRequest("'expires_at' must be a future unix time in seconds")
-    address = params.get("refund_address")
-    if address is not None:
-        try:
-            address_url(str(address))  # the refund must be able to reach it
-        except LnurlError:
-            raise InvalidRequest(
-                "'refund_address' must be a Lightning address (user@domain)"
-            ) from None
-    return expires_at, address
-
-
 async def create(request: Request) -> Response:
     ctx = context(request)
     params = await read_params(request)
     token = _token_field(params)
-    expires_at, address = _expiry(params)
+    expires_at, address = new_key_options(params)
     api_key, account = await ctx.payments.create_key(
         token, expires_at=expires_at, refund_address=address
     )
