@@ -14,7 +14,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -46,6 +48,35 @@ def private_dir(path: Path) -> Path:
         log.warning("data dir %s had mode %o; setting 0700", path, mode)
         path.chmod(DIR_MODE)
     return path
+
+
+def read_or_create_secret_file(path: Path, make: Callable[[], str], what: str) -> str:
+    """The text of the 0600 file at ``path``, written first with ``make()`` if it is missing.
+
+    Written to a temporary file, fsynced, then linked into place: a crash never leaves a
+    half-written file, and of two concurrent creators the first one's content wins.
+    """
+    if not path.exists():
+        private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(make() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process created it first
+                log.info("created %s at %s", what, path)
+            except FileExistsError:
+                pass  # created concurrently: that one stands
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s %s had mode %o; setting 0600", what, path, mode)
+        path.chmod(FILE_MODE)
+    return path.read_text().strip()
 
 
 def private_file(path: Path) -> None:

@@ -14,12 +14,10 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import stat
 from pathlib import Path
 
-from nodeprov.core.datadir import FILE_MODE, private_dir
+from nodeprov.core.datadir import read_or_create_secret_file
 from nodeprov.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,27 +28,7 @@ _BYTES = 32
 
 def load_or_create_secret(path: Path) -> bytes:
     """Read the secret at ``path``; create it (random, mode 0600, never overwriting) if missing."""
-    if not path.exists():
-        private_dir(path.parent)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(_BYTES) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # atomic, and fails if another process created it first
-                log.info("created the API-key secret at %s", path)
-            except FileExistsError:
-                pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("API-key secret %s had mode %o; setting 0600", path, mode)
-        path.chmod(FILE_MODE)
-    text = path.read_text().strip()
+    text = read_or_create_secret_file(path, lambda: secrets.token_hex(_BYTES), "the API-key secret")
     try:
         value = bytes.fromhex(text)
     except ValueError:
