@@ -54,12 +54,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     _header_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
     _body_total_deadline: asyncio.TimerHandle | None = None
-    # Bytes received while a request's headers are incomplete, counted per received chunk
-    # (a chunk in which a request ended is not counted: it is mostly that request's body;
-    # so the parser may hold a chunk or two past the limit before the request is refused).
+    # Header bytes of the request being read: counted up to the blank line that ends them
+    # (found across chunk boundaries with the last three bytes seen), never body bytes.
     _header_bytes: int = 0
     _in_headers: bool = True
-    _ended_in_chunk: bool = False
+    _tail: bytes = b""
     _refused: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -69,12 +68,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until the client closes or the linger ends
-        self._ended_in_chunk = False
-        super().data_received(data)
-        if self._in_headers and not self._ended_in_chunk and not self.transport.is_closing():
-            self._header_bytes += len(data)
+        if self._in_headers and not self.transport.is_closing():
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            self._tail = seen[-3:] if end < 0 else b""
             if self._header_bytes > self.max_header_bytes:
-                self._refuse_headers()
+                self._refuse_headers()  # before the parser buffers (or serves) any of it
+                return
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -93,7 +95,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm_body_deadline()
-        self._in_headers, self._header_bytes, self._ended_in_chunk = True, 0, True
+        self._in_headers, self._header_bytes, self._tail = True, 0, b""
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

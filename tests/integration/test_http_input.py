@@ -332,6 +332,17 @@ async def test_oversized_request_headers_are_431_and_the_connection_closes(node:
     assert r.status_code == 200
 
 
+async def test_oversized_headers_that_end_in_one_chunk_are_431_too(node: Node) -> None:
+    """A whole request whose header block (past the limit) arrives at once, blank line and
+    all, is refused like one that trickles in: the limit counts header bytes, not chunks."""
+    limit = node.config.http.max_header_bytes
+    request = b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * limit + b"\r\n\r\n"
+    sock = _half_open(node.url, request)
+    sock.settimeout(30)
+    answer = await asyncio.to_thread(sock.recv, 65536)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+
 @pytest.mark.parametrize("trusted", [(), ("127.0.0.1",)])
 async def test_forwarded_for_is_believed_only_from_configured_proxies(
     trusted: tuple[str, ...],
