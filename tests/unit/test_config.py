@@ -86,6 +86,19 @@ def test_example_documents_every_field() -> None:
     assert expected - documented == set()
 
 
+def test_configuration_doc_names_every_field() -> None:
+    """docs/configuration.md has a row for every setting of every section."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    named = set(re.findall(r"`([a-z_0-9]+)`", doc))
+    missing = {
+        f.name
+        for cls in (*SECTIONS.values(), Upstream)
+        for f in dataclasses.fields(cls)
+        if f.name not in named
+    }
+    assert missing == set()
+
+
 def test_example_first_occurrence_has_comment() -> None:
     seen: set[str] = set()
     for line in EXAMPLE.read_text().splitlines():
