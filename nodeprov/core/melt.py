@@ -188,14 +188,19 @@ class Melter:
             (older_than if older_than is not None else 2**62,),
         )
         outcome: dict[str, int] = {}
+        down: set[str] = set()  # unreachable this round: one timeout per mint, not per melt
         for row in rows:
             if not self.wallet.recoverable(row["id"], row["mint_url"]):
+                continue
+            if row["mint_url"] in down:
+                outcome["pending"] = outcome.get("pending", 0) + 1
                 continue
             try:
                 quote = await self.wallet.api(row["mint_url"]).melt_quote_state(row["quote"])
                 state, _ = await self._apply(row["id"], quote)
             except MintUnavailable as exc:
                 logger.warning("melt %s stays pending: %s", row["id"], exc)
+                down.add(row["mint_url"])
                 state = "pending"
             except MintError as exc:  # a 4xx: one bad record must not stop start-up
                 state = await self._refused(row["id"], exc.message)

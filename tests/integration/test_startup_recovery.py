@@ -247,3 +247,40 @@ async def test_a_recovery_round_asks_an_unreachable_mint_once_then_retries_next_
     finally:
         proxy.resume()
         await core.close()
+
+
+async def test_a_melt_recovery_round_asks_an_unreachable_mint_once(
+    tmp_path: Path, mint: MintHandle, fee_mint: MintHandle, make_token, tcp_proxy
+) -> None:
+    """Pending melts at a mint that accepts connections and never answers cost one timeout
+    per recovery round, not one per melt; the next round settles them."""
+    proxy: TcpProxy = tcp_proxy(mint.url)
+    core = await build_core(
+        tmp_path / "l.sqlite3", [mint.url], mint_timeout=1.0, routes={mint.url: proxy.url}
+    )
+    try:
+        await core.wallet.receive(await make_token(300, mint=mint), "key:m", "api_key")
+        melter = Melter(core.wallet)
+        async with httpx.AsyncClient() as client:
+            invoices = [
+                (await MintApi(fee_mint.url, client).mint_quote(20, "sat"))["request"]
+                for _ in range(3)
+            ]
+        quotes = [await melter.quote(invoice, mint_url=mint.url) for invoice in invoices]
+        proxy.pause(refuse=True)
+        proxy.drop_connections()
+        for quote in quotes:
+            assert (await melter.pay("key:m", quote)).state == "pending"
+        proxy.resume()
+        proxy.pause()  # the mint now accepts connections and never answers
+        before = proxy.connections_total
+        assert await melter.recover() == {"pending": 3}
+        assert proxy.connections_total - before == 1  # one call this round, not three
+        proxy.resume()
+        assert "pending" not in await melter.recover()
+        account = await core.ledger.account("key:m")
+        assert account is not None and account.reserved_msat == 0
+        await core.assert_books_balance()
+    finally:
+        proxy.resume()
+        await core.close()
