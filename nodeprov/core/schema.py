@@ -193,6 +193,31 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX IF NOT EXISTS wallet_ops_ref ON wallet_ops (ref, kind)
         """,
     ),
+    # Hold ids are never reused: a late settle, renew or release of a hold that is gone must
+    # not touch a newer job's hold that took its id (SQLite reuses the highest rowid freed).
+    Migration(
+        "0009_hold_ids_never_reused",
+        """
+        CREATE TABLE holds_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_id TEXT NOT NULL REFERENCES accounts(id),
+            amount_msat INTEGER NOT NULL CHECK (amount_msat >= 0),
+            purpose TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            lease_expires_at INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'open',
+            ref TEXT
+        );
+        INSERT INTO holds_new
+            (id, account_id, amount_msat, purpose, created_at, lease_expires_at, state, ref)
+            SELECT id, account_id, amount_msat, purpose, created_at, lease_expires_at, state, ref
+            FROM holds;
+        DROP TABLE holds;
+        ALTER TABLE holds_new RENAME TO holds;
+        CREATE INDEX holds_expiry ON holds (lease_expires_at);
+        CREATE INDEX holds_ref ON holds (ref)
+        """,
+    ),
     # DM jobs and the listener's cursor (nodeprov.nostr.dm_store).
     Migration(
         "0100_nostr_dm_jobs",

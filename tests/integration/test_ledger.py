@@ -108,6 +108,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0006_payouts",
             "0007_hold_leases_job_outcomes",
             "0008_wallet_ops_ref",
+            "0009_hold_ids_never_reused",
             "0100_nostr_dm_jobs",
             "0100_test_extra",
         ]
@@ -534,3 +535,16 @@ async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> N
                 await conn.execute("SELECT 1")
     finally:
         await ledger.db.close()
+
+
+async def test_a_new_hold_never_takes_the_id_of_one_that_is_gone(ledger: Ledger) -> None:
+    """A late settle of a closed hold must fail, not settle a newer job's hold that took its
+    id (SQLite reuses the highest rowid freed unless the table says AUTOINCREMENT)."""
+    await fund(ledger, "key:r", 10_000)
+    first = await ledger.hold("key:r", 1_000)
+    await ledger.settle(first, 500)
+    second = await ledger.hold("key:r", 1_000)
+    assert second.id != first.id
+    with pytest.raises(LedgerError):
+        await ledger.settle(first, 500)
+    assert await balances(ledger, "key:r") == (9_500, 1_000)
