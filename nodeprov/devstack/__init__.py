@@ -3,7 +3,3 @@
 A local nutshell mint (FakeWallet), a nostr-relay and a demo upstream with canned answers;
 everything on 127.0.0.1, addresses taken from the config.
 """
-
-from nodeprov.devstack.processes import DevStack, StackError, StackPlan
-
-__all__ = ["DevStack", "StackError", "StackPlan"]

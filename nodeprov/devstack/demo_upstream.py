@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from nodeprov.devstack import openai_wire as wire
+import nodeprov.devstack.openai_wire as wire
 
 log = logging.getLogger(__name__)
 

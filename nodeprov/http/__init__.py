@@ -13,8 +13,9 @@ from starlette.routing import BaseRoute, Mount
 from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.node import Core
 from nodeprov.http.admin import build_admin_app
-from nodeprov.http.app import bind, create_app, serve
+from nodeprov.http.app import create_app
 from nodeprov.http.context import HttpContext
+from nodeprov.http.server import bind, serve
 from nodeprov.observability import HealthProbes, ops_routes
 from nodeprov.upstream import Upstreams
 

@@ -21,16 +21,14 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodeprov.errors import NodeprovError, RequestTooLarge
-from nodeprov.http import (
-    audio_routes,
-    info_routes,
-    lightning_routes,
-    openai_routes,
-    wallet_routes,
-)
+from nodeprov.http.audio_routes import ROUTES as AUDIO_ROUTES
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
+from nodeprov.http.info_routes import ROUTES as INFO_ROUTES
+from nodeprov.http.lightning_routes import ROUTES as LIGHTNING_ROUTES
+from nodeprov.http.openai_routes import ROUTES as OPENAI_ROUTES
 from nodeprov.http.server import bind, serve
+from nodeprov.http.wallet_routes import ROUTES as WALLET_ROUTES
 from nodeprov.observability import Metrics
 
 logger = logging.getLogger(__name__)
@@ -140,11 +138,11 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
         )
     app = Starlette(
         routes=[
-            *openai_routes.ROUTES,
-            *audio_routes.ROUTES,
-            *wallet_routes.ROUTES,
-            *lightning_routes.ROUTES,
-            *info_routes.ROUTES,
+            *OPENAI_ROUTES,
+            *AUDIO_ROUTES,
+            *WALLET_ROUTES,
+            *LIGHTNING_ROUTES,
+            *INFO_ROUTES,
             *extra_routes,
         ],
         middleware=middleware,

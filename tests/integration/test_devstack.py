@@ -26,7 +26,7 @@ from nodeprov.config_load import load_config
 from nodeprov.core.ledger import open_ledger
 from nodeprov.core.node import Core
 from nodeprov.core.wallet import Wallet
-from nodeprov.devstack import DevStack, StackError, StackPlan
+from nodeprov.devstack.processes import DevStack, StackError, StackPlan
 from nodeprov.devstack.runner import READY, run_dev
 from nodeprov.devstack.tokens import mint_token
 from nodeprov.protocol.cashu_token import parse_token

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from nodeprov.devstack import openai_wire
+import nodeprov.devstack.openai_wire as openai_wire
 from nodeprov.devstack.openai_wire import (
     AUDIO_BYTES_PER_SECOND,
     PNG,
