@@ -149,11 +149,22 @@ class Database:
         return await self._reader._execute(run)  # type: ignore[no-untyped-call,no-any-return]
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        """Rows of a read-only query on the reader connection."""
-        cursor = await self._reader.execute(sql, params)
-        rows = await cursor.fetchall()
-        await cursor.close()
-        return list(rows)
+        """Rows of a read-only query on the reader connection, read in one thread hop.
+
+        Executing, fetching and closing as separate hops would let another task's read run
+        while this statement is open, inside its read transaction: that read would see the
+        snapshot this one began with, not what was committed since (a refund would read a
+        released hold as still reserved).
+        """
+
+        def run() -> list[aiosqlite.Row]:
+            cursor = self._reader._conn.execute(sql, params)
+            try:
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+        return await self._reader._execute(run)  # type: ignore[no-untyped-call,no-any-return]
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
         rows = await self.fetchall(sql, params)

@@ -548,3 +548,17 @@ async def test_a_new_hold_never_takes_the_id_of_one_that_is_gone(ledger: Ledger)
     with pytest.raises(LedgerError):
         await ledger.settle(first, 500)
     assert await balances(ledger, "key:r") == (9_500, 1_000)
+
+
+async def test_a_read_after_a_commit_sees_it_while_other_reads_run(ledger: Ledger) -> None:
+    """Found by the soak: a refund read the balance from a snapshot another read held open,
+    saw the job's released hold still reserved, and paid back too little."""
+    await fund(ledger, "key:a", 100_000)
+    for i in range(40):
+        busy = [
+            asyncio.create_task(ledger.db.fetchall("SELECT * FROM transactions")) for _ in range(8)
+        ]
+        hold = await ledger.hold("key:a", 1_000 + i, "m")
+        await ledger.release(hold)
+        assert await balances(ledger, "key:a") == (100_000, 0), f"round {i}"
+        await asyncio.gather(*busy)
