@@ -48,6 +48,7 @@ from nodeprov.core.wallet import Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     MintError,
+    MintUnavailable,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -324,7 +325,12 @@ class Payments(AccountMoves):
         fingerprint = token_fingerprint(parse_token(token))
         account_id = "req:" + fingerprint
         account = await self.ledger.account(account_id)
-        if account is None:
+        if account is None or account.total_deposited_msat == 0:
+            # A receive that failed leaves an empty account: the token is still the client's,
+            # unless the swap's outcome is still unknown (recovery will settle it).
+            op = await self.wallet.pending_op_for(fingerprint)
+            if op is not None and op.state == "pending":
+                raise MintUnavailable("this token is still being redeemed with the mint; retry")
             raise Unauthorized("No payment with this token is known here")
         if account.available_msat > 0 and account.reserved_msat == 0:
             op = await self.wallet.pending_op_for(fingerprint)

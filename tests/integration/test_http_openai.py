@@ -235,3 +235,21 @@ async def test_fee_mint_x_cashu_books_exact(tmp_path, fee_mint, make_token, upst
         await fee_node.core.assert_books_balance()
     finally:
         await fee_node.stop()
+
+
+async def test_change_claim_for_a_token_the_node_never_redeemed_says_so(
+    node: Node, make_token
+) -> None:
+    """Found by the soak: a per-request token the node refused (here: already spent) left an
+    empty account behind, and claiming its change answered 200 with no tokens, as if the
+    node had taken it and owed nothing back. The token is the client's: 401, unknown."""
+    token = await make_token(30)
+    await make_token.redeem(token)
+    async with httpx.AsyncClient() as http:
+        paid = await http.post(
+            node.base + "/chat/completions", json=CHAT, headers={"X-Cashu": token}
+        )
+        assert paid.status_code == 400, paid.text
+        claim = await http.get(node.base + "/wallet/change", headers={"X-Cashu": token})
+    assert claim.status_code == 401, claim.text
+    assert "No payment with this token" in claim.json()["error"]["message"]
