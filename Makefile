@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck unit soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
+
+# A seeded fault-injection soak of a real node: SOAK_SECONDS (default 120), SOAK_SEED (random).
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak
 
 test: lint typecheck
 	$(BIN)/pytest -q

@@ -192,6 +192,19 @@ class TokenFactory:
             response = await wallet.check_proof_state(proofs)
             return [state.state.value for state in response.states]
 
+    async def drop_spent(self) -> None:
+        """Forget the wallet's proofs the mint says are spent.
+
+        A swap whose answer was lost (the mint went down under it) may have spent its inputs
+        at the mint while the wallet still counts them; without this they would be handed out
+        again in a token that cannot pay.
+        """
+        async with self._get_lock():
+            wallet = await self._get_wallet()
+            await wallet.load_proofs(reload=True)
+            await wallet.invalidate(wallet.proofs, check_spendable=True)
+            await wallet.load_proofs(reload=True)
+
     async def balance(self) -> int:
         """Spendable amount left in the factory's wallet (in its unit)."""
         cashu = import_cashu()

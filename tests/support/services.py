@@ -144,6 +144,8 @@ class MintHandle:
         self._owns_workdir = owns_workdir
         self._proc: Child | None = None
         self.name = f"nodeprov test mint {secrets.token_hex(8)}"
+        # One key for the handle's life: a restarted mint must keep its keysets.
+        self._private_key = secrets.token_hex(32)
 
     @property
     def url(self) -> str:
@@ -173,7 +175,7 @@ class MintHandle:
                 "MINT_BACKEND_BOLT11_SAT": "FakeWallet",
                 "MINT_BACKEND_BOLT11_MSAT": "FakeWallet",
                 "MINT_DERIVATION_PATH_LIST": json.dumps(MINT_DERIVATION_PATHS),
-                "MINT_PRIVATE_KEY": secrets.token_hex(32),
+                "MINT_PRIVATE_KEY": self._private_key,
                 "MINT_DATABASE": str(self.workdir / "db"),
                 "MINT_INPUT_FEE_PPK": str(self.input_fee_ppk),
                 "MINT_INFO_NAME": self.name,
