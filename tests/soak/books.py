@@ -74,6 +74,12 @@ class Books:
     accounts: dict[str, AccountRange] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     why: dict[str, str] = field(default_factory=dict)  # token -> why it is where it is
+    evidence: list[str] = field(default_factory=list)  # whole tokens behind violations
+    history: dict[str, list[str]] = field(default_factory=dict)  # token -> its moves
+
+    def _moved(self, token: str, move: str) -> None:
+        self.history.setdefault(token, []).append(move)
+
     answered: int = 0  # jobs answered (their cost known)
     charged_msat: int = 0  # what the node said those jobs cost
 
@@ -81,29 +87,38 @@ class Books:
 
     def issue(self, token: str, msat: int) -> None:
         """The faucet gave a client ``token``."""
+        if token in self.wallet or token in self.taken or token in self.unknown:
+            self.violation("faucet_reissued", f"{short(token)} ({self.why.get(token)})")
+        self._moved(token, "issued")
         self.issued_msat += msat
         self.wallet[token] = msat
+        self.why[token] = "issued by the faucet"
 
     def hand_over(self, token: str) -> int:
         """The client sends ``token`` to the node; its outcome is unknown until settled."""
+        self._moved(token, "handed over")
         msat = self.wallet.pop(token)
         self.unknown[token] = msat
         return msat
 
     def taken_by_node(self, token: str, why: str) -> None:
+        self._moved(token, "taken: " + why)
         self.taken[token] = self.unknown.pop(token)
         self.why[token] = why
 
     def returned(self, token: str, why: str) -> None:
         """The node refused the token without taking it: it is the client's again."""
+        self._moved(token, "returned: " + why)
         self.wallet[token] = self.unknown.pop(token)
         self.why[token] = why
 
-    def receive(self, token: str, msat: int) -> None:
+    def receive(self, token: str, msat: int, why: str) -> None:
         """Change, a refund or a withdrawal reached a client."""
+        self._moved(token, "received: " + why)
         if token in self.wallet:
             return  # the same token seen twice (an answer and a later claim)
         self.wallet[token] = msat
+        self.why[token] = why
 
     def account(self, name: str) -> AccountRange:
         return self.accounts.setdefault(name, AccountRange())
@@ -158,10 +173,11 @@ class Books:
         for token, msat in self.wallet.items():
             bad = [s for s in secrets_of[token] if states.get(s) != "UNSPENT"]
             if bad:
+                self.evidence.append(f"client_token_spent {self.history.get(token)}: {token}")
                 self.violation(
                     "client_token_spent",
                     f"{short(token)} ({msat} msat) is in a client's hands "
-                    f"({self.why.get(token, 'issued or received')}) but {len(bad)} of its "
+                    f"({self.why.get(token)}) but {len(bad)} of its "
                     f"proofs are {states.get(bad[0])} at the mint",
                 )
             else:

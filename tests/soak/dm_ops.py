@@ -165,7 +165,7 @@ async def dm_deposit(world: World, client: DmClient) -> None:
         account.credit(msat)
     elif reply.get("refund"):
         world.books.taken_by_node(token, "DM deposit refunded")
-        world.books.receive(reply["refund"], token_msat(reply["refund"]))
+        world.books.receive(reply["refund"], token_msat(reply["refund"]), "DM deposit refund")
     elif reply["error"].get("code") in ("mint_unavailable", "mint_error"):
         account.credit(msat, certain=False)  # a swap may have reached the mint
     else:
@@ -210,7 +210,7 @@ def settle_dm_job(world: World, client: DmClient, body: dict[str, Any], reply: d
         world.books.taken_by_node(payment.token, "DM job answered")
         change = token_msat(answer.change) if answer.change else 0
         if answer.change:
-            world.books.receive(answer.change, change)
+            world.books.receive(answer.change, change, "DM job change")
         world.books.check_payment("DM job", payment.msat, change, cost, payment.unit)
         return
     check_unpaid(world, "DM job", ChatAnswer(0, reply.get("cost_msat"), None, None, False))
@@ -219,7 +219,7 @@ def settle_dm_job(world: World, client: DmClient, body: dict[str, Any], reply: d
     refund = reply.get("refund")
     if refund:
         world.books.taken_by_node(payment.token, "DM job refunded")
-        world.books.receive(refund, token_msat(refund))
+        world.books.receive(refund, token_msat(refund), "DM job refund")
         if token_msat(refund) != payment.msat:
             world.books.violation("dm_refund_short", f"{payment.msat} -> {token_msat(refund)}")
     # else: refused before the token was taken, or taken with the refund still owed; the
@@ -243,7 +243,7 @@ async def dm_withdraw(world: World, client: DmClient) -> None:
 def settle_dm_withdraw(world: World, client: DmClient, reply: dict[str, Any]) -> None:
     if reply["type"] == "withdrawal":
         got = token_msat(reply["cashu"])
-        world.books.receive(reply["cashu"], got)
+        world.books.receive(reply["cashu"], got, "DM withdrawal")
         world.books.account(client.name).debit(reply["amount_msat"])
         if got != reply["amount_msat"]:
             world.books.violation("dm_withdrawal_short", json.dumps(reply)[:200])

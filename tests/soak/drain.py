@@ -50,10 +50,14 @@ async def drain_and_count(world: World) -> None:
     for client in world.npubs:
         await _drain_npub(world, client)
     await stack.stop()
-    result = await stack.cli("wallet", "withdraw", "--unit", "msat", "--json")
-    if result.code == 0:
-        token = result.json()["token"]
-        books.receive(token, token_msat(token))
+    # The operator's earnings: whole sats first, then what msat proofs can pay of the rest.
+    for unit in ("sat", "msat"):
+        result = await stack.cli("wallet", "withdraw", "--unit", unit, "--json")
+        if result.code == 0:
+            token = result.json()["token"]
+            books.receive(token, token_msat(token), "operator withdrawal")
+        else:
+            world.log(f"operator withdraw in {unit}: {(result.err or result.out).strip()[-300:]}")
     status = (await stack.cli("status", "--json")).json()
     ledger = status.get("ledger", status)
     left = int(ledger["users_msat"]) + int(ledger["operator_msat"])
@@ -85,7 +89,8 @@ async def _late_replies(world: World) -> None:
                 dm_ops.settle_dm_job(world, client, body, reply, payment)
             elif kind == "withdraw" and reply["type"] == "withdrawal":
                 # Its debit was counted as possible already.
-                world.books.receive(reply["cashu"], token_msat(reply["cashu"]))
+                cashu = reply["cashu"]
+                world.books.receive(cashu, token_msat(cashu), "late DM withdrawal")
     unanswered = [
         kind for client in world.npubs for kind, ident, _ in client.late
         if ident not in client.replies
@@ -121,7 +126,7 @@ async def _claim_change(world: World, payment: XCashuPayment) -> None:
         books.taken_by_node(payment.token, "change claimed")
     change = 0
     for token in response.json()["tokens"]:
-        books.receive(token, token_msat(token))
+        books.receive(token, token_msat(token), "change claim")
         change += token_msat(token)
     if payment.cost_msat is not None:
         books.check_payment("X-Cashu job", payment.msat, change, payment.cost_msat, payment.unit)
@@ -155,7 +160,7 @@ async def _drain_http(world: World, account: str, credential: str) -> None:
         )
         if drained.status_code == 200:
             token = drained.json()["token"]
-            books.receive(token, token_msat(token))
+            books.receive(token, token_msat(token), "drain withdrawal")
             return
         if drained.status_code != 502:
             books.violation("drain_failed", f"{account}: {drained.status_code} {drained.text}")
@@ -176,4 +181,4 @@ async def _drain_npub(world: World, client: dm_ops.DmClient) -> None:
         if out is None or out["type"] != "withdrawal":
             books.violation("drain_failed", f"{client.name}: {out}")
             return
-        books.receive(out["cashu"], token_msat(out["cashu"]))
+        books.receive(out["cashu"], token_msat(out["cashu"]), "npub drain")

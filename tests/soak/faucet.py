@@ -40,6 +40,7 @@ class Faucet:
             for unit in ("sat", "msat")
         }
         self.suspect: set[str] = set()  # units whose wallet may count spent proofs
+        self.handed_out: set[str] = set()  # secrets of every proof in a token given out
         self.mint_up = asyncio.Event()
         self.mint_up.set()
 
@@ -51,7 +52,7 @@ class Faucet:
                 if unit in self.suspect:
                     await factory.drop_spent()
                     self.suspect.discard(unit)
-                return await factory.token(amount)
+                token = await factory.token(amount)
             except Exception:
                 if attempt == 59:
                     raise
@@ -59,7 +60,16 @@ class Faucet:
                 # the wallet still counts them. Drop those once it is back, then try again.
                 self.suspect.add(unit)
                 await asyncio.sleep(0.5)
-        raise AssertionError("unreachable")
+                continue
+            secrets = token_secrets(token)
+            if self.handed_out.isdisjoint(secrets):
+                self.handed_out.update(secrets)
+                return token
+            # The wallet offered proofs it gave out before (it lost track of them while the
+            # mint was down): never again, or a client would hold a token someone spent.
+            print("faucet: its wallet offered proofs it gave out before; dropped them", flush=True)
+            await factory.forget(token)
+        raise AssertionError("the faucet's wallet keeps offering proofs it gave out")
 
     async def states(self, tokens: Iterable[str]) -> dict[str, str]:
         """NUT-07 state of every proof in ``tokens``: secret -> UNSPENT | SPENT | PENDING."""

@@ -228,7 +228,7 @@ async def _withdraw(world: World, account: str, credential: str, body: dict[str,
             got = token_msat(data["token"])
             if got != data["msats"]:
                 world.books.violation("withdrawal_short", f"debited {data['msats']}, token {got}")
-            world.books.receive(data["token"], got)
+            world.books.receive(data["token"], got, "key withdrawal")
             world.books.account(account).debit(data["msats"])
         elif response.status_code not in (400, 402) and not _no_pool(response):
             world.books.violation("withdraw_failed", f"{response.status_code} {response.text}")
@@ -243,7 +243,7 @@ def _no_pool(response: httpx.Response) -> bool:
 
 async def token_key_chat(world: World) -> None:
     """A token used as the key: the first use redeems it, later uses pay from it."""
-    reuse = world.token_keys and world.rng.random() < 0.6
+    reuse = bool(world.token_keys) and world.rng.random() < 0.6
     token = world.rng.choice(world.token_keys) if reuse else await world.token(50)
     account = world.books.account("tok:" + token)
     if not reuse:
@@ -283,12 +283,12 @@ async def xcashu_chat(world: World, disconnect: bool = False) -> None:
         world.books.taken_by_node(token, "X-Cashu answered")
         payment.cost_msat = check_cost(world, "X-Cashu chat", body, answer)
         if answer.change:
-            world.books.receive(answer.change, token_msat(answer.change))
+            world.books.receive(answer.change, token_msat(answer.change), "X-Cashu change")
         return
     check_unpaid(world, "X-Cashu chat", answer)
     if answer.refund:
         world.books.taken_by_node(token, "X-Cashu refunded")
-        world.books.receive(answer.refund, token_msat(answer.refund))
+        world.books.receive(answer.refund, token_msat(answer.refund), "X-Cashu refund")
         if token_msat(answer.refund) != payment.msat:
             world.books.violation(
                 "refund_short",

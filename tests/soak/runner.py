@@ -75,6 +75,10 @@ async def run(seconds: float, seed: int, workdir: Path | None = None) -> Result:
                 for client in world.npubs:
                     await client.close()
                 await faucet.aclose()
+            moves = "".join(f"{m}\t{t}\n" for t, m in books.history.items())
+            (workdir / "tokens.txt").write_text(moves)
+            if books.evidence:
+                (workdir / "evidence.txt").write_text("\n".join(books.evidence) + "\n")
         return Result(seed, world.operations, world.faults, [str(v) for v in books.violations])
 
 

@@ -205,6 +205,16 @@ class TokenFactory:
             await wallet.invalidate(wallet.proofs, check_spendable=True)
             await wallet.load_proofs(reload=True)
 
+    async def forget(self, token: str) -> None:
+        """Drop ``token``'s proofs from the wallet (they must never be handed out again)."""
+        async with self._get_lock():
+            wallet = await self._get_wallet()
+            _, proofs = self._parse(token)
+            secrets = {p.secret for p in proofs}
+            await wallet.load_proofs(reload=True)
+            await wallet.invalidate([p for p in wallet.proofs if p.secret in secrets])
+            await wallet.load_proofs(reload=True)
+
     async def balance(self) -> int:
         """Spendable amount left in the factory's wallet (in its unit)."""
         cashu = import_cashu()

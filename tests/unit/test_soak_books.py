@@ -35,7 +35,7 @@ def test_change_that_is_already_spent_is_a_violation() -> None:
     books = books_with(("a", 5000))
     books.hand_over("a")
     books.taken_by_node("a", "X-Cashu answered")
-    books.receive("change", 2000)
+    books.receive("change", 2000, "change")
     books.check_proofs({"a1": "SPENT", "c1": "SPENT"}, {"a": ["a1"], "change": ["c1"]})
     assert [v.rule for v in books.violations] == ["client_token_spent"]
 
@@ -59,7 +59,7 @@ def test_a_token_whose_answer_was_lost_may_be_on_either_side() -> None:
 
 def test_a_proof_in_two_tokens_is_a_violation() -> None:
     books = books_with(("a", 1000))
-    books.receive("b", 1000)
+    books.receive("b", 1000, "change")
     books.check_proofs({"p": "UNSPENT"}, {"a": ["p"], "b": ["p"]})
     assert "proof_given_twice" in [v.rule for v in books.violations]
 
