@@ -199,6 +199,14 @@ class UpstreamUnavailable(UpstreamError):
     retryable = True
 
 
+class UpstreamRateLimited(UpstreamUnavailable):
+    """The upstream answered 429: passed on as 429 with ``Retry-After`` (``retry_after``
+    in the details, a default when the upstream gave none), so SDKs back off and retry."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

@@ -143,7 +143,7 @@ async def test_bad_requests_never_charge(node: Node, make_token) -> None:
     ("model", "status", "code"),
     [
         ("fake-chat+fail-500", 502, "upstream_error"),
-        ("fake-chat+fail-429", 503, "upstream_unavailable"),
+        ("fake-chat+fail-429", 429, "rate_limit_exceeded"),
         ("fake-chat+fail-400", 400, "invalid_request"),
         # 30 s, not 3 s, against the 2 s timeout: a stalled test process must not let the
         # answer arrive before the timeout fires.
