@@ -8,7 +8,8 @@ composes the steps for jobs that return at once.
 
 Payers: an API key (``sk-…``), a token used as a key (first use redeems it into an
 account keyed by the token's fingerprint), a per-request token (``X-Cashu`` or a DM
-token: change is returned), or a Nostr pubkey's account.
+token: change is returned; one that cannot pay is refused before it is swapped, NUT-24), or a
+Nostr pubkey's account.
 """
 
 from __future__ import annotations
