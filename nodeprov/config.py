@@ -74,6 +74,9 @@ class HttpSection:
     body_timeout_seconds: int = 120
     # Request line plus headers; past it the answer is 431 and the connection closes.
     max_header_bytes: int = 64 * 1024
+    # An idle keep-alive connection is closed after this; longer than client pools keep theirs
+    # (Node's fetch 4 s, httpx 5 s), or a client reusing one races the close.
+    keepalive_timeout_seconds: int = 75
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or networks).
     forwarded_allow_ips: tuple[str, ...] = ()
 

@@ -66,6 +66,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (HttpSection, "body_idle_timeout_seconds"): (1, 3600, False),
     (HttpSection, "body_timeout_seconds"): (1, 86400, False),
     (HttpSection, "max_header_bytes"): (1024, 16 * 1024**2, False),
+    (HttpSection, "keepalive_timeout_seconds"): (1, 3600, False),
     (NostrSection, "chat_history_turns"): (0, 100, False),
     (NostrSection, "max_content_bytes"): (1024, 1024**2, False),
     (NostrSection, "rate_limit_per_minute"): (0, 10_000, False),

@@ -123,6 +123,33 @@ class InsufficientBalance(PaymentError):
         )
 
 
+class PaymentTooSmall(InsufficientBalance):
+    """A per-request token (``X-Cashu``, a DM job's ``cashu``) worth less than the job's
+    maximum cost: refused before any swap (NUT-24: 400), so it is still the sender's.
+
+    A subclass of :class:`InsufficientBalance` so that channels attach a payment request
+    for the whole ``required_msat`` (``available_msat`` is 0: nothing was taken)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "token_too_small"
+
+    @classmethod
+    def for_token(cls, value_msat: int, fee: int, unit: str, required_msat: int) -> PaymentTooSmall:
+        """The token is worth ``value_msat`` after the mint's input ``fee`` (in ``unit``)."""
+        value = value_msat // 1000 if unit == "sat" else value_msat
+        after = f" after the mint's input fee of {fee} {unit}" if fee else ""
+        return cls(
+            f"Insufficient payment. Current: {max(0, value_msat) // 1000} sats, "
+            f"Required: {-(-required_msat // 1000)} sats: the token is worth {value} {unit}"
+            f"{after}, the request may cost up to {required_msat} msat. The token was not "
+            "redeemed: it is still yours",
+            available_msat=0,
+            required_msat=required_msat,
+            token_msat=value_msat,
+        )
+
+
 class AccountExpired(PaymentError):
     status = 401
     code = "account_expired"
@@ -170,6 +197,14 @@ class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
     retryable = True
+
+
+class UpstreamRateLimited(UpstreamUnavailable):
+    """The upstream answered 429: passed on as 429 with ``Retry-After`` (``retry_after``
+    in the details, a default when the upstream gave none), so SDKs back off and retry."""
+
+    status = 429
+    code = "rate_limit_exceeded"
 
 
 class UpstreamTimeout(UpstreamError):

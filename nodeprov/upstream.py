@@ -24,6 +24,7 @@ from nodeprov.errors import (
     RequestTooLarge,
     UnknownModel,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -43,6 +44,8 @@ DISCOVERY_TIMEOUT = httpx.Timeout(10.0)
 # Error bodies are read to quote the upstream's message; cap them so a huge one costs nothing.
 ERROR_BODY_LIMIT = 64 * 1024
 REASON_LIMIT = 200
+# Seconds a client is told to wait after an upstream 429 that named no time itself.
+DEFAULT_RETRY_AFTER = 1.0
 # Client headers that are safe and useful upstream; everything else (Authorization, X-Cashu,
 # cookies, client fingerprints) stays here.
 FORWARDED_HEADERS = frozenset({"accept", "openai-beta", "idempotency-key"})
@@ -243,12 +246,20 @@ def map_status_error(response: httpx.Response, body: bytes, upstream: str) -> No
     status = response.status_code
     message = _error_message(body) or response.reason_phrase or "no reason given"
     details: dict[str, Any] = {"upstream": upstream, "upstream_status": status}
-    if status == 429 or status == 503:
+    if status == 429:
+        # Always with a Retry-After: a client that gets none may retry at once, or not at all.
+        given = _retry_after(response.headers.get("retry-after"))
+        wait = given if given is not None else DEFAULT_RETRY_AFTER
+        return UpstreamRateLimited(
+            f"upstream {upstream} is rate limited (429); retry after {wait:g} s",
+            retry_after=wait,
+            **details,
+        )
+    if status == 503:
         retry_after = _retry_after(response.headers.get("retry-after"))
         hint = f"; retry after {retry_after:g} s" if retry_after is not None else "; retry later"
-        busy = "is rate limited" if status == 429 else "is overloaded"
         return UpstreamUnavailable(
-            f"upstream {upstream} {busy} ({status}){hint}", retry_after=retry_after, **details
+            f"upstream {upstream} is overloaded (503){hint}", retry_after=retry_after, **details
         )
     if status >= 500:
         return UpstreamError(f"upstream {upstream} failed ({status}): {message}", **details)

@@ -8,7 +8,8 @@ composes the steps for jobs that return at once.
 
 Payers: an API key (``sk-…``), a token used as a key (first use redeems it into an
 account keyed by the token's fingerprint), a per-request token (``X-Cashu`` or a DM
-token: change is returned), or a Nostr pubkey's account.
+token: change is returned; one that cannot pay is refused before it is swapped, NUT-24), or a
+Nostr pubkey's account.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from nodeprov.errors import (
     InsufficientBalance,
     MintError,
     MintUnavailable,
+    PaymentTooSmall,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -171,9 +173,15 @@ class Payments(AccountMoves):
                     raise
                 raise InsufficientBalance.of(0, max_cost.total_msat, "; deposit first") from None
             return Charge(self, account_id, hold, max_cost, model, endpoint)
-        token = parse_token(payer.credential)
-        account_id = "req:" + token_fingerprint(token)
-        received = await self.wallet.receive(payer.credential, account_id, "request")
+        # NUT-24: a token that cannot pay is refused on what it says (mint, unit, amount less
+        # the mint's input fee for its proofs) before any swap, so it stays the sender's.
+        offer = await self.wallet.appraise(payer.credential)
+        if offer.value_msat < max_cost.total_msat:
+            raise PaymentTooSmall.for_token(
+                offer.value_msat, offer.fee, offer.unit, max_cost.total_msat
+            )
+        account_id = "req:" + token_fingerprint(offer.token)
+        received = await self.wallet.receive(offer, account_id, "request")
         try:
             hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
         except InsufficientBalance:

@@ -55,6 +55,30 @@ class Received:
 
 
 @dataclass(frozen=True)
+class Appraisal:
+    """What a token is worth here, read from the token and the mint's keysets: no swap.
+
+    The mint is trusted, the unit accepted, every proof of a known keyset of that unit (its
+    DLEQ checked when present); ``fee`` is the mint's input fee for these proofs.
+    """
+
+    token: Token
+    mint_url: str
+    unit: Unit
+    inputs: tuple[Proof, ...]
+    fee: int
+
+    @property
+    def value(self) -> int:
+        """The token's amount less the input fee, in ``unit``: what a receive credits."""
+        return self.token.amount - self.fee
+
+    @property
+    def value_msat(self) -> int:
+        return to_msat(self.value, self.unit)
+
+
+@dataclass(frozen=True)
 class Sent:
     """A token given out: its text and value (in ``unit``), and the swap fee it cost."""
 
@@ -71,22 +95,34 @@ class Wallet(WalletRecovery):
 
     # --- receive -------------------------------------------------------------------
 
-    async def receive(
-        self, text: str, account_id: str, account_kind: str, *, ref: str = ""
-    ) -> Received:
-        """Swap a token's proofs into the node and credit ``account_id`` with their value."""
+    async def appraise(self, text: str) -> Appraisal:
+        """Check a token against what it says (mint, unit, keysets, fee) before any swap.
+
+        Untrusted mint, unit not accepted, unknown keyset or amount, a bad DLEQ, or nothing
+        left after the input fee: refused here, so the sender's proofs stay unspent.
+        """
         token = parse_token(text)
         mint_url = self.api(token.mint).url
         unit = self._unit(token)
         inputs, fee = await self._check_inputs(mint_url, unit, token)
-        value = token.amount - fee
-        if value <= 0:
+        if token.amount - fee <= 0:
             raise TokenTooSmall(
                 f"the token is worth {token.amount} {unit} and the mint's input fee is {fee}"
             )
+        return Appraisal(token, mint_url, unit, tuple(inputs), fee)
+
+    async def receive(
+        self, text: str | Appraisal, account_id: str, account_kind: str, *, ref: str = ""
+    ) -> Received:
+        """Swap a token's proofs into the node and credit ``account_id`` with their value.
+
+        ``text`` may be the token's :meth:`appraise` result (checked already).
+        """
+        offer = text if isinstance(text, Appraisal) else await self.appraise(text)
+        mint_url, unit = offer.mint_url, offer.unit
         keyset = await self.active_keyset(mint_url, unit)
-        outputs = self.make_outputs(keyset, complete_split(value), "keep")
-        fingerprint = token_fingerprint(token)
+        outputs = self.make_outputs(keyset, complete_split(offer.value), "keep")
+        fingerprint = token_fingerprint(offer.token)
         async with self.ledger.db.write() as conn:
             if not await mark_processed(conn, "token", fingerprint):
                 raise TokenAlreadySpent("this token was already received")
@@ -97,17 +133,17 @@ class Wallet(WalletRecovery):
                 mint_url=mint_url,
                 unit=unit,
                 account_id=account_id,
-                amount=token.amount,
-                fee=fee,
+                amount=offer.token.amount,
+                fee=offer.fee,
                 fingerprint=fingerprint,
-                inputs=inputs,
+                inputs=offer.inputs,
                 outputs=outputs,
                 ref=ref or fingerprint,
             )
         with self.live.track(op_id):
             try:
                 signatures = await self._apis[mint_url].swap(
-                    [p.to_wire() for p in inputs], [o.to_wire() for o in outputs]
+                    [p.to_wire() for p in offer.inputs], [o.to_wire() for o in outputs]
                 )
             except MintUnavailable:
                 if await self._resolve(op_id) != "done":
@@ -121,7 +157,8 @@ class Wallet(WalletRecovery):
             else:
                 await self._finish_receive(op_id, signatures)
         await self._require_done(op_id)
-        return Received(to_msat(value, unit), mint_url, unit, token.amount, fee, fingerprint)
+        amount = offer.token.amount
+        return Received(offer.value_msat, mint_url, unit, amount, offer.fee, fingerprint)
 
     def _unit(self, token: Token) -> Unit:
         if token.unit not in self.units:

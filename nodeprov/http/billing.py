@@ -7,6 +7,7 @@ produced) live once in :mod:`nodeprov.core.charges`.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from nodeprov.core.money import ceil_div
@@ -78,5 +79,5 @@ def error_body_and_headers(
         headers["X-Cashu"] = refund.token
     retry_after = inner.details.get("retry_after")
     if isinstance(retry_after, int | float):
-        headers["Retry-After"] = str(max(0, round(retry_after)))
+        headers["Retry-After"] = str(max(0, math.ceil(retry_after)))  # never shorter than asked
     return body, headers

@@ -1,4 +1,5 @@
-"""Free routes: ``GET /v1/models`` (priced models with msat and sats prices) and ``/v1/info``."""
+"""Free routes: ``GET /v1/models`` (priced models with msat and sats prices), one model by id
+(``GET /v1/models/{id}``, the SDK's ``models.retrieve``) and ``/v1/info``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ async def models(request: Request) -> Response:
     return JSON({"object": "list", "data": data})
 
 
+async def model(request: Request) -> Response:
+    """One model as ``/v1/models`` lists it; an id not offered is a 404 ``model_not_found``."""
+    ctx = context(request)
+    name = request.path_params["model_id"]
+    # Ids may hold "/" (org/model): the route takes the rest of the path as the id.
+    return JSON(model_entry(ctx, name, ctx.upstreams.route(name).model))
+
+
 async def info(request: Request) -> Response:
     ctx = context(request)
     node = ctx.config.node
@@ -59,5 +68,6 @@ async def info(request: Request) -> Response:
 
 ROUTES = [
     HttpRoute("/v1/models", models, methods=["GET"]),
+    HttpRoute("/v1/models/{model_id:path}", model, methods=["GET"]),
     HttpRoute("/v1/info", info, methods=["GET"]),
 ]

@@ -200,9 +200,9 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period.
 
-    ``http`` gives the request limits (see :class:`HeaderTimeoutProtocol`) and the proxies
-    whose ``X-Forwarded-For`` is believed: none by default, so the client address is the
-    peer's and no client can name another's.
+    ``http`` gives the request limits (see :class:`HeaderTimeoutProtocol`), how long an idle
+    keep-alive connection stays open, and the proxies whose ``X-Forwarded-For`` is believed:
+    none by default, so the client address is the peer's and no client can name another's.
     """
     http = http or HttpSection()
     proxies = list(http.forwarded_allow_ips)
@@ -212,6 +212,7 @@ async def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=http.keepalive_timeout_seconds,
         http=guarded_protocol(http),
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies,

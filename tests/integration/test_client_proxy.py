@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 
@@ -17,6 +18,7 @@ from nodeprov.client.pay import PayingClient
 from nodeprov.client.provider import Provider, fetch_provider
 from nodeprov.client.proxy import run_proxy
 from nodeprov.client.wallet import ClientWallet
+from nodeprov.config import Rate
 from tests.support.fake_upstream import expected_text, expected_usage
 from tests.support.http_node import (  # noqa: F401  (fixtures)
     Node,
@@ -118,6 +120,26 @@ async def test_fund_from_mint_quote_and_402_paid_as_asked(
         cost = chat_cost(expected_usage(body))
         assert await wallet.balance_msat() == 50_000 - -(-cost // 1000) * 1000
         assert not payer.problems
+
+
+async def test_token_the_node_finds_too_small_comes_back_to_the_wallet(
+    tmp_path: Path, node: Node, make_token
+) -> None:
+    """Prices listed lower than the node charges: the node answers 400 with a payment request
+    and never swaps the token (NUT-24), the wallet takes its own token back, and the request
+    that asks more than the listed prices allow is refused as an overcharge."""
+    async with httpx.AsyncClient() as http:
+        real = await fetch_provider(node.url, http)
+    cheap = dataclasses.replace(real.prices["fake-chat"], request=Rate(Fraction(1), "msat"))
+    low = dataclasses.replace(real, prices=MappingProxyType({**real.prices, "fake-chat": cheap}))
+    async with client_setup(tmp_path, node.url, low) as (wallet, payer, base):
+        await wallet.receive_token(await make_token(20, unit="sat"))
+        sdk = openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError, match="more than"):
+            await sdk.chat.completions.create(**CHAT, max_tokens=4)
+        assert await wallet.balance_msat() == 20_000
+        assert payer.blocked is not None
+    assert await node.operator_msat() == 0
 
 
 async def test_quote_above_cap_is_refused_without_paying(

@@ -14,6 +14,7 @@ from nodeprov.core.ledger import OPERATOR
 from nodeprov.core.payments import Payer, PaymentFailed, Settled, api_key_account
 from nodeprov.errors import (
     InsufficientBalance,
+    PaymentTooSmall,
     TokenAlreadySpent,
     Unauthorized,
     UpstreamError,
@@ -278,31 +279,33 @@ async def test_request_token_upstream_failure_refunds_whole_token(
     assert await core.payments.claim_change(token) == [failed.refund.token]
 
 
-async def test_request_token_too_small_for_max_cost(
+async def test_request_token_too_small_for_max_cost_is_refused_before_any_swap(
     core: Core, make_token, mint: MintHandle
 ) -> None:
     max_cost = core.pricer.max_cost(TEST_MODEL, BODY).total_msat
     assert max_cost > 1_000
     token = await make_token(1, mint=mint)
-    with pytest.raises(PaymentFailed) as info:
+    with pytest.raises(PaymentTooSmall) as info:
         await core.payments.run(Payer("request_token", token), TEST_MODEL, BODY, job())
-    failed = info.value
-    assert failed.status == 402 and isinstance(failed.error, InsufficientBalance)
-    assert failed.message == (
-        f"Insufficient balance. Current: 1 sats, Required: {-(-max_cost // 1000)} sats"
+    assert info.value.status == 400 and info.value.code == "token_too_small"
+    assert info.value.message.startswith(
+        f"Insufficient payment. Current: 1 sats, Required: {-(-max_cost // 1000)} sats"
     )
-    assert failed.refund is not None and failed.refund.amount == 1
-    assert await make_token.redeem(failed.refund.token) == 1
+    assert info.value.details["required_msat"] == max_cost
+    assert await core.ledger.db.fetchall("SELECT id FROM wallet_ops") == []
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert await make_token.redeem(token) == 1
     assert await balance(core, OPERATOR) == 0
 
 
 async def test_request_token_msat_too_small(core: Core, make_token, mint: MintHandle) -> None:
     token = await make_token(999, unit="msat", mint=mint)
-    with pytest.raises(PaymentFailed) as info:
+    with pytest.raises(PaymentTooSmall) as info:
         await core.payments.run(Payer("request_token", token), TEST_MODEL, BODY, job())
-    assert info.value.status == 402
-    assert info.value.refund is not None and info.value.refund.amount == 999
-    assert await make_token.redeem(info.value.refund.token) == 999
+    assert info.value.status == 400
+    assert "worth 999 msat" in info.value.message
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert await make_token.redeem(token) == 999
 
 
 async def test_request_token_with_input_fees(core: Core, make_token, fee_mint: MintHandle) -> None:
@@ -322,13 +325,14 @@ async def test_request_token_with_input_fees(core: Core, make_token, fee_mint: M
 async def test_request_token_with_input_fees_upstream_failure(
     core: Core, make_token, fee_mint: MintHandle
 ) -> None:
-    token = await make_token(64, unit="msat", mint=fee_mint)
+    token = await make_token(4_000, unit="msat", mint=fee_mint)
     fee_in = input_fee(token, FEE_PPK)
     with pytest.raises(PaymentFailed) as info:
         await core.payments.run(Payer("request_token", token), TEST_MODEL, BODY, failing_job)
+    assert isinstance(info.value.error, UpstreamError)
     refund = info.value.refund
     assert refund is not None
-    assert refund.amount + refund.fee == 64 - fee_in
+    assert refund.amount + refund.fee == 4_000 - fee_in
     assert await make_token.redeem(refund.token) == refund.amount - input_fee(refund.token, FEE_PPK)
     assert await balance(core, OPERATOR) == 0
 

@@ -18,6 +18,7 @@ from nodeprov.config import Upstream
 from nodeprov.errors import (
     InvalidRequest,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -218,10 +219,11 @@ async def test_upstream_500_is_a_502(ups: Upstreams, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_upstream_429_is_unavailable_with_retry_hint(ups: Upstreams, stream: bool) -> None:
-    with pytest.raises(UpstreamUnavailable) as info:
+async def test_upstream_429_is_rate_limited_with_retry_hint(ups: Upstreams, stream: bool) -> None:
+    with pytest.raises(UpstreamRateLimited) as info:
         await _switch(ups, "fail-429", _chat("x", stream=stream), stream=stream)
-    assert info.value.status == 503 and info.value.retryable
+    assert info.value.status == 429 and info.value.retryable
+    assert info.value.code == "rate_limit_exceeded"
     assert info.value.details["retry_after"] == 1.0
     assert "retry after 1 s" in info.value.message
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from nodeprov.config import Config, ModelPrice, RateSource, Upstream
-from nodeprov.config_load import MODEL_KEYS, SECTIONS, load_config
+from nodeprov.config import Config, HttpSection, ModelPrice, RateSource, Upstream
+from nodeprov.config_load import MODEL_KEYS, RANGES, SECTIONS, load_config
 from nodeprov.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +106,36 @@ def test_example_first_occurrence_has_comment() -> None:
         if match and match.group(1) not in seen:
             seen.add(match.group(1))
             assert "#" in line, f"option without a comment: {line}"
+
+
+def test_http_numbers_have_the_same_default_and_range_in_code_example_and_docs() -> None:
+    """Each [http] number: config.py's default is the example's value and its "default N",
+    the docs' default column, and both state the range config_load enforces."""
+    example = EXAMPLE.read_text()
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for field in dataclasses.fields(HttpSection):
+        if type(field.default) is not int or field.name == "port":  # port: a row with host
+            continue
+        name, default = field.name, field.default
+        line = re.search(rf"^{name} = (\d+) +#(.*)$", example, re.MULTILINE)
+        assert line is not None, f"{name} missing from the example"
+        assert int(line.group(1)) == default, name
+        assert f"default {default}" in line.group(2), name
+        row = re.search(rf"^\| `{name}` \| (\d+) \|(.*)\|$", doc, re.MULTILINE)
+        assert row is not None, f"{name} missing from docs/configuration.md"
+        assert int(row.group(1)) == default, name
+        lo, hi, _ = RANGES[(HttpSection, name)]
+        if hi < 100_000:  # (sizes in bytes are written in KiB/MiB)
+            assert f"({lo}..{hi})" in line.group(2) and f"({lo}..{hi})" in row.group(2), name
+
+
+def test_keepalive_timeout_outlives_client_pools_and_is_configurable(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).http.keepalive_timeout_seconds == 75
+    config = load(tmp_path, MINIMAL + "\n[http]\nkeepalive_timeout_seconds = 120\n")
+    assert config.http.keepalive_timeout_seconds == 120
+    env = {"NODEPROV_HTTP__KEEPALIVE_TIMEOUT_SECONDS": "30"}
+    assert load(tmp_path, MINIMAL, env).http.keepalive_timeout_seconds == 30
+    fails(tmp_path, MINIMAL + "\n[http]\nkeepalive_timeout_seconds = 0\n", "keepalive")
 
 
 def test_dev_config_loads() -> None:
