@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,6 +65,7 @@ async def drain_and_count(world: World) -> None:
     ledger = status.get("ledger", status)
     left = int(ledger["users_msat"]) + int(ledger["operator_msat"])
     await check_audit(world, "at the end")
+    await _check_node_proofs(world, left)
     tokens = [*books.wallet, *books.taken, *books.unknown]
     states = await world.faucet.states(tokens)
     unspent = books.check_proofs(states, {t: token_secrets(t) for t in tokens})
@@ -71,6 +75,32 @@ async def drain_and_count(world: World) -> None:
         f"the node still owes {left}; {books.answered} answered jobs charged "
         f"{books.charged_msat} msat"
     )
+
+
+def _node_proofs(ledger_path: Path) -> list[tuple[str, int]]:
+    """The proofs the node's books say it holds: (secret, msat), read-only from outside."""
+    with contextlib.closing(sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT secret, amount * CASE unit WHEN 'sat' THEN 1000 ELSE 1 END FROM proofs "
+            "WHERE state IN ('unspent', 'reserved')"
+        ).fetchall()
+    return [(str(r[0]), int(r[1])) for r in rows]
+
+
+async def _check_node_proofs(world: World, owed_msat: int) -> None:
+    """What the node still owes must be backed by proofs the mint says are unspent."""
+    proofs = await asyncio.to_thread(_node_proofs, world.stack.ledger_path)
+    states = await world.faucet.secret_states(secret for secret, _ in proofs)
+    spent = [(s, msat) for s, msat in proofs if states.get(s) != "UNSPENT"]
+    if spent:
+        world.books.violation(
+            "node_proof_spent",
+            f"{len(spent)} proofs ({sum(m for _, m in spent)} msat) the node counts as its own "
+            "are not unspent at the mint",
+        )
+    held = sum(msat for _, msat in proofs)
+    if held < owed_msat:
+        world.books.violation("node_underfunded", f"holds {held} msat, owes {owed_msat}")
 
 
 async def _late_replies(world: World) -> None:

@@ -73,13 +73,16 @@ class Faucet:
 
     async def states(self, tokens: Iterable[str]) -> dict[str, str]:
         """NUT-07 state of every proof in ``tokens``: secret -> UNSPENT | SPENT | PENDING."""
+        return await self.secret_states(s for token in tokens for s in token_secrets(token))
+
+    async def secret_states(self, secrets: Iterable[str]) -> dict[str, str]:
+        """NUT-07 state of the proofs with these secrets."""
         import_cashu()
         from cashu.core.crypto.b_dhke import hash_to_curve  # after import_cashu's containment
 
         by_y: dict[str, str] = {}
-        for token in tokens:
-            for secret in token_secrets(token):
-                by_y[hash_to_curve(secret.encode()).format().hex()] = secret
+        for secret in secrets:
+            by_y[hash_to_curve(secret.encode()).format().hex()] = secret
         ys = list(by_y)
         states: dict[str, str] = {}
         async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
