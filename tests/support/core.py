@@ -83,16 +83,19 @@ async def build_core(
     lease_seconds: int = 900,
     clock: Callable[[], int] | None = None,
     renew_seconds: float | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Core:
     """The core for ``mints``; ``routes`` sends a mint's traffic through another address.
 
     ``models`` replaces the default price list (``TEST_MODEL`` only). ``lease_seconds``,
     ``clock`` and ``renew_seconds`` set the holds' lease, the ledger's clock and how often a
-    running job renews its lease (tests move a fake clock instead of waiting).
+    running job renews its lease (tests move a fake clock instead of waiting). ``transport``
+    carries the node's mint traffic (a link a test can break), instead of ``routes``.
     """
     options = {"clock": clock} if clock is not None else {}
     ledger = await open_ledger(path, hold_timeout_seconds=lease_seconds, **options)
-    transport = Rerouting(routes) if routes else None
+    if transport is None and routes:
+        transport = Rerouting(routes)
     client = httpx.AsyncClient(timeout=mint_timeout, transport=transport)
     wallet = Wallet(ledger, mints, units, client)
     await wallet.start()

@@ -1,0 +1,229 @@
+"""The client side of the payments model test (``tests/integration/test_payments_model.py``).
+
+What the model knows without asking the node: the published price of ``TEST_MODEL`` and the
+hold of the one request body the clients send; the jobs and holds it expects; the clients'
+own books; and a link to the mint that a test can break in the middle of a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from nodeprov.core.charges import Job
+from nodeprov.core.payments import api_key_account
+from nodeprov.daemon import recover
+from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
+from tests.support.cashu_client import TokenFactory, import_cashu
+from tests.support.core import Core, build_core
+
+LEASE = 120  # seconds a hold's lease lasts
+NPUB = "ab" * 32  # the one Nostr client: its account is funded by deposits only
+
+# TEST_PRICE in msat: per request, per input token, per output token.
+PER_REQUEST, PER_INPUT, PER_OUTPUT = 1000, 2, 5
+# The prompt bound of BODY's one message: 8 template tokens for it and 8 for the reply, plus
+# the bytes of its text ("role", "user", "content", "hi").
+PROMPT_BOUND = 16 + len("roleusercontenthi")
+
+
+def body(max_tokens: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+
+
+def hold_for(max_tokens: int) -> int:
+    return PER_REQUEST + PER_INPUT * PROMPT_BOUND + PER_OUTPUT * max_tokens
+
+
+def cost_of(prompt: int, completion: int) -> int:
+    return PER_REQUEST + PER_INPUT * prompt + PER_OUTPUT * completion
+
+
+def token_value(token: str) -> int:
+    """A token's value as the client's own wallet library reads it."""
+    return int(import_cashu().deserialize_token_from_string(token).amount)
+
+
+class MintLink(httpx.AsyncBaseTransport):
+    """The node's connection to the mint, which a test can break at the next swap.
+
+    The swap's request is lost (the mint never sees it) or its answer is (the mint did the
+    swap); either way the link stays down after, as if the network went, until ``heal``.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._armed: bool | None = None  # at the next swap: True, the answer is lost
+        self.fired = False
+
+    def break_next_swap(self, answer_lost: bool) -> None:
+        self._armed, self.fired = answer_lost, False
+
+    def heal(self) -> None:
+        self._armed, self.fired = None, False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.fired:
+            raise httpx.ConnectError("the mint is unreachable", request=request)
+        if self._armed is not None and request.url.path.endswith("/v1/swap"):
+            answer_lost, self._armed, self.fired = self._armed, None, True
+            if answer_lost:
+                response = await self._inner.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+                raise httpx.ReadError("the connection dropped before the answer", request=request)
+            raise httpx.ConnectError("the connection dropped", request=request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@dataclass
+class Running:
+    """A job the node is running: its hold as the model sees it."""
+
+    job: Job
+    kind: str
+    account: str
+    hold: int
+    lease_until: int
+    max_tokens: int
+    ref: str | None = None
+    token: str | None = None  # the per-request token that pays it
+    open: bool = True  # False: the lease lapsed (reserves nothing, still settleable)
+
+
+@dataclass
+class Orphan:
+    """The hold of a job whose process crashed: nobody renews or closes it."""
+
+    account: str
+    hold: int
+    lease_until: int
+    ref: str | None
+    open: bool = True
+
+
+@dataclass
+class Books:
+    """The clients' side: what they paid in and what came back to them."""
+
+    paid_in: int = 0  # msat of tokens the node took
+    back: int = 0  # msat of tokens the node handed out (redeemed or held unspent)
+    held: list[str] = field(default_factory=list)  # tokens received, not yet redeemed
+
+
+class ModelState:
+    """The model's state and arithmetic, and the node it drives (opened, crashed, closed).
+
+    The rules and the invariant are the test's (:class:`RuleBasedStateMachine` comes after
+    this class in the test's bases, so ``__init__`` chains to it).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, mint_url: str, client: TokenFactory):
+        super().__init__()
+        self.loop, self.mint_url, self.client = loop, mint_url, client
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "ledger.sqlite3"
+        self.now = 1_800_000_000
+        self.link = MintLink()
+        self.core = self.run(self._open())
+        self.balance: dict[str, int] = {}  # account id -> msat
+        self.earned = 0
+        self.keys: list[str] = []  # API keys
+        self.create_tokens: list[str] = []  # the tokens that created them
+        self.token_keys: list[str] = []  # tokens used as keys
+        self.request_tokens: list[str] = []  # per-request tokens the node took
+        self.change: dict[str, list[str]] = {}  # req account -> change tokens issued, in order
+        self.deposits: dict[tuple[str, str], int] = {}  # (ref, account) -> msat credited
+        self.withdrawals: dict[tuple[str, str], str] = {}  # (ref, account) -> token
+        self.outcomes: dict[str, int] = {}  # job ref -> msat charged
+        self.running: list[Running] = []
+        self.orphans: list[Orphan] = []
+        self.books = Books()
+        self.steps_since_crash = 0  # crashes come between other steps, not one after another
+        self.crashes = 0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    async def _open(self) -> Core:
+        # Jobs never renew on their own: a rule renews them, so a lease lapses only when the
+        # model says it does. Each start has a healthy link to the mint.
+        self.link = MintLink()
+        return await build_core(
+            self.path, [self.mint_url], lease_seconds=LEASE, clock=lambda: self.now,
+            renew_seconds=3600.0, transport=self.link,
+        )  # fmt: skip
+
+    # --- the model's arithmetic -------------------------------------------------------
+
+    def holds(self) -> list[Running | Orphan]:
+        return [*self.running, *self.orphans]
+
+    def reserved(self, account: str) -> int:
+        return sum(h.hold for h in self.holds() if h.account == account and h.open)
+
+    def available(self, account: str) -> int:
+        return self.balance.get(account, 0) - self.reserved(account)
+
+    def credit(self, account: str, msat: int) -> None:
+        self.balance[account] = self.balance.get(account, 0) + msat
+        self.books.paid_in += msat
+
+    def receive_back(self, token: str, value: int) -> None:
+        """A token from the node: worth what the model expects, and unspent at the mint."""
+        assert token_value(token) == value
+        states = self.run(self.client.proof_states(token))
+        assert states and all(s == "UNSPENT" for s in states), states
+        self.books.back += value * 1000
+        self.books.held.append(token)
+
+    def pay_out(self, account: str) -> int:
+        """A per-request account's balance as change: whole sats, the msat rest to the operator."""
+        left = self.available(account)
+        self.balance[account] -= left
+        self.earned += left % 1000
+        return left // 1000
+
+    def fresh(self, sats: int) -> str:
+        return str(self.run(self.client.token(sats)))
+
+    def accounts(self) -> list[str]:
+        keys = [api_key_account(k) for k in self.keys]
+        return [*keys, *(self.token_account(t) for t in self.token_keys), "npub:" + NPUB]
+
+    @staticmethod
+    def token_account(token: str) -> str:
+        return "token:" + token_fingerprint(parse_token(token))
+
+    def redeem(self, token: str) -> None:
+        assert self.run(self.client.redeem(token)) == token_value(token)
+        self.books.held.remove(token)
+
+    def restart(self) -> None:
+        """Close the node and open it again on its files; start-up recovery runs."""
+        for job in self.running:
+            job.job._stop_renewing()
+            self.orphans.append(Orphan(job.account, job.hold, job.lease_until, job.ref, job.open))
+        self.running = []
+        self.steps_since_crash = 0
+        self.run(self.core.close())
+        self.core = self.run(self._open())
+        self.run(recover(self.core))  # type: ignore[arg-type]
+        lapsing = [h for h in self.orphans if h.open and h.lease_until <= self.now]
+        for held in lapsing:
+            held.open = False
+        self.orphans = [o for o in self.orphans if o.open]
+
+    def teardown(self) -> None:
+        for job in self.running:
+            job.job._stop_renewing()
+        self.run(self.core.close())
+        self.dir.cleanup()
