@@ -20,6 +20,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,6 +42,7 @@ from nodeprov.errors import (
     UpstreamError,
 )
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
+from tests.support.at_once import AtOnce
 from tests.support.cashu_client import TokenFactory
 from tests.support.core import TEST_MODEL
 from tests.support.payments_model import (
@@ -63,7 +65,7 @@ JOB_REFS = ("dm:j1", "dm:j2")
 PAYERS = ("api_key", "api_key", "token_key", "new_token_key", "npub", "request", "request")
 
 
-class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
+class PaymentsModel(SwapCrashes, AtOnce, RuleBasedStateMachine):
     # --- paying in -------------------------------------------------------------------
 
     @initialize(sats=st.integers(5, 40))
@@ -73,7 +75,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
         assert account.id == api_key_account(api_key)
         assert api_key not in self.keys
         self.keys.append(api_key)
-        self.credit(account.id, sats * 1000)
+        self.credit(account.id, token)
         self.create_tokens.append(token)
 
     @rule(sats=st.integers(1, 40), again=st.booleans(), which=st.integers(0, 9))
@@ -90,9 +92,10 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
     @rule(which=st.integers(0, 9), sats=st.integers(1, 20))
     def topup(self, which: int, sats: int) -> None:
         account = api_key_account(self.keys[which % len(self.keys)])
-        received = self.run(self.core.payments.topup(account, self.fresh(sats)))
+        token = self.fresh(sats)
+        received = self.run(self.core.payments.topup(account, token))
         assert received.credited_msat == sats * 1000
-        self.credit(account, sats * 1000)
+        self.credit(account, token)
 
     @rule(
         which=st.integers(0, 9),
@@ -110,7 +113,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
         if first is None:
             assert received.credited_msat == sats * 1000
             self.deposits[(ref, account)] = sats * 1000
-            self.credit(account, sats * 1000)
+            self.credit(account, token)
             if same_token:  # the DM is delivered again: the same token under the same ref
                 again = self.run(self.core.payments.deposit(account, token, ref))
                 assert again.credited_msat == sats * 1000
@@ -141,7 +144,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
             credential = self.fresh(sats)
             account, who = self.token_account(credential), Payer("token_key", credential)
             self.token_keys.append(credential)
-            self.credit(account, sats * 1000)  # redeemed on first use, whatever follows
+            self.credit(account, credential)  # redeemed on first use, whatever follows
         else:
             ref = None  # per-request tokens are not resumed by ref
             token = self.fresh(sats)
@@ -151,7 +154,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
             )
             self.request_tokens.append(token)
             self.change[account] = []
-            self.credit(account, sats * 1000)
+            self.credit(account, token)
         job = self.core.payments.job(who, TEST_MODEL, body(max_tokens), ref=ref)
         if ref is not None:
             # A resumed job's interrupted run is released first.
@@ -188,30 +191,58 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
     @precondition(lambda self: bool(self.running))
     @rule(
         which=st.integers(0, 9),
-        ends=st.sampled_from(["settles", "settles", "fails upstream"]),
+        ends=st.sampled_from(["settles", "settles", "fails upstream", "stream cut", "no usage"]),
         prompt=st.integers(0, PROMPT_BOUND + 10),
         completion=st.integers(0, 320),
+        reported=st.booleans(),
     )
-    def a_running_job_ends(self, which: int, ends: str, prompt: int, completion: int) -> None:
+    def a_running_job_ends(
+        self, which: int, ends: str, prompt: int, completion: int, reported: bool
+    ) -> None:
         """Settled: charged what its usage costs at the price, at most its hold (and what is
-        left). Failed upstream: nothing charged; a per-request token comes back whole."""
+        left). Failed upstream: nothing charged; a per-request token comes back whole. A
+        stream cut short after ``completion`` content chunks, with its prompt reported or
+        not; an answer without usage."""
         job = self.running.pop(which % len(self.running))
         if ends == "settles":
-            self._settle(job, prompt, completion)
+            self._settle(job, {"prompt_tokens": prompt, "completion_tokens": completion})
+        elif ends == "stream cut":
+            job.job.output(completion)
+            self._settle(job, {"prompt_tokens": prompt} if reported else None, complete=False)
+        elif ends == "no usage":
+            self._settle(job, None)
         else:
             self._fail(job)
 
-    def _settle(self, job: Running, prompt: int, completion: int) -> None:
-        cost = cost_of(prompt, completion)
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion}
-        settled = self.run(job.job.settle(usage))
+    @staticmethod
+    def expected_cost(job: Running, usage: dict[str, int] | None, complete: bool) -> int | None:
+        """The charge lifecycle's cost rules, from the price; None: nothing is owed."""
+        whole = usage is not None and "completion_tokens" in usage
+        reported = cost_of(usage["prompt_tokens"], usage["completion_tokens"]) if whole else None
+        if complete:
+            return job.hold if reported is None else reported  # no usage: the hold
+        if not job.job.produced:
+            return None  # a stream that produced nothing
+        prompt = usage["prompt_tokens"] if usage is not None else PROMPT_BOUND
+        made = cost_of(prompt, min(job.job.produced, job.max_tokens))
+        return max(made, reported or 0)
+
+    def _settle(self, job: Running, usage: dict[str, int] | None, complete: bool = True) -> None:
+        """Close ``job`` (off the running list already) as the model expects."""
+        cost = self.expected_cost(job, usage, complete)
+        settled = self.run(job.job.settle(usage, complete=complete))
         self.run(job.job.__aexit__(None, None, None))
+        if cost is None:
+            event("a stream that produced nothing is not charged")
+            assert settled.charged_msat == 0
+            self._closed_unpaid(job, settled.change)
+            return
         if job.ref is not None and job.ref in self.outcomes:
             assert settled.charged_msat == self.outcomes[job.ref]  # charged once, long ago
             event("a job ref settled again charges nothing")
         else:
-            available = self.available(job.account) + (job.hold if job.open else 0)
-            charged = min(cost, job.hold, available)
+            # A live hold's own reservation is available to it (the job is off the list).
+            charged = min(cost, job.hold, self.available(job.account))
             event(
                 f"settled: {'lapsed' if not job.open else 'live'}, charged "
                 + ("cost" if charged == cost else "hold" if charged == job.hold else "rest")
@@ -229,6 +260,12 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
             assert settled.change is None
             assert settled.balance_msat == self.available(job.account)
 
+    def _closed_unpaid(self, job: Running, refund: Any) -> None:
+        if job.token is not None:
+            self.refunded(job.account, refund)
+        else:
+            assert refund is None
+
     def _fail(self, job: Running) -> None:
         failure = UpstreamError("the upstream answered 502")
         try:
@@ -239,10 +276,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
         else:
             raise AssertionError("an upstream failure must surface as PaymentFailed")
         event(f"upstream failure: {job.kind}")
-        if job.token is not None:
-            self.refunded(job.account, refund)
-        else:
-            assert refund is None
+        self._closed_unpaid(job, refund)
 
     @rule(
         payer=st.sampled_from(PAYERS),
@@ -251,7 +285,7 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
         max_tokens=st.integers(1, 300),
         usage=st.tuples(st.integers(0, PROMPT_BOUND), st.integers(0, 300)),
         ref=st.none() | st.sampled_from(JOB_REFS),
-        ends=st.sampled_from(["settles", "settles", "fails upstream", "keeps running"]),
+        ends=st.sampled_from(["settles", "fails upstream", "keeps running", "keeps running"]),
     )
     def a_job(
         self,
@@ -270,7 +304,8 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
             return
         self.running.remove(running)
         if ends == "settles":
-            self._settle(running, usage[0], min(usage[1], max_tokens))
+            prompt, completion = usage[0], min(usage[1], max_tokens)
+            self._settle(running, {"prompt_tokens": prompt, "completion_tokens": completion})
         else:
             self._fail(running)
 
@@ -305,16 +340,34 @@ class PaymentsModel(SwapCrashes, RuleBasedStateMachine):
         # The hold of a crashed job is gone for good once it lapsed.
         self.orphans = [o for o in self.orphans if o.open]
 
-    @precondition(lambda self: bool(self.request_tokens))
-    @rule(which=st.integers(0, 9))
-    def a_spent_request_token_is_sent_again(self, which: int) -> None:
-        token = self.request_tokens[which % len(self.request_tokens)]
-        job = self.core.payments.job(Payer("request_token", token), TEST_MODEL, body(1))
-        try:
-            self.run(job.__aenter__())
-        except TokenAlreadySpent:
+    @rule(
+        which=st.integers(0, 9),
+        way=st.sampled_from(["create_key", "topup", "deposit", "token_key", "request"]),
+    )
+    def a_token_the_node_took_is_sent_again(self, which: int, way: str) -> None:
+        """A token pays once: sent again, any way, it is refused and nothing moves.
+
+        Except where the token is the credential: creating a key again with its own token
+        answers with that key, and a token used as a key pays from its account.
+        """
+        token = self.taken[which % len(self.taken)]
+        if (way == "create_key" and token in self.create_tokens) or (
+            way == "token_key" and token in self.token_keys
+        ):
             return
-        raise AssertionError("a spent token paid for a job")
+        payments = self.core.payments
+        account = api_key_account(self.keys[which % len(self.keys)])
+        if way == "create_key":
+            attempt = payments.create_key(token)
+        elif way == "topup":
+            attempt = payments.topup(account, token)
+        elif way == "deposit":
+            attempt = payments.deposit(account, token, f"dm:again{len(self.taken)}")
+        else:
+            payer = Payer("token_key" if way == "token_key" else "request_token", token)
+            attempt = payments.job(payer, TEST_MODEL, body(1)).__aenter__()
+        with pytest.raises(TokenAlreadySpent):
+            self.run(attempt)
 
     @precondition(lambda self: bool(self.request_tokens))
     @rule(which=st.integers(0, 9))

@@ -139,6 +139,7 @@ class ModelState:
         self.keys: list[str] = []  # API keys
         self.create_tokens: list[str] = []  # the tokens that created them
         self.token_keys: list[str] = []  # tokens used as keys
+        self.taken: list[str] = []  # every token the node took
         self.request_tokens: list[str] = []  # per-request tokens the node took
         self.change: dict[str, list[str]] = {}  # req account -> change tokens issued, in order
         self.deposits: dict[tuple[str, str], int] = {}  # (ref, account) -> msat credited
@@ -149,6 +150,7 @@ class ModelState:
         self.books = Books()
         self.steps_since_crash = 0  # crashes come between other steps, not one after another
         self.crashes = 0
+        self.races = 0
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -173,9 +175,12 @@ class ModelState:
     def available(self, account: str) -> int:
         return self.balance.get(account, 0) - self.reserved(account)
 
-    def credit(self, account: str, msat: int) -> None:
+    def credit(self, account: str, token: str) -> None:
+        """The node took ``token`` for ``account``: its whole value (the mint charges no fee)."""
+        msat = token_value(token) * 1000
         self.balance[account] = self.balance.get(account, 0) + msat
         self.books.paid_in += msat
+        self.taken.append(token)
 
     def receive_back(self, token: str, value: int) -> None:
         """A token from the node: worth what the model expects, and unspent at the mint."""

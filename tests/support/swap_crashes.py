@@ -24,7 +24,9 @@ class SwapCrashes(ModelState):
     """The crash rule; the machine provides ``_start``, ``refunded`` and the change claim."""
 
     @rule(
-        move=st.sampled_from(["create_key", "topup", "deposit", "request", "withdraw", "change"]),
+        move=st.sampled_from(
+            ["create_key", "topup", "deposit", "token_key", "request", "withdraw", "change"]
+        ),
         lost=st.sampled_from(["request", "answer"]),
         sats=st.integers(1, 20),
         which=st.integers(0, 9),
@@ -51,7 +53,7 @@ class SwapCrashes(ModelState):
         assert api_key not in self.keys and account.id == api_key_account(api_key)
         self.keys.append(api_key)
         self.create_tokens.append(token)
-        self.credit(account.id, sats * 1000)
+        self.credit(account.id, token)
 
     def _crash_in_topup(self, landed: bool, sats: int, which: int) -> None:
         account = api_key_account(self.keys[which % len(self.keys)])
@@ -66,7 +68,7 @@ class SwapCrashes(ModelState):
         else:
             assert self._unspent(token)
             self.run(self.core.payments.topup(account, token))
-        self.credit(account, sats * 1000)
+        self.credit(account, token)
 
     def _crash_in_deposit(self, landed: bool, sats: int, which: int) -> None:
         accounts = [a for a in self.accounts() if not a.startswith("token:")]
@@ -81,7 +83,20 @@ class SwapCrashes(ModelState):
         received = self.run(self.core.payments.deposit(account, token, ref))  # the resumed DM
         assert received.credited_msat == sats * 1000
         self.deposits[(ref, account)] = sats * 1000
-        self.credit(account, sats * 1000)
+        self.credit(account, token)
+
+    def _crash_in_token_key(self, landed: bool, sats: int, which: int) -> None:
+        token = self.fresh(sats)
+        payer = Payer("token_key", token)
+        self.link.break_next_swap(landed)
+        with pytest.raises(MintUnavailable):
+            self.run(self.core.payments.job(payer, TEST_MODEL, body(1)).__aenter__())
+        self.restart()
+        assert self._unspent(token) is not landed
+        account = self.run(self.core.payments.account_for(payer))  # the retry redeems it once
+        assert account == "token:" + token_fingerprint(parse_token(token))
+        self.token_keys.append(token)
+        self.credit(account, token)
 
     def _crash_in_request(self, landed: bool, sats: int, which: int) -> None:
         token = self.fresh(sats)
@@ -97,7 +112,7 @@ class SwapCrashes(ModelState):
         # The node holds the token's value for a job that never ran: all of it is change.
         self.request_tokens.append(token)
         self.change[account] = []
-        self.credit(account, sats * 1000)
+        self.credit(account, token)
         self.a_client_claims_its_change(len(self.request_tokens) - 1)
 
     def _crash_in_withdraw(self, landed: bool, sats: int, which: int) -> None:

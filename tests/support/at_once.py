@@ -1,0 +1,184 @@
+"""Requests that arrive at the same moment, for the payments model test (a mixin of its machine).
+
+A client retries before the first answer came, a DM is delivered twice, one token is sent with
+two requests, a withdrawal races a job on the same key. The node serialises what must be
+serial: a token or a ref moves money once, and an account is never overdrawn. Which request
+wins a race is the scheduler's choice; the model accepts every legal order and no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import rule
+
+from nodeprov.core.payments import Payer, PaymentFailed, api_key_account
+from nodeprov.errors import InsufficientBalance, TokenAlreadySpent, TokenTooSmall
+from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
+from tests.support.core import TEST_MODEL
+from tests.support.payments_model import LEASE, ModelState, Running, body, hold_for
+
+
+def all_output(max_tokens: int) -> dict[str, int]:
+    """Usage of a job that wrote all it was allowed to."""
+    return {"prompt_tokens": 0, "completion_tokens": max_tokens}
+
+
+class AtOnce(ModelState):
+    """The race rule; the machine provides ``_settle`` and ``refunded``."""
+
+    @rule(
+        race=st.sampled_from(
+            ["create_key", "deposit", "withdraw", "token_key", "request", "job_and_withdraw"]
+        ),
+        sats=st.integers(1, 8),
+        which=st.integers(0, 9),
+        max_tokens=st.integers(1, 300),
+    )
+    def the_same_request_arrives_twice_at_once(
+        self, race: str, sats: int, which: int, max_tokens: int
+    ) -> None:
+        self.races += 1
+        event(f"at once: {race}")
+        getattr(self, "_twice_" + race)(sats, which, max_tokens)
+
+    @staticmethod
+    def balance_taken(sent: Any) -> int:
+        return 0 if isinstance(sent, BaseException) else int(sent.amount) * 1000
+
+    def twice(self, first: Any, second: Any) -> list[Any]:
+        async def both() -> list[Any]:
+            return list(await asyncio.gather(first, second, return_exceptions=True))
+
+        results: list[Any] = self.run(both())
+        return results
+
+    def _twice_create_key(self, sats: int, which: int, max_tokens: int) -> None:
+        token = self.fresh(sats)
+        payments = self.core.payments
+        one, two = self.twice(payments.create_key(token), payments.create_key(token))
+        assert one[0] == two[0], (one, two)  # the same key, funded once
+        self.keys.append(one[0])
+        self.create_tokens.append(token)
+        self.credit(api_key_account(one[0]), token)
+
+    def _twice_deposit(self, sats: int, which: int, max_tokens: int) -> None:
+        accounts = [a for a in self.accounts() if not a.startswith("token:")]
+        account = accounts[which % len(accounts)]
+        token, ref = self.fresh(sats), f"dm:race{self.races}"
+        payments = self.core.payments
+        one, two = self.twice(
+            payments.deposit(account, token, ref), payments.deposit(account, token, ref)
+        )
+        assert one.credited_msat == two.credited_msat == sats * 1000, (one, two)
+        self.deposits[(ref, account)] = sats * 1000
+        self.credit(account, token)
+
+    def _twice_withdraw(self, sats: int, which: int, max_tokens: int) -> None:
+        accounts = [a for a in self.accounts() if self.available(a) >= 1000]
+        if not accounts:
+            return
+        account, ref = accounts[which % len(accounts)], f"dm:race{self.races}"
+        payments = self.core.payments
+        one, two = self.twice(
+            payments.withdraw(account, ref=ref), payments.withdraw(account, ref=ref)
+        )
+        assert one.token == two.token, (one, two)  # one withdrawal, answered twice
+        value = self.available(account) // 1000
+        assert one.amount == value
+        self.balance[account] -= value * 1000
+        self.withdrawals[(ref, account)] = one.token
+        self.receive_back(one.token, value)
+        self.redeem(one.token)
+
+    def _twice_token_key(self, sats: int, which: int, max_tokens: int) -> None:
+        """A token's first two uses as a key at once: redeemed once, two holds if it covers them."""
+        token = self.fresh(sats)
+        account = "token:" + token_fingerprint(parse_token(token))
+        self.token_keys.append(token)
+        self.credit(account, token)
+        self._two_jobs(Payer("token_key", token), account, max_tokens)
+
+    def _two_jobs(self, payer: Payer, account: str, max_tokens: int) -> None:
+        hold = hold_for(max_tokens)
+        payments = self.core.payments
+        jobs = [payments.job(payer, TEST_MODEL, body(max_tokens)) for _ in range(2)]
+        results = self.twice(jobs[0].__aenter__(), jobs[1].__aenter__())
+        entered = [job for job, result in zip(jobs, results, strict=True) if result is job]
+        refused = [r for r in results if isinstance(r, InsufficientBalance)]
+        fits = min(2, self.available(account) // hold)
+        assert (len(entered), len(refused)) == (fits, 2 - fits), results
+        for job in entered:
+            running = Running(job, payer.kind, account, hold, self.now + LEASE, max_tokens)
+            self.running.append(running)
+        for job in entered:
+            running = next(r for r in self.running if r.job is job)
+            self.running.remove(running)
+            self._settle(running, all_output(max_tokens))
+
+    def _twice_request(self, sats: int, which: int, max_tokens: int) -> None:
+        """One X-Cashu token on two requests at once: one is paid with it, the other refused."""
+        token = self.fresh(sats)
+        account = "req:" + token_fingerprint(parse_token(token))
+        payer = Payer("request_token", token)
+        payments = self.core.payments
+        jobs = [payments.job(payer, TEST_MODEL, body(max_tokens)) for _ in range(2)]
+        results = self.twice(jobs[0].__aenter__(), jobs[1].__aenter__())
+        spent = [r for r in results if isinstance(r, TokenAlreadySpent)]
+        assert len(spent) == 1, results
+        (result,) = [r for r in results if not isinstance(r, TokenAlreadySpent)]
+        self.request_tokens.append(token)
+        self.change[account] = []
+        self.credit(account, token)
+        hold = hold_for(max_tokens)
+        if isinstance(result, PaymentFailed):  # too small for the hold: it came back whole
+            assert self.available(account) < hold
+            self.refunded(account, result.refund)
+            return
+        assert result in jobs and self.available(account) >= hold, result
+        running = Running(result, "request", account, hold, self.now + LEASE, max_tokens)
+        running.token = token
+        self._settle(running, all_output(max_tokens))
+
+    def _twice_job_and_withdraw(self, sats: int, which: int, max_tokens: int) -> None:
+        """A job and a withdrawal of everything on one key at once: never both from one msat."""
+        account_key = self.keys[which % len(self.keys)]
+        account = api_key_account(account_key)
+        hold, before = hold_for(max_tokens), self.available(account)
+        payments = self.core.payments
+        job = payments.job(Payer("api_key", account_key), TEST_MODEL, body(max_tokens))
+        entered, sent = self.twice(job.__aenter__(), payments.withdraw(account))
+        held = entered is job
+        if held:  # the hold came first, or the withdrawal read the balance before it
+            self.running.append(
+                Running(job, "api_key", account, hold, self.now + LEASE, max_tokens)
+            )
+        else:
+            assert isinstance(entered, InsufficientBalance), entered
+        if isinstance(sent, BaseException):
+            # Nothing to take (less than a sat, perhaps after the hold), or it read the
+            # balance before the hold and its debit found the money held.
+            assert isinstance(sent, TokenTooSmall | InsufficientBalance), sent
+            if isinstance(sent, InsufficientBalance):
+                assert held
+            else:
+                assert before < 1000 or (held and before - hold < 1000)
+            event(f"at once: the withdrawal failed: {type(sent).__name__}")
+        else:
+            value = sent.amount
+            # Withdrawn first (all of it) or after the hold (all that was left).
+            legal = {before // 1000} | ({(before - hold) // 1000} if held else set())
+            assert value in legal, (value, legal, held)
+            if held:
+                assert before - value * 1000 >= hold  # the hold was covered throughout
+            self.balance[account] -= value * 1000
+            self.receive_back(sent.token, value)
+            self.redeem(sent.token)
+        if not held:  # it never fit, or the withdrawal took what it needed first
+            assert before < hold or before - self.balance_taken(sent) < hold
+        if held:
+            running = self.running.pop()
+            self._settle(running, all_output(max_tokens))
