@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,10 @@ class MintLink(httpx.AsyncBaseTransport):
     swap); either way the link stays down after, as if the network went, until ``heal``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, down: bool = False) -> None:
         self._inner = httpx.AsyncHTTPTransport()
         self._armed: bool | None = None  # at the next swap: True, the answer is lost
-        self.fired = False
+        self.fired = down
 
     def break_next_swap(self, answer_lost: bool) -> None:
         self._armed, self.fired = answer_lost, False
@@ -151,14 +152,15 @@ class ModelState:
         self.steps_since_crash = 0  # crashes come between other steps, not one after another
         self.crashes = 0
         self.races = 0
+        self.mint_down = False  # the mint stays unreachable over the next restart, for a while
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    async def _open(self) -> Core:
+    async def _open(self, mint_down: bool = False) -> Core:
         # Jobs never renew on their own: a rule renews them, so a lease lapses only when the
         # model says it does. Each start has a healthy link to the mint.
-        self.link = MintLink()
+        self.link = MintLink(down=mint_down)
         return await build_core(
             self.path, [self.mint_url], lease_seconds=LEASE, clock=lambda: self.now,
             renew_seconds=3600.0, transport=self.link,
@@ -212,16 +214,23 @@ class ModelState:
         assert self.run(self.client.redeem(token)) == token_value(token)
         self.books.held.remove(token)
 
-    def restart(self) -> None:
-        """Close the node and open it again on its files; start-up recovery runs."""
+    def restart(self, mint_down: bool = False) -> None:
+        """Close the node and open it again on its files; start-up recovery runs.
+
+        ``mint_down``: the mint is still unreachable then, so interrupted swaps stay pending;
+        it comes back, and the node's periodic recovery (``retry_recovery``) settles them.
+        """
         for job in self.running:
             job.job._stop_renewing()
             self.orphans.append(Orphan(job.account, job.hold, job.lease_until, job.ref, job.open))
         self.running = []
         self.steps_since_crash = 0
         self.run(self.core.close())
-        self.core = self.run(self._open())
+        self.core = self.run(self._open(mint_down))
         self.run(recover(self.core))  # type: ignore[arg-type]
+        if mint_down:
+            self.link.heal()
+            self.run(self.core.wallet.recover(older_than=int(time.time())))
         lapsing = [h for h in self.orphans if h.open and h.lease_until <= self.now]
         for held in lapsing:
             held.open = False

@@ -30,14 +30,22 @@ class SwapCrashes(ModelState):
         lost=st.sampled_from(["request", "answer"]),
         sats=st.integers(1, 20),
         which=st.integers(0, 9),
+        mint_down=st.booleans(),
     )
-    def the_node_crashes_in_a_swap(self, move: str, lost: str, sats: int, which: int) -> None:
+    def the_node_crashes_in_a_swap(
+        self, move: str, lost: str, sats: int, which: int, mint_down: bool
+    ) -> None:
         """The link to the mint drops during a swap: the mint never saw it (the request was
-        lost) or did it (the answer was lost). The node crashes before it learns which; after
-        the restart and its recovery, the client's retry gets exactly what it paid for."""
+        lost) or did it (the answer was lost). The node crashes before it learns which, and
+        starts again (with the mint still unreachable for a while, or not); once recovery
+        settled the swap, the client's retry gets exactly what it paid for."""
         self.crashes += 1
-        event(f"a crash in a swap: {move}, the {lost} lost")
+        self.mint_down = mint_down
+        event(f"a crash in a swap: {move}, the {lost} lost" + (", mint down" if mint_down else ""))
         getattr(self, "_crash_in_" + move)(lost == "answer", sats, which)
+
+    def restart_after_the_crash(self) -> None:
+        self.restart(mint_down=self.mint_down)
 
     def _unspent(self, token: str) -> bool:
         return all(s == "UNSPENT" for s in self.run(self.client.proof_states(token)))
@@ -47,7 +55,7 @@ class SwapCrashes(ModelState):
         self.link.break_next_swap(landed)
         with pytest.raises(MintUnavailable):
             self.run(self.core.payments.create_key(token))
-        self.restart()
+        self.restart_after_the_crash()
         assert self._unspent(token) is not landed
         api_key, account = self.run(self.core.payments.create_key(token))  # the retry
         assert api_key not in self.keys and account.id == api_key_account(api_key)
@@ -61,7 +69,7 @@ class SwapCrashes(ModelState):
         self.link.break_next_swap(landed)
         with pytest.raises(MintUnavailable):
             self.run(self.core.payments.topup(account, token))
-        self.restart()
+        self.restart_after_the_crash()
         if landed:  # recovery credited it: the token is spent, a retry is refused
             with pytest.raises(TokenAlreadySpent):
                 self.run(self.core.payments.topup(account, token))
@@ -79,7 +87,7 @@ class SwapCrashes(ModelState):
             self.run(self.core.payments.deposit(account, token, ref))
         with pytest.raises(MintUnavailable):  # the DM delivered again, while the swap is unsettled
             self.run(self.core.payments.deposit(account, token, ref))
-        self.restart()
+        self.restart_after_the_crash()
         received = self.run(self.core.payments.deposit(account, token, ref))  # the resumed DM
         assert received.credited_msat == sats * 1000
         self.deposits[(ref, account)] = sats * 1000
@@ -91,7 +99,7 @@ class SwapCrashes(ModelState):
         self.link.break_next_swap(landed)
         with pytest.raises(MintUnavailable):
             self.run(self.core.payments.job(payer, TEST_MODEL, body(1)).__aenter__())
-        self.restart()
+        self.restart_after_the_crash()
         assert self._unspent(token) is not landed
         account = self.run(self.core.payments.account_for(payer))  # the retry redeems it once
         assert account == "token:" + token_fingerprint(parse_token(token))
@@ -105,7 +113,7 @@ class SwapCrashes(ModelState):
         self.link.break_next_swap(landed)
         with pytest.raises(MintUnavailable):
             self.run(job.__aenter__())
-        self.restart()
+        self.restart_after_the_crash()
         if not landed:  # the token is the client's still
             assert self._unspent(token)
             return
@@ -127,7 +135,7 @@ class SwapCrashes(ModelState):
         except MintUnavailable:
             with pytest.raises(MintUnavailable):  # asked again while the swap is unsettled
                 self.run(self.core.payments.withdraw(account, ref=ref))
-            self.restart()
+            self.restart_after_the_crash()
             # Landed: the token recovery kept for this ref; else the balance came back and
             # this withdraws it again.
             sent = self.run(self.core.payments.withdraw(account, ref=ref))
@@ -159,7 +167,7 @@ class SwapCrashes(ModelState):
             self.refunded(running.account, settled.change)
             return
         assert settled.change is None  # kept claimable
-        self.restart()
+        self.restart_after_the_crash()
         # Landed or not, recovery put the change back on the account: claimed, it comes once.
         self.a_client_claims_its_change(self.request_tokens.index(running.token))
         assert len(self.change[running.account]) == 1
