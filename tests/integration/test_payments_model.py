@@ -45,6 +45,7 @@ from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 from tests.support.at_once import AtOnce
 from tests.support.cashu_client import TokenFactory
 from tests.support.core import TEST_MODEL
+from tests.support.mint_link_drops import MintLinkDrops
 from tests.support.payments_model import (
     LEASE,
     NPUB,
@@ -55,7 +56,6 @@ from tests.support.payments_model import (
     hold_for,
 )
 from tests.support.services import MintHandle
-from tests.support.swap_crashes import SwapCrashes
 
 DEPOSIT_REFS = ("dm:d1", "dm:d2", "dm:d3")
 WITHDRAW_REFS = ("dm:w1", "dm:w2")
@@ -65,7 +65,7 @@ JOB_REFS = ("dm:j1", "dm:j2")
 PAYERS = ("api_key", "api_key", "token_key", "new_token_key", "npub", "request", "request")
 
 
-class PaymentsModel(SwapCrashes, AtOnce, RuleBasedStateMachine):
+class PaymentsModel(MintLinkDrops, AtOnce, RuleBasedStateMachine):
     # --- paying in -------------------------------------------------------------------
 
     @initialize(sats=st.integers(5, 40))

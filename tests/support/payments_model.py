@@ -152,7 +152,7 @@ class ModelState:
         self.steps_since_crash = 0  # crashes come between other steps, not one after another
         self.crashes = 0
         self.races = 0
-        self.mint_down = False  # the mint stays unreachable over the next restart, for a while
+        self.then = ""  # what follows a link dropped in a swap (``mint_link_drops.AFTER``)
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
