@@ -309,6 +309,48 @@ class PaymentsModel(MintLinkDrops, AtOnce, RuleBasedStateMachine):
         else:
             self._fail(running)
 
+    @rule(
+        payer=st.sampled_from(PAYERS),
+        which=st.integers(0, 9),
+        sats=st.integers(2, 8),
+        max_tokens=st.integers(1, 300),
+        meanwhile=st.sampled_from(["nothing", "its balance is taken"]),
+        ends=st.sampled_from(["renews, then settles", "settles", "fails upstream"]),
+        completion=st.integers(0, 300),
+    )
+    def a_job_outlives_its_lease(
+        self,
+        payer: str,
+        which: int,
+        sats: int,
+        max_tokens: int,
+        meanwhile: str,
+        ends: str,
+        completion: int,
+    ) -> None:
+        """A job stalls past its lease: the sweeper releases its hold, the payer may spend the
+        balance meanwhile (withdraw it, or claim a per-request token's change), and the job
+        still ends: it settles what it owes from what is left (the rest written off), renews
+        (holding again if it can), or fails upstream and is charged nothing."""
+        running = self._start(payer, which, sats, max_tokens, None)
+        if running is None:
+            return
+        self.time_passes_and_the_sweeper_runs(LEASE, renewed=False)
+        assert not running.open
+        if meanwhile == "its balance is taken":
+            if running.token is not None:
+                self.a_client_claims_its_change(self.request_tokens.index(running.token))
+            else:
+                self.withdraw(self.accounts().index(running.account), None, None)
+        if ends == "renews, then settles":
+            self.running_jobs_renew_their_leases()
+        self.running.remove(running)
+        if ends == "fails upstream":
+            self._fail(running)
+        else:
+            completion = min(completion, max_tokens)
+            self._settle(running, {"prompt_tokens": PROMPT_BOUND, "completion_tokens": completion})
+
     @rule(seconds=st.integers(1, 2 * LEASE), renewed=st.booleans())
     def time_passes_and_the_sweeper_runs(self, seconds: int, renewed: bool) -> None:
         """The running jobs renew their leases first, or (stalled) do not."""
