@@ -117,6 +117,7 @@ class Books:
 
     paid_in: int = 0  # msat of tokens the node took
     back: int = 0  # msat of tokens the node handed out (redeemed or held unspent)
+    fees: int = 0  # msat the mint kept as input fees, on the node's swaps
     held: list[str] = field(default_factory=list)  # tokens received, not yet redeemed
 
 
@@ -127,9 +128,16 @@ class ModelState:
     this class in the test's bases, so ``__init__`` chains to it).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, mint_url: str, client: TokenFactory):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        mint_url: str,
+        client: TokenFactory,
+        fee_ppk: int = 0,
+    ) -> None:
         super().__init__()
         self.loop, self.mint_url, self.client = loop, mint_url, client
+        self.fee_ppk = fee_ppk  # the mint's input fee per proof, in parts per thousand
         self.dir = tempfile.TemporaryDirectory()
         self.path = Path(self.dir.name) / "ledger.sqlite3"
         self.now = 1_800_000_000
@@ -177,20 +185,50 @@ class ModelState:
     def available(self, account: str) -> int:
         return self.balance.get(account, 0) - self.reserved(account)
 
+    def fee_in(self, token: str) -> int:
+        """The mint's input fee to spend ``token`` (NUT-02: per proof, rounded up)."""
+        proofs = len(import_cashu().deserialize_token_from_string(token).proofs)
+        return -(-self.fee_ppk * proofs // 1000)
+
+    def worth(self, token: str) -> int:
+        """What the node credits for ``token``: its value less the mint's input fee, in msat."""
+        return (token_value(token) - self.fee_in(token)) * 1000
+
     def credit(self, account: str, token: str) -> None:
-        """The node took ``token`` for ``account``: its whole value (the mint charges no fee)."""
-        msat = token_value(token) * 1000
+        """The node took ``token`` for ``account``."""
+        msat = self.worth(token)
         self.balance[account] = self.balance.get(account, 0) + msat
-        self.books.paid_in += msat
+        self.books.paid_in += token_value(token) * 1000
+        self.books.fees += token_value(token) * 1000 - msat
         self.taken.append(token)
 
     def receive_back(self, token: str, value: int) -> None:
-        """A token from the node: worth what the model expects, and unspent at the mint."""
-        assert token_value(token) == value
+        """A token from the node for ``value`` sat of a balance: unspent at the mint, worth
+        ``value`` (less the mint's fee, with input fees, when the node had to swap for it)."""
+        got = token_value(token)
+        assert 0 < got <= value if self.fee_ppk else got == value, (got, value)
         states = self.run(self.client.proof_states(token))
         assert states and all(s == "UNSPENT" for s in states), states
-        self.books.back += value * 1000
+        self.books.back += got * 1000
+        self.books.fees += (value - got) * 1000
         self.books.held.append(token)
+
+    def fee_bound(self) -> int:
+        """The most sat a payout's swap pays the mint (spending up to 64 proofs)."""
+        return -(-self.fee_ppk * 64 // 1000)
+
+    def small_change(self, account: str, value: int) -> None:
+        """Change the mint's fee would eat: kept on the token's own account (a token as key)."""
+        assert self.fee_ppk, "change was not paid out though no fee eats it"
+        fingerprint = account.removeprefix("req:")
+        token = next(
+            t for t in self.request_tokens if self.token_account(t) == "token:" + fingerprint
+        )
+        self.balance["token:" + fingerprint] = (
+            self.balance.get("token:" + fingerprint, 0) + value * 1000
+        )
+        if token not in self.token_keys:
+            self.token_keys.append(token)
 
     def pay_out(self, account: str) -> int:
         """A per-request account's balance as change: whole sats, the msat rest to the operator."""
@@ -200,7 +238,8 @@ class ModelState:
         return left // 1000
 
     def fresh(self, sats: int) -> str:
-        return str(self.run(self.client.token(sats)))
+        """A new token of ``sats`` (one sat more with input fees, so it is worth something)."""
+        return str(self.run(self.client.token(sats + (1 if self.fee_ppk else 0))))
 
     def accounts(self) -> list[str]:
         keys = [api_key_account(k) for k in self.keys]
@@ -211,7 +250,14 @@ class ModelState:
         return "token:" + token_fingerprint(parse_token(token))
 
     def redeem(self, token: str) -> None:
-        assert self.run(self.client.redeem(token)) == token_value(token)
+        """Swap a token from the node into the client's wallet (its input fee is the client's).
+
+        A token worth no more than that fee is kept as it is (checked unspent when it came):
+        it can still pay, together with others.
+        """
+        if token_value(token) <= self.fee_in(token):
+            return
+        assert self.run(self.client.redeem(token)) == token_value(token) - self.fee_in(token)
         self.books.held.remove(token)
 
     def restart(self, mint_down: bool = False) -> None:
