@@ -271,6 +271,12 @@ class Payments(AccountMoves):
         operator: a sat token pays ``ceil(cost / 1000)`` sat. If the mint cannot be reached,
         the balance stays claimable with the original token (``claim_change``).
         """
+        # One payout of a token's change at a time: a claim racing another claim or the job's
+        # own settle would read the same balance, take its msat rest twice and fail its debit.
+        async with self._one_at_a_time("change:" + received.fingerprint):
+            return await self._pay_change(account_id, received)
+
+    async def _pay_change(self, account_id: str, received: Received) -> Sent | None:
         account = await self.ledger.account(account_id)
         if account is None:
             return None

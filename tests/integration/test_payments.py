@@ -383,6 +383,23 @@ async def test_cancelled_job_keeps_change_claimable(
     assert await balance(core, OPERATOR) == 0
 
 
+async def test_two_claims_of_the_same_change_at_once_both_answer_with_it(
+    core: Core, make_token, mint: MintHandle
+) -> None:
+    """A client that claims again while its first claim is still paying out (a retry, a
+    resumed DM) gets the one change token, never an error; it is paid out once."""
+    token = await make_token(30, mint=mint)
+    await core.payments.begin(Payer("request_token", token), TEST_MODEL, BODY)
+    # The process running the job died: nobody closes it, and its lease lapses.
+    assert await core.ledger.release_stale_holds(at=2**40) == 1
+    first, second = await asyncio.gather(
+        core.payments.claim_change(token), core.payments.claim_change(token)
+    )
+    assert first == second and len(first) == 1
+    assert await make_token.redeem(first[0]) == 30
+    assert await balance(core, OPERATOR) == 0
+
+
 # --- npub accounts --------------------------------------------------------------------
 
 
