@@ -19,7 +19,14 @@ from nodeprov.core.payments import Payer, PaymentFailed, api_key_account
 from nodeprov.errors import InsufficientBalance, TokenAlreadySpent, TokenTooSmall
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 from tests.support.core import TEST_MODEL
-from tests.support.payments_model import LEASE, ModelState, Running, body, hold_for
+from tests.support.payments_model import (
+    LEASE,
+    ModelState,
+    Running,
+    body,
+    cost_of,
+    hold_for,
+)
 
 
 def all_output(max_tokens: int) -> dict[str, int]:
@@ -32,7 +39,16 @@ class AtOnce(ModelState):
 
     @rule(
         race=st.sampled_from(
-            ["create_key", "deposit", "withdraw", "token_key", "request", "job_and_withdraw"]
+            [
+                "create_key",
+                "deposit",
+                "withdraw",
+                "token_key",
+                "request",
+                "job_and_withdraw",
+                "settle_and_claim",
+                "claim",
+            ]
         ),
         sats=st.integers(1, 8),
         which=st.integers(0, 9),
@@ -183,3 +199,50 @@ class AtOnce(ModelState):
         if held:
             running = self.running.pop()
             self._settle(running, all_output(max_tokens))
+
+    def _twice_settle_and_claim(self, sats: int, which: int, max_tokens: int) -> None:
+        """A per-request job settles while its client claims the change: paid out once, to
+        whichever asked first; the settle's change or the claim answers with it."""
+        running = self._start("request", which, sats, max_tokens, None)
+        if running is None:
+            return
+        self.running.remove(running)
+        assert running.token is not None
+        usage = all_output(max_tokens)
+        settled, claimed = self.twice(
+            running.job.settle(usage), self.core.payments.claim_change(running.token)
+        )
+        self.run(running.job.__aexit__(None, None, None))
+        assert not isinstance(settled, BaseException) and not isinstance(claimed, BaseException)
+        charged = min(cost_of(0, max_tokens), running.hold)
+        assert settled.charged_msat == charged
+        self.balance[running.account] -= charged
+        self.earned += charged
+        value = self.pay_out(running.account)
+        issued = self.run(self.core.payments.claim_change(running.token))
+        if value and issued:
+            (change,) = issued  # once, whoever paid it out
+            assert settled.change is None or settled.change.token == change
+            assert claimed in ([], [change])
+            self.change[running.account].append(change)
+            self.receive_back(change, value)
+        elif value:
+            self.small_change(running.account, value)
+
+    def _twice_claim(self, sats: int, which: int, max_tokens: int) -> None:
+        """A client claims its change twice at once (a retry): both answers are the same."""
+        if not self.request_tokens:
+            return
+        token = self.request_tokens[which % len(self.request_tokens)]
+        account = "req:" + token_fingerprint(parse_token(token))
+        claim = self.core.payments.claim_change
+        one, two = self.twice(claim(token), claim(token))
+        assert one == two, (one, two)
+        if self.available(account) > 0 and self.reserved(account) == 0:
+            value = self.pay_out(account)
+            if value and len(one) == len(self.change[account]) + 1:
+                self.change[account].append(one[-1])
+                self.receive_back(one[-1], value)
+            elif value:
+                self.small_change(account, value)
+        assert one == self.change[account]
