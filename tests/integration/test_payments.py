@@ -400,6 +400,23 @@ async def test_two_claims_of_the_same_change_at_once_both_answer_with_it(
     assert await balance(core, OPERATOR) == 0
 
 
+async def test_claims_at_once_give_the_operator_the_msat_rest_once(
+    core: Core, make_token, mint: MintHandle
+) -> None:
+    """Change of 28.5 sat claimed twice at once: 28 sat to the client, 500 msat to the
+    operator, once (not twice from the client's change)."""
+    token = await make_token(30, mint=mint)
+    charge = await core.payments.begin(Payer("request_token", token), TEST_MODEL, BODY)
+    await core.ledger.settle(charge.hold, 1500, "job")  # settled; its change not paid yet
+    first, second = await asyncio.gather(
+        core.payments.claim_change(token), core.payments.claim_change(token)
+    )
+    assert first == second and len(first) == 1
+    assert await make_token.redeem(first[0]) == 28
+    assert await balance(core, OPERATOR) == 1500 + 500
+    assert await balance(core, charge.account_id) == 0
+
+
 # --- npub accounts --------------------------------------------------------------------
 
 
