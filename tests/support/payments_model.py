@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from hypothesis import event
 
 from nodeprov.core.charges import Job
 from nodeprov.core.payments import api_key_account
@@ -220,6 +221,7 @@ class ModelState:
     def small_change(self, account: str, value: int) -> None:
         """Change the mint's fee would eat: kept on the token's own account (a token as key)."""
         assert self.fee_ppk, "change was not paid out though no fee eats it"
+        event("change the fee would eat is kept on the token's account")
         fingerprint = account.removeprefix("req:")
         token = next(
             t for t in self.request_tokens if self.token_account(t) == "token:" + fingerprint
