@@ -168,7 +168,7 @@ class ModelState:
 
     async def _open(self, mint_down: bool = False) -> Core:
         # Jobs never renew on their own: a rule renews them, so a lease lapses only when the
-        # model says it does. Each start has a healthy link to the mint.
+        # model says it does. Each start has a new link to the mint (down: not back yet).
         self.link = MintLink(down=mint_down)
         return await build_core(
             self.path, [self.mint_url], lease_seconds=LEASE, clock=lambda: self.now,
