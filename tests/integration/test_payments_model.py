@@ -36,6 +36,7 @@ from nodeprov.core.ledger import OPERATOR
 from nodeprov.core.payments import Payer, PaymentFailed, api_key_account
 from nodeprov.errors import (
     InsufficientBalance,
+    PaymentTooSmall,
     TokenAlreadySpent,
     TokenTooSmall,
     Unauthorized,
@@ -153,9 +154,6 @@ class PaymentsModel(MintLinkDrops, AtOnce, RuleBasedStateMachine):
                 "req:" + token_fingerprint(parse_token(token)),
                 Payer("request_token", token),
             )
-            self.request_tokens.append(token)
-            self.change[account] = []
-            self.credit(account, token)
         job = self.core.payments.job(who, TEST_MODEL, body(max_tokens), ref=ref)
         if ref is not None:
             # A resumed job's interrupted run is released first.
@@ -165,16 +163,19 @@ class PaymentsModel(MintLinkDrops, AtOnce, RuleBasedStateMachine):
             self.orphans = [o for o in self.orphans if o.ref != ref]
         try:
             self.run(job.__aenter__())
-        except PaymentFailed as failed:  # a per-request token too small: it comes back whole
-            assert token is not None and self.available(account) < hold
-            assert isinstance(failed.error, InsufficientBalance)
-            event("a per-request token too small for the hold is refunded")
-            self.refunded(account, failed.refund)
+        except PaymentTooSmall:  # refused on what the token says, before any swap (NUT-24)
+            assert token is not None and self.worth(token) < hold
+            assert self.unspent(token)  # still the client's
+            event("a per-request token too small for the hold is refused unspent")
             return None
         except InsufficientBalance:
-            assert self.available(account) < hold
+            assert token is None and self.available(account) < hold
             event(f"{payer}: hold refused")
             return None
+        if token is not None:
+            self.request_tokens.append(token)
+            self.change[account] = []
+            self.credit(account, token)
         assert self.available(account) >= hold, (self.available(account), hold)
         running = Running(job, payer, account, hold, self.now + LEASE, max_tokens, ref, token)
         self.running.append(running)
@@ -411,7 +412,9 @@ class PaymentsModel(MintLinkDrops, AtOnce, RuleBasedStateMachine):
         else:
             payer = Payer("token_key" if way == "token_key" else "request_token", token)
             attempt = payments.job(payer, TEST_MODEL, body(1)).__aenter__()
-        with pytest.raises(TokenAlreadySpent):
+        # Too small to pay even if it were new, a per-request token is refused for that first.
+        too_small = way == "request" and self.worth(token) < hold_for(1)
+        with pytest.raises(PaymentTooSmall if too_small else TokenAlreadySpent):
             self.run(attempt)
 
     @precondition(lambda self: bool(self.request_tokens))

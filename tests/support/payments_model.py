@@ -203,6 +203,10 @@ class ModelState:
         self.books.fees += token_value(token) * 1000 - msat
         self.taken.append(token)
 
+    def unspent(self, token: str) -> bool:
+        """Whether the mint says every proof of ``token`` is unspent."""
+        return all(s == "UNSPENT" for s in self.run(self.client.proof_states(token)))
+
     def receive_back(self, token: str, value: int) -> None:
         """A token from the node for ``value`` sat of a balance: unspent at the mint, worth
         ``value`` (less the mint's fee, with input fees, when the node had to swap for it)."""
