@@ -2,6 +2,11 @@
 
 Both layers are NIP-44 v2 encrypted. :func:`unwrap` verifies both signatures and refuses a seal
 whose signer differs from the rumor's pubkey (the NIP-17 impersonation check).
+
+Sizes: both NIP-44 encodings are accepted on receive (nostr-tools seals a rumor over ~40 KB
+with the extended length prefix); on send the standard u16 prefix is used whenever a layer's
+plaintext fits 65535 bytes, the extended one only when it does not (``nip44.pad`` decides).
+Pass ``max_plaintext=nip44.MAX_STANDARD_PLAINTEXT`` to refuse the extended form.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def seal(
     recipient_pubkey: str,
     *,
     now: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Kind 13: NIP-44(rumor JSON, conv(author, recipient)), no tags, signed by the author."""
     if rumor.pubkey != author.public_key:
@@ -82,7 +87,7 @@ def gift_wrap(
     wrapper: Keys | None = None,
     kind: int = GIFT_WRAP_KIND,
     relay_hint: str | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Kind 1059 (or 21059): NIP-44(seal JSON) under a one-time key, ``p``-tagged to recipient."""
     if kind not in (GIFT_WRAP_KIND, EPHEMERAL_GIFT_WRAP_KIND):
@@ -103,7 +108,7 @@ def wrap(
     recipient_pubkey: str,
     *,
     now: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Seal ``rumor`` with ``author`` and gift-wrap it to ``recipient_pubkey`` (kind 1059)."""
     sealed = seal(rumor, author, recipient_pubkey, now=now, max_plaintext=max_plaintext)
@@ -114,7 +119,7 @@ def unwrap(
     wrapped: Event,
     recipient: Keys,
     *,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Unwrapped:
     """Verify and open a gift wrap: wrap sig, seal kind/sig, rumor pubkey == seal pubkey."""
     if wrapped.kind not in (GIFT_WRAP_KIND, EPHEMERAL_GIFT_WRAP_KIND):
@@ -171,7 +176,7 @@ def build_dm(
     *,
     self_copy: bool = True,
     created_at: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> list[Event]:
     """NIP-17 DM: gift wraps of one kind 14 rumor to the recipient, then (optionally) to self."""
     rumor = build_dm_rumor(sender.public_key, recipient_pubkey, text, reply_to, created_at)
