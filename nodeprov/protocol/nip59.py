@@ -127,8 +127,11 @@ def unwrap(
     if not verify_event(wrapped):
         raise InvalidEvent("gift wrap id or signature is invalid")
     key = nip44.get_conversation_key(recipient.secret_key, wrapped.pubkey)
+    # The layers are bounded by the payload that carried them (already in memory), not by
+    # the cap on events read off the wire: a DM too large to handle is refused with a reply.
     try:
-        sealed = Event.from_json(nip44.decrypt(wrapped.content, key, max_plaintext=max_plaintext))
+        text = nip44.decrypt(wrapped.content, key, max_plaintext=max_plaintext)
+        sealed = Event.from_json(text, max_chars=len(text))
     except DecryptionError as exc:
         raise DecryptionError(f"gift wrap does not decrypt: {exc.message}") from None
     except InvalidEvent as exc:
@@ -139,9 +142,8 @@ def unwrap(
         raise InvalidEvent("seal id or signature is invalid")
     key = nip44.get_conversation_key(recipient.secret_key, sealed.pubkey)
     try:
-        rumor = UnsignedEvent.from_json(
-            nip44.decrypt(sealed.content, key, max_plaintext=max_plaintext)
-        )
+        text = nip44.decrypt(sealed.content, key, max_plaintext=max_plaintext)
+        rumor = UnsignedEvent.from_json(text, max_chars=len(text))
     except DecryptionError as exc:
         raise DecryptionError(f"seal does not decrypt: {exc.message}") from None
     except InvalidEvent as exc:

@@ -143,3 +143,15 @@ async def test_a_nip04_request_over_the_limit_gets_request_too_large(
     data = (await client.replies(1, within=30.0))[0].json
     assert data["type"] == "error" and data["id"] == "n4", data
     assert data["error"]["code"] == "request_too_large"
+
+
+async def test_a_dm_far_over_the_limit_is_answered_not_dropped(
+    node: DmNode, client: SdkClient
+) -> None:
+    """A 1.2 MB job (a 3.3 MB gift wrap; handed over directly, past the test relay's limit)."""
+    message, _ = job("z" * 1_200_000, None, ident="vast")
+    (wrap,) = nip59.build_dm(our_keys(client), node.keys.public_key, message, self_copy=False)
+    await node.listener.process(wrap.to_dict())
+    data = (await client.replies(1, within=30.0))[0].json
+    assert data["type"] == "error" and data["id"] == "vast", data
+    assert data["error"]["code"] == "request_too_large"
