@@ -10,12 +10,12 @@ where a missing Node.js is an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ PEER_DIR = Path(__file__).parent / "nostr_tools"
 SCRIPT = PEER_DIR / "peer.mjs"
 LOCK = PEER_DIR / "package-lock.json"
 STAMP = PEER_DIR / "node_modules" / ".nodeprov-lock-sha256"
-LINE_LIMIT = 64 * 1024 * 1024  # one stdout line carries a whole DM
 
 
 class Unavailable(Exception):
@@ -57,48 +56,71 @@ def node_required() -> bool:
     return os.environ.get("NODEPROV_REQUIRE_NODE", "") not in ("", "0")
 
 
-class ToolsPeer:
-    """One nostr-tools client with its own key, talking to ``node_pubkey`` on ``relay_url``."""
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=PEER_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def __init__(self, proc: asyncio.subprocess.Process, pubkey: str) -> None:
+
+class ToolsPeer:
+    """One nostr-tools client with its own key, talking to ``node_pubkey`` on ``relay_url``.
+
+    A plain ``Popen`` with a reader thread, not an asyncio subprocess: an in-process uvicorn
+    (the fake upstream) may have installed uvloop's policy, which has no child watcher for
+    the asyncio loop the tests run on.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
         self.proc = proc
-        self.pubkey = pubkey
+        self.loop = loop
+        self.pubkey = ""
+        self.ready: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.dms: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.acks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.errors: list[str] = []
-        self._reader = asyncio.create_task(self._read())
+        self._reader = threading.Thread(target=self._read, name="nostr-tools-peer", daemon=True)
+        self._reader.start()
 
     @classmethod
     async def start(cls, node: str, relay_url: str, node_pubkey: str) -> ToolsPeer:
-        proc = await asyncio.create_subprocess_exec(
-            node, str(SCRIPT), relay_url, node_pubkey, cwd=PEER_DIR,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        first = await asyncio.wait_for(proc.stdout.readline(), 30)
-        hello = json.loads(first) if first else {}
+        proc = await asyncio.to_thread(_spawn, [node, str(SCRIPT), relay_url, node_pubkey])
+        peer = cls(proc, asyncio.get_running_loop())
+        try:
+            hello = await asyncio.wait_for(peer.ready.get(), 30)
+        except TimeoutError:
+            hello = {}
         if not hello.get("ready"):
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"nostr-tools peer did not start: {first!r}")
-        return cls(proc, hello["pubkey"])
+            await peer.close()
+            raise AssertionError(f"nostr-tools peer did not start: {peer.errors}")
+        peer.pubkey = str(hello["pubkey"])
+        return peer
 
-    async def _read(self) -> None:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
+        for line in self.proc.stdout:
             msg = json.loads(line)
-            if "dm" in msg:
-                await self.dms.put((msg["nip"], msg["dm"]))
-            elif "sent" in msg:
-                await self.acks.put(msg)
-            else:
-                self.errors.append(str(msg.get("error", msg)))
+            self.loop.call_soon_threadsafe(self._dispatch, msg)
+        self.loop.call_soon_threadsafe(self._dispatch, {"error": "the peer exited", "ready": False})
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "dm" in msg:
+            self.dms.put_nowait((msg["nip"], msg["dm"]))
+        elif "sent" in msg:
+            self.acks.put_nowait(msg)
+        elif "ready" in msg:
+            if not msg["ready"]:
+                self.errors.append(str(msg.get("error")))
+            self.ready.put_nowait(msg)
+        else:
+            self.errors.append(str(msg.get("error", msg)))
+
+    def _write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
 
     async def send(self, text: str, nip: str = "nip17") -> str:
         """Publish one DM; returns its event id once the relay accepted it."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"send": text, "nip": nip}).encode() + b"\n")
-        await self.proc.stdin.drain()
+        line = json.dumps({"send": text, "nip": nip}).encode() + b"\n"
+        await asyncio.to_thread(self._write, line)
         ack = await asyncio.wait_for(self.acks.get(), 90)
         assert ack["ok"], f"relay refused the DM: {ack}; peer errors: {self.errors}"
         return str(ack["sent"])
@@ -131,13 +153,11 @@ class ToolsPeer:
         return (await self.replies(1, within))[0]
 
     async def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # the peer exits when its stdin closes
         try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
+            await asyncio.to_thread(self.proc.wait, 10)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+            await asyncio.to_thread(self.proc.wait)
+        await asyncio.to_thread(self._reader.join, 10)
