@@ -89,7 +89,8 @@ class NostrSection:
     accept_nip04: bool = True
     default_model: str = ""
     chat_history_turns: int = 6
-    max_content_bytes: int = 16_384
+    # Largest incoming DM text (bytes, decrypted) a job may be; larger gets request_too_large.
+    max_content_bytes: int = 262_144
     rate_limit_per_minute: int = 20
     max_concurrent_jobs_per_sender: int = 2
 

@@ -1,7 +1,10 @@
 """DM envelopes: open incoming NIP-17 gift wraps and NIP-04 events, send replies the same way.
 
 NIP-17 replies go to the sender's kind 10050 relays when published (else to ours); replies
-are already split into parts that fit one gift wrap (or one kind 4 event) each.
+are already split into parts that fit one gift wrap (or one kind 4 event) each, so every reply
+uses NIP-44's standard encoding. Incoming gift wraps may use either encoding, and no DM is
+dropped for its size before it is opened: the listener answers one over
+``nostr.max_content_bytes`` with ``request_too_large``, which needs the sender (inside).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ FUTURE_SKEW_SECONDS = 15 * 60
 RUMOR_OVERHEAD_BYTES = 1024  # id, pubkey, p and e tags, field names of a reply rumor
 NIP04_MAX_TEXT_BYTES = 30_000  # about 40 KB of base64 in a kind 4 event
 DM_RELAYS_TTL_SECONDS = 600.0
+# The largest relay frame a connection reads (``relay_conn``'s cap): anything a relay delivers
+# is opened, so an oversized request is answered rather than ignored.
+MAX_EVENT_CHARS = 16 * 1024 * 1024
 
 
 class Dropped(Exception):
@@ -89,7 +95,7 @@ class DmTransport:
         keys: Keys,
         *,
         accept_nip04: bool = True,
-        max_event_chars: int = 400_000,
+        max_event_chars: int = MAX_EVENT_CHARS,
         max_age: int = MAX_AGE_SECONDS,
     ) -> None:
         self.pool = pool
@@ -114,7 +120,7 @@ class DmTransport:
             if event.kind == nip59.GIFT_WRAP_KIND:
                 # Gift wraps are back-dated up to two days on purpose; the rumor is checked.
                 _fresh(event.created_at, now, "gift wrap", nip59.TWO_DAYS + self.max_age)
-                opened = nip59.unwrap(event, self.keys)
+                opened = nip59.unwrap(event, self.keys)  # both NIP-44 encodings
                 rumor = opened.rumor
                 if rumor.kind != nip59.DM_KIND:
                     raise Dropped(f"gift wrap holds kind {rumor.kind}, not a kind 14 DM")

@@ -18,7 +18,9 @@ from nodeprov.protocol.nip44 import shared_x
 from nodeprov.protocol.nostr_event import Event, EventTemplate, Keys, sign_event, verify_event
 
 KIND = 4
-MAX_CONTENT_CHARS = 1_000_000
+# As large as the largest relay frame the node reads (16 MiB): a DM is never dropped for size
+# before its sender can be told it is too large.
+MAX_CONTENT_CHARS = 16 * 1024 * 1024
 
 
 def encrypt(plaintext: str, secret_key: str, public_key: str, iv: bytes | None = None) -> str:

@@ -5,8 +5,10 @@ HKDF-expand(nonce) -> ChaCha20 key/nonce + HMAC key; power-of-two padding; ChaCh
 counter 0); HMAC-SHA256 over ``nonce || ciphertext``; base64 of ``02 || nonce || ct || mac``.
 
 Plaintexts of 65536 bytes or more use the extended 6-byte length prefix (``00 00`` + u32) of
-the spec copy in ``specs/nips/44.md``. Deployed NIP-44 implementations (and the official vector
-file) cap plaintexts at 65535 bytes, so the extended form is opt-in through ``max_plaintext``.
+the spec copy in ``specs/nips/44.md``. Some deployed implementations (nostr-sdk, and the official
+vector file) cap plaintexts at 65535 bytes while others (nostr-tools 2.x) send the extended form,
+so this module's default is the standard cap and callers opt in through ``max_plaintext``
+(``nip59`` does: it accepts both and sends the standard form whenever it fits).
 """
 
 from __future__ import annotations

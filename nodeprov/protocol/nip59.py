@@ -2,6 +2,11 @@
 
 Both layers are NIP-44 v2 encrypted. :func:`unwrap` verifies both signatures and refuses a seal
 whose signer differs from the rumor's pubkey (the NIP-17 impersonation check).
+
+Sizes: both NIP-44 encodings are accepted on receive (nostr-tools seals a rumor over ~40 KB
+with the extended length prefix); on send the standard u16 prefix is used whenever a layer's
+plaintext fits 65535 bytes, the extended one only when it does not (``nip44.pad`` decides).
+Pass ``max_plaintext=nip44.MAX_STANDARD_PLAINTEXT`` to refuse the extended form.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def seal(
     recipient_pubkey: str,
     *,
     now: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Kind 13: NIP-44(rumor JSON, conv(author, recipient)), no tags, signed by the author."""
     if rumor.pubkey != author.public_key:
@@ -82,7 +87,7 @@ def gift_wrap(
     wrapper: Keys | None = None,
     kind: int = GIFT_WRAP_KIND,
     relay_hint: str | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Kind 1059 (or 21059): NIP-44(seal JSON) under a one-time key, ``p``-tagged to recipient."""
     if kind not in (GIFT_WRAP_KIND, EPHEMERAL_GIFT_WRAP_KIND):
@@ -103,7 +108,7 @@ def wrap(
     recipient_pubkey: str,
     *,
     now: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Event:
     """Seal ``rumor`` with ``author`` and gift-wrap it to ``recipient_pubkey`` (kind 1059)."""
     sealed = seal(rumor, author, recipient_pubkey, now=now, max_plaintext=max_plaintext)
@@ -114,7 +119,7 @@ def unwrap(
     wrapped: Event,
     recipient: Keys,
     *,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> Unwrapped:
     """Verify and open a gift wrap: wrap sig, seal kind/sig, rumor pubkey == seal pubkey."""
     if wrapped.kind not in (GIFT_WRAP_KIND, EPHEMERAL_GIFT_WRAP_KIND):
@@ -122,8 +127,11 @@ def unwrap(
     if not verify_event(wrapped):
         raise InvalidEvent("gift wrap id or signature is invalid")
     key = nip44.get_conversation_key(recipient.secret_key, wrapped.pubkey)
+    # The layers are bounded by the payload that carried them (already in memory), not by
+    # the cap on events read off the wire: a DM too large to handle is refused with a reply.
     try:
-        sealed = Event.from_json(nip44.decrypt(wrapped.content, key, max_plaintext=max_plaintext))
+        text = nip44.decrypt(wrapped.content, key, max_plaintext=max_plaintext)
+        sealed = Event.from_json(text, max_chars=len(text))
     except DecryptionError as exc:
         raise DecryptionError(f"gift wrap does not decrypt: {exc.message}") from None
     except InvalidEvent as exc:
@@ -134,9 +142,8 @@ def unwrap(
         raise InvalidEvent("seal id or signature is invalid")
     key = nip44.get_conversation_key(recipient.secret_key, sealed.pubkey)
     try:
-        rumor = UnsignedEvent.from_json(
-            nip44.decrypt(sealed.content, key, max_plaintext=max_plaintext)
-        )
+        text = nip44.decrypt(sealed.content, key, max_plaintext=max_plaintext)
+        rumor = UnsignedEvent.from_json(text, max_chars=len(text))
     except DecryptionError as exc:
         raise DecryptionError(f"seal does not decrypt: {exc.message}") from None
     except InvalidEvent as exc:
@@ -171,7 +178,7 @@ def build_dm(
     *,
     self_copy: bool = True,
     created_at: int | None = None,
-    max_plaintext: int = nip44.MAX_STANDARD_PLAINTEXT,
+    max_plaintext: int = nip44.MAX_EXTENDED_PLAINTEXT,
 ) -> list[Event]:
     """NIP-17 DM: gift wraps of one kind 14 rumor to the recipient, then (optionally) to self."""
     rumor = build_dm_rumor(sender.public_key, recipient_pubkey, text, reply_to, created_at)

@@ -81,7 +81,7 @@ def event_id(pubkey: str, created_at: int, kind: int, tags: Tags, content: str) 
     return hashlib.sha256(serialize_for_id(pubkey, created_at, kind, tags, content)).hexdigest()
 
 
-def _loads_object(text: object, what: str) -> dict[str, Any]:
+def _loads_object(text: object, what: str, max_chars: int = MAX_EVENT_JSON_CHARS) -> dict[str, Any]:
     if isinstance(text, bytes | bytearray):
         try:
             text = bytes(text).decode("utf-8")
@@ -89,8 +89,8 @@ def _loads_object(text: object, what: str) -> dict[str, Any]:
             raise InvalidEvent(f"{what} is not valid UTF-8") from None
     if not isinstance(text, str):
         raise InvalidEvent(f"{what} must be a JSON string")
-    if len(text) > MAX_EVENT_JSON_CHARS:
-        raise InvalidEvent(f"{what} is larger than {MAX_EVENT_JSON_CHARS} characters")
+    if len(text) > max_chars:
+        raise InvalidEvent(f"{what} is larger than {max_chars} characters")
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
@@ -161,9 +161,9 @@ class UnsignedEvent:
         return event
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> UnsignedEvent:
-        """Parse a rumor from JSON text."""
-        return cls.from_dict(_loads_object(text, "rumor"))
+    def from_json(cls, text: str | bytes, max_chars: int = MAX_EVENT_JSON_CHARS) -> UnsignedEvent:
+        """Parse a rumor from JSON text of at most ``max_chars`` characters."""
+        return cls.from_dict(_loads_object(text, "rumor", max_chars))
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +228,9 @@ class Event:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> Event:
+    def from_json(cls, text: str | bytes, max_chars: int = MAX_EVENT_JSON_CHARS) -> Event:
         """Parse an event from JSON text (shape only; call :func:`verify_event`)."""
-        return cls.from_dict(_loads_object(text, "event"))
+        return cls.from_dict(_loads_object(text, "event", max_chars))
 
 
 def secret_key_bytes(secret_key: str) -> bytes:

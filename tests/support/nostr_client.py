@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ SLOW_MODEL = "fake-chat+slow-2"
 # Waits inside the upstream call while the fake upstream's gate is closed (no timing involved).
 HELD_MODEL = "fake-chat+held"
 MODELS = (CHAT_MODEL, SLOW_MODEL, HELD_MODEL, "fake-embed")
+# TEST_PRICE with room for prompts of a few hundred KB (the DM size tests).
+LONG_CONTEXT = dataclasses.replace(TEST_PRICE, context_tokens=1_000_000)
 
 
 def chat_cost(usage: dict[str, int]) -> int:

@@ -183,11 +183,39 @@ def test_size_limits() -> None:
     assert len(fits.to_json().encode()) == nip59.MAX_RUMOR_JSON_BYTES
     assert nip59.unwrap(nip59.wrap(fits, alice, bob.public_key), bob).rumor == fits
     too_big = nip59.build_dm_rumor(alice.public_key, bob.public_key, "a" * 50000, created_at=1)
+    std = nip44.MAX_STANDARD_PLAINTEXT
     with pytest.raises(InvalidEvent, match="too large"):
-        nip59.wrap(too_big, alice, bob.public_key)
+        nip59.wrap(too_big, alice, bob.public_key, max_plaintext=std)
+    # By default a seal over 65535 bytes takes the extended prefix, and unwrap accepts it.
+    big = nip59.wrap(too_big, alice, bob.public_key)
+    assert nip59.unwrap(big, bob).rumor == too_big
+    with pytest.raises(DecryptionError):
+        nip59.unwrap(big, bob, max_plaintext=std)
+
+
+def _layer_prefixes(wrap: Event, bob: Keys) -> tuple[bytes, bytes]:
+    """The first two plaintext bytes of the wrap and of the seal (00 00 = extended prefix)."""
+
+    def first_two(payload: str, key: bytes) -> bytes:
+        nonce, ciphertext, _ = nip44.decode_payload(payload, nip44.MAX_EXTENDED_PLAINTEXT)
+        chacha_key, chacha_nonce, _ = nip44.get_message_keys(key, nonce)
+        return nip44._chacha20(chacha_key, chacha_nonce, ciphertext)[:2]
+
     ext = nip44.MAX_EXTENDED_PLAINTEXT
-    big = nip59.wrap(too_big, alice, bob.public_key, max_plaintext=ext)
-    assert nip59.unwrap(big, bob, max_plaintext=ext).rumor == too_big
+    wrap_key = nip44.get_conversation_key(bob.secret_key, wrap.pubkey)
+    sealed = Event.from_json(nip44.decrypt(wrap.content, wrap_key, max_plaintext=ext))
+    seal_key = nip44.get_conversation_key(bob.secret_key, sealed.pubkey)
+    return first_two(wrap.content, wrap_key), first_two(sealed.content, seal_key)
+
+
+def test_standard_encoding_whenever_it_fits() -> None:
+    alice, bob = Keys.generate(), Keys.generate()
+    small = nip59.build_dm(alice, bob.public_key, "a" * 30_000, self_copy=False)[0]
+    assert b"\x00\x00" not in _layer_prefixes(small, bob)
+    # 45 KB of text: the seal (~45 KB) fits the u16 prefix, the wrap around it (~80 KB) does not.
+    mid = nip59.build_dm(alice, bob.public_key, "a" * 45_000, self_copy=False)[0]
+    wrap_prefix, seal_prefix = _layer_prefixes(mid, bob)
+    assert wrap_prefix == b"\x00\x00" and seal_prefix != b"\x00\x00"
 
 
 def test_dm_relays_from_10050() -> None:
