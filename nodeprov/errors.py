@@ -3,11 +3,20 @@
 Every error a client can cause or see carries what each channel needs to report it:
 an HTTP status, an OpenAI-style ``type`` and ``code``, and a human message. The HTTP
 channel renders :meth:`NodeprovError.to_openai`, the Nostr channel :meth:`to_dm`.
+
+Where Routstr's clients branch on an error, its ``type`` (and ``code``) is the one they read:
+``insufficient_quota``/``insufficient_balance`` (402: top up and retry), ``token_already_spent``
+(drop the token), ``mint_unreachable`` (try another mint).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+
+def openai_error(type_: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope; every HTTP error body of the node has this shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class NodeprovError(Exception):
@@ -24,8 +33,8 @@ class NodeprovError(Exception):
         self.details = details
 
     def to_openai(self) -> dict[str, Any]:
-        """The OpenAI error body: ``{"error": {"type", "code", "message"}}``."""
-        return {"error": {"type": self.type, "code": self.code, "message": self.message}}
+        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return openai_error(self.type, self.code, self.message, self.details.get("param"))
 
     def to_dm(self) -> dict[str, Any]:
         """The ``error`` object of a DM job reply."""
@@ -101,13 +110,16 @@ class TokenTooSmall(PaymentError):
 class TokenAlreadySpent(PaymentError):
     """The mint says the proofs are spent (NUT error 11001), or we saw this token before."""
 
+    type = "token_already_spent"
     code = "token_already_spent"
 
 
 class InsufficientBalance(PaymentError):
+    """Too little money for the job's hold (an account, a pubkey, or no payment at all)."""
+
     status = 402
-    type = "insufficient_balance"
-    code = "payment_required"
+    type = "insufficient_quota"
+    code = "insufficient_balance"
 
     @classmethod
     def of(cls, available_msat: int, required_msat: int, hint: str = "") -> InsufficientBalance:
@@ -155,6 +167,26 @@ class AccountExpired(PaymentError):
     code = "account_expired"
 
 
+class RefundPending(PaymentError):
+    """A payment's change is asked for while its job still runs (Routstr's 425: retry)."""
+
+    status = 425
+    code = "refund_pending"
+    retryable = True
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, retry_after=2, **details)
+
+
+class NothingToRefund(PaymentError):
+    """A refund of an account or payment that holds nothing (Routstr's "No balance to refund")."""
+
+    code = "no_balance"
+
+    def __init__(self, message: str = "No balance to refund", **details: Any) -> None:
+        super().__init__(message, **details)
+
+
 # --- the node's dependencies ----------------------------------------------------------
 
 
@@ -174,6 +206,7 @@ class MintUnavailable(MintError):
     """The mint could not be reached or timed out; nothing was lost, try again."""
 
     status = 503
+    type = "mint_unreachable"
     code = "mint_unavailable"
     retryable = True
 

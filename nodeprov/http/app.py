@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodeprov.errors import NodeprovError, RequestTooLarge
+from nodeprov.errors import NodeprovError, RequestTooLarge, openai_error
 from nodeprov.http.audio_routes import ROUTES as AUDIO_ROUTES
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
@@ -107,7 +107,7 @@ async def on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
+        body = openai_error("invalid_request_error", code, message)
         return JSON(body, status_code=exc.status_code, headers=exc.headers)
     if isinstance(exc, ClientDisconnect):
         # The client left (or was cut off) while its body was being read: nothing was held
@@ -115,7 +115,7 @@ async def on_error(request: Request, exc: Exception) -> Response:
         logger.info("client gone while sending %s %s", request.method, request.url.path)
         return Response(status_code=400)
     logger.exception("unexpected error on %s", request.url.path, exc_info=exc)
-    body = {"error": {"type": "server_error", "code": "internal_error", "message": "internal"}}
+    body = openai_error("server_error", "internal_error", "internal")
     return JSON(body, status_code=500)
 
 

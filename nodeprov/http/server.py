@@ -15,15 +15,13 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from nodeprov.config import HttpSection
+from nodeprov.errors import openai_error
 
 
 def _header_refusal(limit: int) -> bytes:
-    error = {
-        "type": "invalid_request_error",
-        "code": "request_header_fields_too_large",
-        "message": f"the request line and headers are larger than {limit} bytes",
-    }
-    body = json.dumps({"error": error}).encode()
+    message = f"the request line and headers are larger than {limit} bytes"
+    error = openai_error("invalid_request_error", "request_header_fields_too_large", message)
+    body = json.dumps(error).encode()
     head = (
         "HTTP/1.1 431 Request Header Fields Too Large\r\n"
         "content-type: application/json\r\n"

@@ -43,8 +43,8 @@ async def new_key(node: Node, token: str) -> str:
 
 async def test_no_payment_is_402_with_a_nut18_request(node: Node) -> None:
     r = await post(node, "/chat/completions", json=CHAT)
-    error = assert_error(r, 402, "payment_required")
-    assert error["type"] == "insufficient_balance"
+    error = assert_error(r, 402, "insufficient_balance")
+    assert error["type"] == "insufficient_quota"
     max_msat = node.core.pricer.max_cost("fake-chat", CHAT, "chat").total_msat
     assert error["message"] == (
         f"Insufficient balance. Current: 0 sats, Required: {math.ceil(max_msat / 1000)} sats"
@@ -57,7 +57,7 @@ async def test_no_payment_is_402_with_a_nut18_request(node: Node) -> None:
 async def test_insufficient_key_balance_is_402_and_charges_nothing(node: Node, make_token) -> None:
     key = await new_key(node, await make_token(1))
     r = await post(node, "/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
-    assert_error(r, 402, "payment_required")
+    assert_error(r, 402, "insufficient_balance")
     assert r.headers["x-cashu"].startswith("creqA")
     assert r.json()["error"]["message"].startswith("Insufficient balance. Current: 1 sats")
     assert (await node.account(key)).balance_msat == 1000

@@ -324,7 +324,7 @@ async def test_insufficient_balance_message(
         error.message == f"Insufficient balance. Current: {current} sats, Required: {required} sats"
     )
     assert error.details == {"available_msat": funded - held, "required_msat": asked}
-    assert error.to_openai()["error"]["code"] == "payment_required"
+    assert error.to_openai()["error"]["code"] == "insufficient_balance"
     assert await balances(ledger, "key:i") == (funded, held)
     await ledger.release(blocking)
 

@@ -163,7 +163,7 @@ async def test_nut18_payment_payload_is_a_deposit(
 
 async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClient) -> None:
     data = (await client.ask(request(chat_body()))).json
-    assert data["type"] == "error" and data["error"]["code"] == "payment_required"
+    assert data["type"] == "error" and data["error"]["code"] == "insufficient_balance"
     assert data["payment_request"].startswith("creqA")
     plain = await client.ask("hello, can you help?")
     assert "creqA" in plain.text

@@ -162,7 +162,7 @@ async def test_token_of_a_unit_not_offered_is_400_and_stays_unspent(
 async def test_no_payment_at_all_is_still_402_with_a_payment_request(node: Node) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         r = await client.post(node.base + "/chat/completions", json=CHAT)
-    assert r.status_code == 402 and r.json()["error"]["code"] == "payment_required"
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance"
     assert r.headers["x-cashu"].startswith("creqA")
 
 

@@ -121,8 +121,8 @@ def test_reply_builders() -> None:
     }
     e = json.loads(dj.error_reply("2", InsufficientBalance("need more"), payment_request="creqA"))
     assert e["error"] == {
-        "type": "insufficient_balance",
-        "code": "payment_required",
+        "type": "insufficient_quota",
+        "code": "insufficient_balance",
         "message": "need more",
     }
     assert (e["refund"], e["payment_request"]) == (None, "creqA")
