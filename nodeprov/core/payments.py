@@ -334,6 +334,11 @@ class Payments(AccountMoves):
         """An account as the channels may show it (balance, spent, last used)."""
         return await self.ledger.account(account_id)
 
+    async def payment_in_flight(self, token: str) -> bool:
+        """Whether a job paid by per-request ``token`` still holds money (change not yet due)."""
+        account = await self.ledger.account("req:" + token_fingerprint(parse_token(token)))
+        return account is not None and account.reserved_msat > 0
+
     async def claim_change(self, token: str) -> list[str]:
         """Change tokens issued for a per-request token, issuing any still owed."""
         fingerprint = token_fingerprint(parse_token(token))

@@ -258,7 +258,12 @@ class Pricer:
         """Routstr's ``sats_pricing`` object (sats per token / request / image). Display only.
 
         Values are ``Decimal``; serialise them as JSON numbers (Routstr clients do arithmetic
-        on them). ``max_cost`` is whole sats, at least the largest hold of an n=1 chat request.
+        on them). ``max_cost`` is whole sats, at least the hold of any request with one prompt
+        and one output within the model's limits: a chat, completion or embedding whose prompt
+        fits ``context_tokens`` with at most ``max_output_tokens`` (prompt and output bounds
+        at their limits together), or one image of any offered size. Speech and audio are
+        priced per character and second and are not bounded by it; ``n``, ``best_of`` and
+        batched inputs multiply the hold.
         """
         price = self.price(model)
         convert = _Converter(self._rates)
@@ -269,7 +274,9 @@ class Pricer:
         images = [convert(rate) for rate in price.image.values()]
         max_prompt = price.context_tokens * per_input
         max_output = price.max_output_tokens * per_output
-        max_msat = ceil_msat(fee * (request + max_prompt + max_output))
+        # The dearest single job: a full context and output, or the dearest image.
+        max_job = max(max_prompt + max_output, max(images, default=Fraction(0)))
+        max_msat = ceil_msat(fee * (request + max_job))
         return {
             "prompt": _display_sats(fee * per_input),
             "completion": _display_sats(fee * per_output),

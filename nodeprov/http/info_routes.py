@@ -18,6 +18,7 @@ def model_entry(ctx: HttpContext, name: str, target: str) -> dict[str, Any]:
     price = ctx.pricer.price(target)
     entry: dict[str, Any] = {
         "id": name,
+        "name": name,
         "object": "model",
         "created": 0,
         "owned_by": ctx.config.node.name,

@@ -1,7 +1,9 @@
 """API keys and balances (Routstr's shapes, amounts in msat), all through ``core.payments``.
 
-``/v1/wallet/*`` plus Routstr's ``/v1/balance/create|info|topup|refund`` aliases. A key is
-``Authorization: Bearer sk-…`` (a token used as a key works too).
+``/v1/wallet/*`` plus Routstr's ``/v1/balance/create|info|topup|refund`` aliases and its
+account-info root (``GET /v1/balance/``). A key is ``Authorization: Bearer sk-…`` (a token used
+as a key works too). ``POST …/refund`` with ``X-Cashu: <the token that paid>`` returns that
+payment's change instead, as Routstr clients collect it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
-from nodeprov.errors import InvalidRequest, Unauthorized
+from nodeprov.errors import InvalidRequest, NothingToRefund, RefundPending, Unauthorized
 from nodeprov.http.auth import key_payer
 from nodeprov.http.context import (
     JSON,
@@ -86,6 +88,13 @@ async def balance(request: Request) -> Response:
     return JSON({"api_key": _mask(payer.credential), **_view(account)})
 
 
+async def info(request: Request) -> Response:
+    """Account info with the full key: the bearer already holds it, and clients that
+    bootstrap with a token read ``api_key`` back to use as their key (as Routstr's do)."""
+    payer, account = await _account(context(request), request)
+    return JSON({"api_key": payer.credential, **_view(account)})
+
+
 async def topup(request: Request) -> Response:
     ctx = context(request)
     params = await read_params(request)
@@ -97,6 +106,29 @@ async def topup(request: Request) -> Response:
 
 
 MAX_IDEMPOTENCY_KEY = 255
+
+
+async def refund(request: Request) -> Response:
+    """Routstr's refund: a payment's change (``X-Cashu``) or a key's whole balance."""
+    cashu = request.headers.get("x-cashu")
+    if cashu is not None and cashu.strip():
+        return await _payment_change(context(request), cashu.strip())
+    _, account = await _account(context(request), request)
+    if account.available_msat <= 0:
+        raise NothingToRefund()
+    return await withdraw(request)
+
+
+async def _payment_change(ctx: HttpContext, token: str) -> Response:
+    tokens = await ctx.payments.claim_change(token)
+    if not tokens:
+        if await ctx.payments.payment_in_flight(token):
+            raise RefundPending("The job this token paid for is still running; retry shortly")
+        raise NothingToRefund()
+    # Normally one; several only if a payment's change was issued in parts. The last is the
+    # newest; all are listed, since a merged token would fail if any part was received.
+    change = tokens[-1]
+    return JSON({"token": change, "tokens": tokens}, headers={"X-Cashu": change})
 
 
 async def withdraw(request: Request) -> Response:
@@ -144,12 +176,14 @@ ROUTES = [
     HttpRoute("/v1/wallet/create", create, methods=["POST"]),
     HttpRoute("/v1/balance/create", create, methods=["POST"]),
     HttpRoute("/v1/wallet/balance", balance, methods=["GET"]),
-    HttpRoute("/v1/wallet/info", balance, methods=["GET"]),
-    HttpRoute("/v1/balance/info", balance, methods=["GET"]),
+    HttpRoute("/v1/wallet/info", info, methods=["GET"]),
+    HttpRoute("/v1/balance/info", info, methods=["GET"]),
+    HttpRoute("/v1/balance/", info, methods=["GET"]),
+    HttpRoute("/v1/wallet/", info, methods=["GET"]),
     HttpRoute("/v1/wallet/topup", topup, methods=["POST"]),
     HttpRoute("/v1/balance/topup", topup, methods=["POST"]),
     HttpRoute("/v1/wallet/withdraw", withdraw, methods=["POST"]),
-    HttpRoute("/v1/wallet/refund", withdraw, methods=["POST"]),
-    HttpRoute("/v1/balance/refund", withdraw, methods=["POST"]),
+    HttpRoute("/v1/wallet/refund", refund, methods=["POST"]),
+    HttpRoute("/v1/balance/refund", refund, methods=["POST"]),
     HttpRoute("/v1/wallet/change", change, methods=["GET"]),
 ]
