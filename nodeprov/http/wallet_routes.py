@@ -16,7 +16,13 @@ from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
-from nodeprov.errors import InvalidRequest, NothingToRefund, RefundPending, Unauthorized
+from nodeprov.errors import (
+    InvalidRequest,
+    NothingToRefund,
+    RefundPending,
+    TokenTooSmall,
+    Unauthorized,
+)
 from nodeprov.http.auth import key_payer
 from nodeprov.http.context import (
     JSON,
@@ -116,7 +122,12 @@ async def refund(request: Request) -> Response:
     _, account = await _account(context(request), request)
     if account.available_msat <= 0:
         raise NothingToRefund()
-    return await withdraw(request)
+    try:
+        return await withdraw(request)
+    except TokenTooSmall as exc:
+        # Less than one unit of the mint (or less than its fee) is left: it stays on the key,
+        # still good for requests, and a client sweeping its keys may forget this one.
+        raise NothingToRefund(reason=exc.message) from None
 
 
 async def _payment_change(ctx: HttpContext, token: str) -> Response:

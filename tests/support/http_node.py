@@ -22,6 +22,7 @@ import pytest
 from nodeprov.config import (
     Config,
     HttpSection,
+    ModelPrice,
     NodeSection,
     Rate,
     Upstream,
@@ -124,12 +125,13 @@ async def start_node(
     upstream_timeout: Decimal = Decimal(2),
     cors: tuple[str, ...] = ("https://app.example",),
     wallet_options: Mapping[str, Any] | None = None,
+    price: ModelPrice = PRICE,
     **core_options: Any,
 ) -> Node:
     """The node; ``core_options`` go to :func:`tests.support.core.build_core` (lease, clock),
-    ``wallet_options`` to its ``[wallet]`` config section."""
+    ``wallet_options`` to its ``[wallet]`` config section; ``price`` prices every model."""
     core = await build_core(
-        tmp_path / "ledger.sqlite3", mints, models={m: PRICE for m in MODELS}, **core_options
+        tmp_path / "ledger.sqlite3", mints, models={m: price for m in MODELS}, **core_options
     )
     config = Config(
         node=NodeSection(name="test-node", http_url="http://127.0.0.1"),
@@ -145,7 +147,7 @@ async def start_node(
                 "fake", upstream.url, UPSTREAM_KEY, models=MODELS, timeout_seconds=upstream_timeout
             ),
         ),
-        models=MappingProxyType({m: PRICE for m in MODELS}),
+        models=MappingProxyType({m: price for m in MODELS}),
     )
     upstreams = Upstreams.from_config(config)
     funding = LightningFunding(
