@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from nodeprov.client.pay import PATHS, Opened, PayingClient, Receipt
-from nodeprov.errors import InvalidRequest, NodeprovError
+from nodeprov.errors import InvalidRequest, NodeprovError, openai_error
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ def create_proxy_app(payer: PayingClient) -> Starlette:
         try:
             response = await payer.http.get(payer.provider.api + "/models")
         except httpx.TransportError as exc:
+            message = f"the provider is unreachable: {exc}"
             return JSONResponse(
-                {"error": {"type": "upstream_error", "code": "provider_unavailable",
-                           "message": f"the provider is unreachable: {exc}"}},
-                status_code=503,
-            )  # fmt: skip
+                openai_error("upstream_error", "provider_unavailable", message), status_code=503
+            )
         return Response(response.content, response.status_code, _pass(response))
 
     async def status(request: Request) -> Response:
