@@ -62,6 +62,36 @@ async def test_refund_of_a_streamed_payment_returns_its_change(node: Node, make_
     assert await make_token.redeem(r.json()["token"]) > 0
 
 
+async def test_a_refund_while_the_paid_job_runs_is_425_then_the_change(
+    node: Node, make_token
+) -> None:
+    token = await make_token(30)
+    body = {**CHAT, "model": "fake-chat+pause-2", "stream": True}
+    node.upstream.arm_pause()
+    try:
+        async with (
+            httpx.AsyncClient(base_url=node.base, timeout=60) as http,
+            http.stream("POST", "/chat/completions", json=body, headers={"X-Cashu": token}) as r,
+        ):
+            assert r.status_code == 200
+            lines = r.aiter_lines()
+            datas = 0
+            while datas < 2:  # the upstream is paused mid-stream: the job holds its money
+                datas += (await lines.__anext__()).startswith("data:")
+            early = await http.post("/wallet/refund", headers={"X-Cashu": token})
+            assert early.status_code == 425, early.text
+            assert early.headers["retry-after"] == "2"
+            assert early.json()["error"]["code"] == "refund_pending"
+            node.upstream.resume_paused()
+            _ = [line async for line in lines]
+    finally:
+        node.upstream.resume_paused()
+    await node.wait_idle()
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        later = await http.post("/wallet/refund", headers={"X-Cashu": token})
+    assert later.status_code == 200 and await make_token.redeem(later.json()["token"]) > 0
+
+
 async def test_an_empty_refund_says_no_balance_to_refund(node: Node, make_token) -> None:
     async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
         key = await create_key(http, await make_token(5))
