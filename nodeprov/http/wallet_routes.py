@@ -32,6 +32,7 @@ from nodeprov.http.context import (
     new_key_options,
     read_params,
 )
+from nodeprov.protocol.cashu_token import parse_token
 
 
 def _mask(key: str) -> str:
@@ -139,7 +140,10 @@ async def _payment_change(ctx: HttpContext, token: str) -> Response:
     # Normally one; several only if a payment's change was issued in parts. The last is the
     # newest; all are listed, since a merged token would fail if any part was received.
     change = tokens[-1]
-    return JSON({"token": change, "tokens": tokens}, headers={"X-Cashu": change})
+    parsed = parse_token(change)
+    # Routstr states the amount as a string, under the unit's name.
+    amount = {"sats" if parsed.unit == "sat" else "msats": str(parsed.amount)}
+    return JSON({"token": change, **amount, "tokens": tokens}, headers={"X-Cashu": change})
 
 
 async def withdraw(request: Request) -> Response:

@@ -44,6 +44,7 @@ async def test_refund_with_the_paying_token_returns_that_payments_change(
     assert r.status_code == 200, r.text
     assert r.json()["token"] == r.headers["x-cashu"] == change
     cost_sat = math.ceil(int(paid.headers["x-cost-msat"]) / 1000)
+    assert r.json()["sats"] == str(30 - cost_sat)
     assert await make_token.redeem(r.json()["token"]) == 30 - cost_sat
 
 
