@@ -121,14 +121,15 @@ async def refund(request: Request) -> Response:
     if cashu is not None and cashu.strip():
         return await _payment_change(context(request), cashu.strip())
     _, account = await _account(context(request), request)
-    if account.available_msat <= 0:
-        raise NothingToRefund()
-    try:
-        return await withdraw(request)
-    except TokenTooSmall as exc:
-        # Less than one unit of the mint (or less than its fee) is left: it stays on the key,
-        # still good for requests, and a client sweeping its keys may forget this one.
-        raise NothingToRefund(reason=exc.message) from None
+    if account.available_msat > 0:
+        try:
+            return await withdraw(request)
+        except TokenTooSmall:
+            pass  # less than one unit of the mint (or than its fee): it stays on the key
+    if account.reserved_msat > 0:
+        # Routstr's words: its clients keep the key for a later sweep when they read them.
+        raise RefundPending("Cannot refund key. There are ongoing requests for this api key.")
+    raise NothingToRefund()
 
 
 async def _payment_change(ctx: HttpContext, token: str) -> Response:

@@ -93,6 +93,34 @@ async def test_a_refund_while_the_paid_job_runs_is_425_then_the_change(
     assert later.status_code == 200 and await make_token.redeem(later.json()["token"]) > 0
 
 
+async def test_a_key_whose_balance_is_all_held_is_not_called_empty(node: Node, make_token) -> None:
+    body = {**CHAT, "model": "fake-chat+pause-2", "stream": True}
+    hold = node.core.pricer.max_cost("fake-chat+pause-2", body, "chat").total_msat
+    async with httpx.AsyncClient(base_url=node.base, timeout=60) as http:
+        key = await create_key(http, await make_token(math.ceil(hold / 1000)))
+        auth = {"Authorization": f"Bearer {key}"}
+        node.upstream.arm_pause()
+        try:
+            async with http.stream("POST", "/chat/completions", json=body, headers=auth) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                datas = 0
+                while datas < 2:
+                    datas += (await lines.__anext__()).startswith("data:")
+                busy = await http.post("/wallet/refund", headers=auth)
+                assert busy.status_code == 425, busy.text
+                assert "ongoing requests" in busy.json()["error"]["message"]
+                node.upstream.resume_paused()
+                _ = [line async for line in lines]
+        finally:
+            node.upstream.resume_paused()
+        await node.wait_idle()
+        done = await http.post("/wallet/refund", headers=auth)
+    assert done.status_code in (200, 400), done.text  # the change, or too little to pay out
+    if done.status_code == 200:
+        await make_token.redeem(done.json()["token"])
+
+
 async def test_an_empty_refund_says_no_balance_to_refund(node: Node, make_token) -> None:
     async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
         key = await create_key(http, await make_token(5))
