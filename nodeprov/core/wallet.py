@@ -41,6 +41,11 @@ from nodeprov.protocol.cashu_token import (
 
 logger = logging.getLogger(__name__)
 
+# The most proofs a token the node sends may carry as they are. A pool grown from many small
+# payments can make an exact subset of thousands of proofs, a token no wallet reads; past
+# this, the proofs are swapped into a short split (one mint round trip) instead.
+MAX_SEND_PROOFS = 64
+
 
 @dataclass(frozen=True)
 class Received:
@@ -232,6 +237,8 @@ class Wallet(WalletRecovery):
             await debit(conn, account_id, debit_msat, kind, ref)
             counts = await journal.pool_counts(conn, mint_url, unit_)
             exact = exact_subset(counts, value)
+            if exact is not None and sum(exact.values()) > MAX_SEND_PROOFS:
+                exact = None  # too long to send as is: swap it into a short split
             chosen = exact or covering_subset(counts, value)
             if chosen is None:
                 raise MintError(f"the node holds less than {value} {unit_} at {mint_url}")

@@ -14,6 +14,7 @@ import contextlib
 import random
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ async def run(seconds: float, seed: int, workdir: Path | None = None) -> Result:
                 await _workload(world, seconds)
                 if not any(v.rule == "node_did_not_start" for v in books.violations):
                     await drain_and_count(world)
+            except Exception as exc:  # the check could not finish: that is a finding too
+                world.log("".join(traceback.format_exception(exc)))
+                books.violation("check_crashed", f"{type(exc).__name__}: {exc}")
             finally:
                 await world.http.aclose()
                 for client in world.npubs:
