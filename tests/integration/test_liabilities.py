@@ -108,3 +108,25 @@ async def test_change_below_the_mint_fee_goes_to_the_token_account_not_retried(
         await core.assert_books_balance()
     finally:
         await core.close()
+
+
+async def test_withdrawing_all_earnings_pays_what_one_pool_can_and_leaves_the_rest(
+    tmp_path: Path, mint: MintHandle, make_token: Any
+) -> None:
+    """Found by the soak: earnings split over the sat and msat pools, with users' balances
+    owed from the sat pool, made "withdraw everything" refuse with "no single mint holds
+    enough" although 100 sat of it could be paid. It pays those and leaves the rest."""
+    core = await make_core(write_config(tmp_path, mint.url))
+    try:
+        for amount, unit in ((100, "sat"), (5_000, "msat")):
+            earned = await make_token(amount, unit, mint=mint.url)
+            await core.wallet.receive(earned, OPERATOR, "operator")
+        await core.wallet.receive(await make_token(60, mint=mint.url), "key:u", "api_key")
+        sent = await core.payments.withdraw(OPERATOR)
+        assert (sent.unit, sent.debited_msat) == ("sat", 100_000)
+        assert await make_token.redeem(sent.token) == 100
+        operator = await core.ledger.account(OPERATOR)
+        assert operator is not None and operator.balance_msat == 5_000
+        assert (await core.ledger.audit()).ok
+    finally:
+        await core.close()
