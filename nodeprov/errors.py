@@ -202,6 +202,15 @@ class MintError(NodeprovError):
         self.mint_code = mint_code
 
 
+class WithdrawalTooLarge(MintError):
+    """No single pool (one mint and unit) can pay the amount: the node's holdings, not a
+    mint failure, so the client's answer is a 400 saying the most it can have now."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "withdrawal_too_large"
+
+
 class MintUnavailable(MintError):
     """The mint could not be reached or timed out; nothing was lost, try again."""
 

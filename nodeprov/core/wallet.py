@@ -30,6 +30,7 @@ from nodeprov.errors import (
     TokenAlreadySpent,
     TokenTooSmall,
     UnsupportedUnit,
+    WithdrawalTooLarge,
 )
 from nodeprov.protocol.cashu_token import (
     Proof,
@@ -303,20 +304,26 @@ class Wallet(WalletRecovery):
         rows = await self.ledger.db.fetchall(
             "SELECT mint_url, unit, value_msat FROM assets ORDER BY value_msat DESC"
         )
+        most = 0  # the most one matching pool could pay, for the refusal
         for row in rows:
             if (
                 (mint_url is None or norm(mint_url) == row["mint_url"])
                 and (unit is None or unit == row["unit"])
                 and row["mint_url"] in self._apis
-                and row["value_msat"] >= amount_msat
             ):
+                can = int(row["value_msat"])
                 if account_id is not None:
                     fetch = liabilities.committed(self.ledger.db)
-                    left = await liabilities.headroom(fetch, row[0], row[1], account_id)
-                    if left < amount_msat:
-                        continue
-                return row["mint_url"], check_unit(row["unit"])
-        raise MintError("no single mint holds enough to pay this amount out")
+                    can = min(can, await liabilities.headroom(fetch, row[0], row[1], account_id))
+                if can >= amount_msat:
+                    return row["mint_url"], check_unit(row["unit"])
+                most = max(most, can)
+        where = f" in {unit}" if unit else " from one mint and unit"
+        where += f" at {norm(mint_url)}" if mint_url else ""
+        raise WithdrawalTooLarge(
+            f"the node can pay at most {most} msat{where} now; {amount_msat} msat were asked",
+            max_msat=most,
+        )
 
     def input_fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
         """The mint's input fee for spending ``proofs`` (their keysets must be loaded)."""

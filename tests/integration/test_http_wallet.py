@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import openai
@@ -166,3 +167,23 @@ async def test_a_withdraw_repeated_with_its_idempotency_key_returns_the_same_tok
     assert refused.status_code == 400
     assert await make_token.redeem(first.json()["token"]) == 5
     assert await make_token.redeem(second.json()["token"]) == 5
+
+
+async def test_a_withdrawal_in_a_unit_the_node_holds_too_little_of_says_so(
+    node: Node, make_token
+) -> None:
+    """Found by the soak: a key funded in sat asking for msat got 502 `mint_error` "no single
+    mint holds enough", as if the mint had failed. It is the node's own holdings: 400, and
+    the message says how much it can pay in that unit, with nothing debited."""
+    async with httpx.AsyncClient(base_url=node.base, timeout=30) as http:
+        key = await http.post("/wallet/create", json={"cashu_token": await make_token(20)})
+        auth = {"Authorization": f"Bearer {key.json()['api_key']}"}
+        asked = await http.post(
+            "/wallet/withdraw", json={"amount": 5_000, "unit": "msat"}, headers=auth
+        )
+        balance = (await http.get("/wallet/balance", headers=auth)).json()["balance"]
+    assert asked.status_code == 400, asked.text
+    error = asked.json()["error"]
+    assert error["code"] == "withdrawal_too_large"
+    assert re.search(r"at most \d+ msat in msat", error["message"]), error["message"]
+    assert balance == 20_000

@@ -238,7 +238,7 @@ async def _withdraw(world: World, account: str, credential: str, body: dict[str,
 
 def _no_pool(response: httpx.Response) -> bool:
     """The node holds the amount, but not in proofs of the unit asked for (a clear refusal)."""
-    return response.status_code == 502 and "no single mint holds enough" in response.text
+    return response.status_code == 400 and "withdrawal_too_large" in response.text
 
 
 async def token_key_chat(world: World) -> None:
