@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from nodeprov.core import journal, liabilities
+from nodeprov.core import journal
 from nodeprov.core.key_secret import derive_api_key
 from nodeprov.core.ledger import Account, Ledger
 from nodeprov.core.money import check_unit, to_msat
@@ -163,20 +163,6 @@ class AccountMoves:
                 raise MintUnavailable("this withdrawal is still being settled with the mint")
             return await self._withdraw(account_id, amount_msat, mint_url, unit, ref)
 
-    async def _most_one_pool_pays(
-        self, account_id: str, mint_url: str | None, unit: str | None
-    ) -> int:
-        pools = await liabilities.payout_pools(self.ledger.db, self.wallet.mints, account_id)
-        fits = [
-            free
-            for pool, pool_unit, free in pools
-            if (mint_url is None or pool == mint_url.rstrip("/"))
-            and (unit is None or pool_unit == unit)
-            and free > 0
-        ]
-        # No pool can pay anything: leave the amount as asked, so the refusal says why.
-        return fits[0] if fits else 1 << 62
-
     async def _withdraw(
         self,
         account_id: str,
@@ -192,7 +178,9 @@ class AccountMoves:
         if amount_msat is None:
             # "Everything" is what one pool can pay: a balance spread over pools (earnings
             # in sat and msat) pays the larger part now and keeps the rest, not an error.
-            amount = min(amount, await self._most_one_pool_pays(account_id, mint_url, unit))
+            most = await self.wallet.most_one_pool_pays(account_id, mint_url, unit)
+            if most > 0:  # none can pay anything: ask for it all, so the refusal says why
+                amount = min(amount, most)
         if amount > account.available_msat:
             raise InsufficientBalance.of(account.available_msat, amount)
         return await self.wallet.send(account_id, amount, mint_url=mint_url, unit=unit, ref=ref)

@@ -98,13 +98,11 @@ async def check_move(conn: aiosqlite.Connection, mint_url: str, unit: str, accou
     )
 
 
-async def payout_pools(
-    db: Database, mints: Sequence[str], account_id: str = OPERATOR
-) -> list[tuple[str, str, int]]:
-    """(mint, unit, msat ``account_id`` may take) of each trusted pool, most first."""
+async def payout_pools(db: Database, mints: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(mint, unit, msat the operator may take) of each trusted pool, most first."""
     rows = await db.fetchall("SELECT mint_url, unit FROM assets")
     pools = [
-        (row[0], row[1], await headroom(committed(db), row[0], row[1], account_id))
+        (row[0], row[1], await headroom(committed(db), row[0], row[1], OPERATOR))
         for row in rows
         if row[0] in mints
     ]

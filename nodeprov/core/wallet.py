@@ -301,10 +301,37 @@ class Wallet(WalletRecovery):
         """
         if mint_url is not None and unit is not None:
             return self.api(mint_url).url, check_unit(unit)
+        pools = await self._capacities(mint_url, unit, account_id)
+        for pool, pool_unit, can in pools:
+            if can >= amount_msat:
+                return pool, check_unit(pool_unit)
+        most = max((can for _, _, can in pools), default=0)
+        where = f" in {unit}" if unit else " from one mint and unit"
+        where += f" at {norm(mint_url)}" if mint_url else ""
+        raise WithdrawalTooLarge(
+            f"the node can pay at most {most} msat{where} now; {amount_msat} msat were asked",
+            max_msat=most,
+        )
+
+    async def most_one_pool_pays(
+        self, account_id: str, mint_url: str | None = None, unit: str | None = None
+    ) -> int:
+        """The most msat one pool (of ``mint_url``/``unit`` if given) can pay ``account_id``."""
+        pools = await self._capacities(mint_url, unit, account_id)
+        return max((can for _, _, can in pools), default=0)
+
+    async def _capacities(
+        self, mint_url: str | None, unit: str | None, account_id: str | None
+    ) -> list[tuple[str, str, int]]:
+        """(mint, unit, msat it can pay) of each trusted pool that matches, largest pool first.
+
+        With ``account_id``, a pool pays only what leaves it what it owes others
+        (``core.liabilities``).
+        """
         rows = await self.ledger.db.fetchall(
             "SELECT mint_url, unit, value_msat FROM assets ORDER BY value_msat DESC"
         )
-        most = 0  # the most one matching pool could pay, for the refusal
+        pools = []
         for row in rows:
             if (
                 (mint_url is None or norm(mint_url) == row["mint_url"])
@@ -315,15 +342,8 @@ class Wallet(WalletRecovery):
                 if account_id is not None:
                     fetch = liabilities.committed(self.ledger.db)
                     can = min(can, await liabilities.headroom(fetch, row[0], row[1], account_id))
-                if can >= amount_msat:
-                    return row["mint_url"], check_unit(row["unit"])
-                most = max(most, can)
-        where = f" in {unit}" if unit else " from one mint and unit"
-        where += f" at {norm(mint_url)}" if mint_url else ""
-        raise WithdrawalTooLarge(
-            f"the node can pay at most {most} msat{where} now; {amount_msat} msat were asked",
-            max_msat=most,
-        )
+                pools.append((str(row["mint_url"]), str(row["unit"]), can))
+        return pools
 
     def input_fee(self, mint_url: str, proofs: Sequence[Proof]) -> int:
         """The mint's input fee for spending ``proofs`` (their keysets must be loaded)."""
