@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -19,17 +19,17 @@ from nodeprov.nostr.announcer import Announcer, build_listing
 from nodeprov.protocol import announcements as ann
 from nodeprov.protocol.nostr_event import Event
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.nostr_client import MODELS, DmNode, price, start_dm_node
+from tests.support.nostr_client import (
+    MODELS,
+    DmNode,
+    dm_upstream_fixture,  # noqa: F401  (fixtures)
+    price,
+    start_dm_node,
+)
 from tests.support.services import MintHandle, RelayHandle
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream(models=MODELS) as up:
-        yield up
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,15 @@ from nodeprov.protocol.cashu_token import parse_token
 from nodeprov.protocol.payment_request import PaymentRequestPayload, build_payment_payload
 from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream, expected_usage
-from tests.support.nostr_client import (
+from tests.support.nostr_client import (  # noqa: F401  (fixtures)
     CHAT_MODEL,
     HELD_MODEL,
     MODELS,
     DmNode,
     SdkClient,
     chat_cost,
+    dm_upstream_fixture,
+    sdk_client_fixture,
     start_dm_node,
 )
 from tests.support.services import MintHandle, RelayHandle
@@ -59,12 +61,6 @@ async def idle(node: DmNode) -> None:
     await until(nothing_in_flight, what="work still in flight")
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream(models=MODELS) as up:
-        yield up
-
-
 @pytest.fixture
 async def node(
     tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
@@ -76,15 +72,6 @@ async def node(
         await started.core.assert_books_balance()
     finally:
         await started.close()
-
-
-@pytest.fixture
-async def client(node: DmNode, relay: RelayHandle) -> AsyncIterator[SdkClient]:
-    peer = await SdkClient([relay.url], node.keys.public_key).connect()
-    try:
-        yield peer
-    finally:
-        await peer.close()
 
 
 @pytest.mark.parametrize("nip", ["nip17", "nip04"])

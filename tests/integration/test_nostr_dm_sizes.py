@@ -8,7 +8,7 @@ Anything over ``nostr.max_content_bytes`` gets ``request_too_large``, never sile
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,15 @@ from nodeprov.protocol import nip04, nip44, nip59
 from nodeprov.protocol.nostr_event import Event, Keys
 from tests.conftest import TokenMaker
 from tests.support.fake_upstream import FakeUpstream, expected_usage
-from tests.support.nostr_client import (
+from tests.support.nostr_client import (  # noqa: F401  (fixtures)
     CHAT_MODEL,
     LONG_CONTEXT,
     MODELS,
     DmNode,
     SdkClient,
     chat_cost,
+    dm_upstream_fixture,
+    sdk_client_fixture,
     start_dm_node,
 )
 from tests.support.services import MintHandle, RelayHandle
@@ -33,12 +35,6 @@ from tests.support.services import MintHandle, RelayHandle
 pytestmark = pytest.mark.integration
 
 LIMIT = 70_000  # over 65535, so both NIP-44 encodings lie under it
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream(models=MODELS) as up:
-        yield up
 
 
 @pytest.fixture
@@ -54,15 +50,6 @@ async def node(
         await started.core.assert_books_balance()
     finally:
         await started.close()
-
-
-@pytest.fixture
-async def client(node: DmNode, relay: RelayHandle) -> AsyncIterator[SdkClient]:
-    peer = await SdkClient([relay.url], node.keys.public_key).connect()
-    try:
-        yield peer
-    finally:
-        await peer.close()
 
 
 def our_keys(client: SdkClient) -> Keys:

@@ -24,6 +24,7 @@ from tests.support.nostr_client import (
     MODELS,
     DmNode,
     chat_cost,
+    dm_upstream_fixture,  # noqa: F401  (fixtures)
     start_dm_node,
 )
 from tests.support.nostr_tools_peer import ToolsPeer, Unavailable, ensure_installed, node_required
@@ -58,12 +59,6 @@ def big_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayHandle]
     """A relay that takes the ~440 KB gift wrap of a 200 KB job (the shared one stops at 256 KB)."""
     with start_relay(workdir=tmp_path_factory.mktemp("big-relay"), max_event_size=2**20) as r:
         yield r
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream(models=MODELS) as up:
-        yield up
 
 
 @pytest.fixture

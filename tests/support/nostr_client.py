@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
@@ -20,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 import nostr_sdk as ns  # type: ignore[import-untyped]
+import pytest
 
 from nodeprov.config import Config, ModelPrice, NodeSection, NostrSection, Upstream, WalletSection
 from nodeprov.nostr.announcer import Announcer, build_listing
@@ -34,6 +36,7 @@ from nodeprov.protocol.nostr_event import Keys
 from nodeprov.upstream import Upstreams
 from tests.support.core import TEST_PRICE, Core, build_core
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.services import RelayHandle
 
 FAST_POOL: dict[str, Any] = {"backoff_base": 0.05, "backoff_cap": 0.5, "connect_timeout": 5.0}
 CHAT_MODEL = "fake-chat"
@@ -258,3 +261,23 @@ def price(request_msat: int) -> ModelPrice:
     from nodeprov.config import Rate
 
     return replace(TEST_PRICE, request=Rate(Fraction(request_msat), "msat"))
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", name="upstream")
+def dm_upstream_fixture() -> Iterator[FakeUpstream]:
+    """The fake upstream of a module of DM tests (serving :data:`MODELS`)."""
+    with FakeUpstream(models=MODELS) as up:
+        yield up
+
+
+@pytest.fixture(name="client")
+async def sdk_client_fixture(node: DmNode, relay: RelayHandle) -> AsyncIterator[SdkClient]:
+    """A nostr-sdk peer talking to the module's ``node`` over ``relay``."""
+    peer = await SdkClient([relay.url], node.keys.public_key).connect()
+    try:
+        yield peer
+    finally:
+        await peer.close()
