@@ -1,8 +1,8 @@
 """LNURL-pay for Lightning addresses (LUD-16, LUD-06): parse, validate, build URLs.
 
 Pure functions over URLs and decoded JSON, plus :func:`fetch_invoice`, the one coroutine
-that does the two HTTP requests. Invoices are checked by decoding the BOLT11 amount
-(human-readable part, with the bech32 checksum verified); the ``description_hash`` is
+that does the two HTTP requests. Invoices are decoded (:mod:`nodeprov.core.invoices`) and
+their amount compared with the one asked for; the ``description_hash`` is
 not compared with the metadata (LUD-06 no longer requires it, and many servers differ).
 
 Every request goes through :func:`_get_json`, the one guarded fetch: a Lightning address
@@ -28,6 +28,7 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urljoin, urlsplit, u
 
 import httpx
 
+from nodeprov.core.invoices import InvalidInvoice, decode_invoice
 from nodeprov.errors import NodeprovError
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -36,9 +37,6 @@ MAX_BODY_BYTES = 64 * 1024  # an LNURL answer is a small JSON object
 DEFAULT_DEADLINE_SECONDS = 30.0  # for a client built without a timeout
 _USER = re.compile(r"^[a-z0-9\-_.+]+$")  # LUD-16: the username's character set
 _HOST = re.compile(r"^[a-z0-9.\-]+(:[0-9]{1,5})?$")
-_HRP = re.compile(r"^ln(bcrt|bc|tbs|tb|sb)([1-9][0-9]*|0)?([munp])?$")
-_BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_MULTIPLIER_MSAT = {"": 100_000_000_000, "m": 100_000_000, "u": 100_000, "n": 100}
 
 
 class LnurlError(NodeprovError):
@@ -149,51 +147,12 @@ def parse_invoice_response(data: Any, amount_msat: int) -> str:
 # --- BOLT11 amount --------------------------------------------------------------------
 
 
-def _polymod(values: list[int]) -> int:
-    generator = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-    chk = 1
-    for value in values:
-        top = chk >> 25
-        chk = (chk & 0x1FFFFFF) << 5 ^ value
-        for i in range(5):
-            chk ^= generator[i] if (top >> i) & 1 else 0
-    return chk
-
-
-def _bech32_hrp(text: str) -> str:
-    """The human-readable part of a bech32 string whose checksum verifies (no length cap)."""
-    if text.lower() != text and text.upper() != text:
-        raise LnurlError("the invoice mixes upper and lower case")
-    text = text.lower()
-    pos = text.rfind("1")
-    if pos < 1 or pos + 7 > len(text) or any(c not in _BECH32 for c in text[pos + 1 :]):
-        raise LnurlError("the invoice is not a bech32 string")
-    hrp = text[:pos]
-    data = [_BECH32.index(c) for c in text[pos + 1 :]]
-    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-    if _polymod(expanded + data) != 1:
-        raise LnurlError("the invoice's checksum is wrong")
-    return hrp
-
-
 def invoice_amount_msat(invoice: str) -> int | None:
     """The amount of a BOLT11 invoice in msat (None for an invoice without amount)."""
-    text = invoice.strip()
-    if text.lower().startswith("lightning:"):
-        text = text[len("lightning:") :]
-    match = _HRP.match(_bech32_hrp(text))
-    if match is None:
-        raise LnurlError("the invoice is not a BOLT11 Lightning invoice")
-    digits, multiplier = match.group(2), match.group(3) or ""
-    if digits is None:
-        if multiplier:
-            raise LnurlError("the invoice's amount is malformed")
-        return None
-    if multiplier == "p":
-        if int(digits) % 10:
-            raise LnurlError("the invoice's amount is not a whole msat")
-        return int(digits) // 10
-    return int(digits) * _MULTIPLIER_MSAT[multiplier]
+    try:
+        return decode_invoice(invoice).amount_msat
+    except InvalidInvoice as exc:
+        raise LnurlError(exc.message) from None
 
 
 # --- the two requests, through one guarded fetch ----------------------------------------

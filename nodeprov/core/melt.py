@@ -16,6 +16,7 @@ from typing import Any
 from nodeprov.core import journal, liabilities
 from nodeprov.core.bdhke import hash_to_curve_hex
 from nodeprov.core.denominations import covering_subset
+from nodeprov.core.invoices import payable_invoice
 from nodeprov.core.ledger import add_asset, credit, debit
 from nodeprov.core.mint_access import KeysetNotLoaded
 from nodeprov.core.money import Unit, check_unit, to_msat
@@ -57,8 +58,12 @@ class Melter:
     async def quote(
         self, bolt11: str, *, mint_url: str | None = None, unit: str = "sat"
     ) -> MeltQuote:
-        """Ask the mint what paying ``bolt11`` costs (amount and Lightning fee reserve)."""
+        """Ask the mint what paying ``bolt11`` costs (amount and Lightning fee reserve).
+
+        A malformed or expired invoice is :class:`InvalidInvoice` before any mint is asked.
+        """
         unit_ = check_unit(unit)
+        payable_invoice(bolt11)
         api = self.wallet.api(mint_url or self.wallet.mints[0])
         quote = await api.melt_quote(bolt11, unit_)
         return MeltQuote(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from nodeprov.core.invoices import InvalidInvoice
 from nodeprov.core.melt import Melter
 from nodeprov.core.mint_api import MintApi
 from nodeprov.errors import InsufficientBalance
 from tests.support.core import Core, build_core
+from tests.support.invoices import make_invoice
 from tests.support.services import MintHandle
 
 
@@ -53,3 +56,15 @@ async def test_melt_more_than_the_balance_is_refused(
         await Melter(core.wallet).melt("key:m", await invoice(fee_mint, 50), unit="sat")
     account = await core.ledger.account("key:m")
     assert account is not None and account.balance_msat == 20_000
+
+
+async def test_expired_invoice_refused_before_the_mint_is_asked(
+    core: Core, mint: MintHandle, make_token
+) -> None:
+    await core.wallet.receive(await make_token(200, mint=mint), "operator", "operator")
+    expired = make_invoice(50_000, "bcrt", date=int(time.time()) - 7200)
+    with pytest.raises(InvalidInvoice, match="expired") as err:
+        await Melter(core.wallet).melt("operator", expired, unit="sat")
+    assert err.value.status == 400
+    account = await core.ledger.account("operator")
+    assert account is not None and account.balance_msat == 200_000

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nostr_sdk as ns
 import pytest
 import websockets
-from pynostr.event import Event
-from pynostr.key import PrivateKey
 
 from tests.conftest import TokenFactoryMaker, TokenMaker
 from tests.support.services import MintHandle, RelayHandle
@@ -158,9 +157,8 @@ async def test_token_factory_has_its_own_wallet(
 
 
 def _signed_event(content: str, kind: int = 1) -> dict[str, Any]:
-    event = Event(content=content, kind=kind)
-    event.sign(PrivateKey().hex())
-    data: dict[str, Any] = event.to_dict()
+    event = ns.EventBuilder(ns.Kind(kind), content).finalize(ns.Keys.generate())
+    data: dict[str, Any] = json.loads(event.as_json())
     return data
 
 
