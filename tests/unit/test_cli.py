@@ -148,10 +148,38 @@ def test_config_from_env_variable(runner: CliRunner, tmp_path: Path) -> None:
     assert json.loads(result.stdout)["models"] == ["demo-chat"]
 
 
+def test_config_accepted_after_the_subcommand(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    for args in (
+        ("status", "-c", path, "--json"),
+        ("status", "--config", path, "--json"),
+        ("wallet", "-c", path, "balance", "--json"),
+        ("wallet", "balance", "--json", "-c", path),
+    ):
+        result = invoke(runner, *args)
+        assert result.exit_code == 0, (args, result.output)
+        json.loads(result.stdout)
+    missing = invoke(runner, "status", "-c", tmp_path / "nope.toml")
+    assert missing.exit_code == 2
+    assert missing.stderr == f"error: config file {tmp_path / 'nope.toml'} does not exist\n"
+
+
+def test_every_node_command_takes_config_after_it(runner: CliRunner) -> None:
+    for path in commands():
+        if path[0] == "client":
+            continue  # the user's side keeps its own wallet and reads no node config
+        result = invoke(runner, *path, "--help")
+        assert "-c, --config FILE" in result.stdout, path
+
+
 def test_dev_and_config_together_refused(runner: CliRunner, tmp_path: Path) -> None:
-    result = invoke(runner, "-c", write_config(tmp_path), "start", "--dev")
-    assert result.exit_code == 2
-    assert result.stderr == "error: give --dev or --config, not both\n"
+    for args in (
+        ("-c", write_config(tmp_path), "start", "--dev"),
+        ("start", "--dev", "-c", write_config(tmp_path)),
+    ):
+        result = invoke(runner, *args)
+        assert result.exit_code == 2
+        assert result.stderr == "error: give --dev or --config, not both\n"
 
 
 # --- wallet and status on a fresh data_dir -------------------------------------------------
