@@ -22,7 +22,8 @@ from nodeprov.core.ledger import OPERATOR, Ledger, now
 from nodeprov.core.lightning_funding import LightningFunding, poll_lightning_funding
 from nodeprov.core.melt import Melter
 from nodeprov.core.node import Core, Service, build_core
-from nodeprov.http import http_service
+from nodeprov.http import http_service, listening_http_service
+from nodeprov.http.server import bind
 from nodeprov.nostr.service import nostr_service
 from nodeprov.payouts import payout_service
 
@@ -128,6 +129,14 @@ async def run(
     handle_signals: bool = True,
 ) -> None:
     """Build the core, recover, run ``services`` until ``stop`` (or SIGINT/SIGTERM), close."""
+    chosen = list(default_services() if services is None else services)
+    sock = None
+    if http_service in chosen:
+        # Bound before the ledger, the banner or a first admin password: a port in use is
+        # one error line (ConfigError) and nothing else happens.
+        sock = bind(config.http.host, config.http.port)
+        listening = listening_http_service(sock)
+        chosen = [listening if s is http_service else s for s in chosen]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     for sig in signals:
@@ -138,13 +147,15 @@ async def run(
             await recover(core)
             if on_ready is not None:
                 on_ready(core)
-            await _supervise(core, stop, default_services() if services is None else services)
+            await _supervise(core, stop, chosen)
         finally:
             await core.close()
             log.info("stopped")
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if sock is not None:
+            sock.close()  # already closed if the server ran; not if the core failed to build
 
 
 async def _supervise(core: Core, stop: asyncio.Event, services: Sequence[Service]) -> None:

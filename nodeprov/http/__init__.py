@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from starlette.routing import BaseRoute, Mount
 
 from nodeprov.core.lightning_funding import LightningFunding
-from nodeprov.core.node import Core
+from nodeprov.core.node import Core, Service
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import create_app
 from nodeprov.http.context import HttpContext
@@ -19,7 +20,13 @@ from nodeprov.http.server import bind, serve
 from nodeprov.observability import HealthProbes, ops_routes
 from nodeprov.upstream import Upstreams
 
-__all__ = ["HttpContext", "create_app", "http_context", "http_service"]
+__all__ = [
+    "HttpContext",
+    "create_app",
+    "http_context",
+    "http_service",
+    "listening_http_service",
+]
 
 
 def http_context(core: Core, upstreams: Upstreams, npub: str | None = None) -> HttpContext:
@@ -57,8 +64,18 @@ def operator_routes(core: Core) -> list[BaseRoute]:
     ]
 
 
-async def http_service(core: Core, stop: asyncio.Event) -> None:
-    """A daemon service: the HTTP API on ``http.host:http.port`` until ``stop``."""
+async def http_service(core: Core, stop: asyncio.Event, sock: socket.socket | None = None) -> None:
+    """A daemon service: the HTTP API on ``sock`` (else ``http.host:http.port``) until ``stop``."""
     app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
     http = core.config.http
-    await serve(app, bind(http.host, http.port), stop, http)
+    await serve(app, sock or bind(http.host, http.port), stop, http)
+
+
+def listening_http_service(sock: socket.socket) -> Service:
+    """:func:`http_service` on a socket bound before the daemon built anything."""
+
+    async def http_service_on(core: Core, stop: asyncio.Event) -> None:
+        await http_service(core, stop, sock)
+
+    http_service_on.__name__ = http_service.__name__
+    return http_service_on

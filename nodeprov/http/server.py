@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import socket
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from nodeprov.config import HttpSection
-from nodeprov.errors import openai_error
+from nodeprov.errors import ConfigError, openai_error
 
 
 def _header_refusal(limit: int) -> bytes:
@@ -181,14 +182,25 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one)."""
+    """A listening socket (port 0: a free one); :class:`ConfigError` naming the address if not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio turns on TCP_NODELAY only for sockets that do, and without
     # it every keep-alive response waits ~40 ms (Nagle against the client's delayed ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the address is in use (another node or program listens there)"
+        raise ConfigError(
+            f"cannot listen on {shown}: {reason}; choose another http.port"
+            " (or NODEPROV_HTTP__PORT) or stop what uses it"
+        ) from None
     sock.setblocking(False)
     return sock
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,3 +294,21 @@ async def test_crashing_service_stops_daemon_with_its_error(tmp_path: Path) -> N
         await asyncio.wait_for(
             run(config, asyncio.Event(), services=(broken, polite), handle_signals=False), 10
         )
+
+
+def test_port_in_use_is_one_line_naming_the_address(runner: CliRunner, tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        path = write_config(tmp_path, extra=f"\n[http]\nport = {port}\n")
+        result = invoke(runner, "start", "-c", path)
+    finally:
+        taken.close()
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in result.stderr and "http.port" in result.stderr
+    assert "running" not in result.stdout  # refused before the banner, the ledger, a password
+    assert not (tmp_path / "data" / "ledger.sqlite3").exists()
