@@ -196,7 +196,7 @@ def bind(host: str, port: int) -> socket.socket:
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         reason = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:
-            reason = "the address is in use (another node or program listens there)"
+            reason = "address already in use (another node or program listens there)"
         raise ConfigError(
             f"cannot listen on {shown}: {reason}; choose another http.port"
             " (or NODEPROV_HTTP__PORT) or stop what uses it"

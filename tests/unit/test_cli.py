@@ -309,6 +309,6 @@ def test_port_in_use_is_one_line_naming_the_address(runner: CliRunner, tmp_path:
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
-    assert "in use" in result.stderr and "http.port" in result.stderr
+    assert "address already in use" in result.stderr and "http.port" in result.stderr
     assert "running" not in result.stdout  # refused before the banner, the ledger, a password
     assert not (tmp_path / "data" / "ledger.sqlite3").exists()
