@@ -175,10 +175,31 @@ def _start(config: Config, dev: bool) -> None:
             f"{config.node.name} running (pid {pid}): ledger {config.ledger_path},"
             f" {len(core.wallet.mints)} mint(s), {models} priced model(s)."
         )
+        for line in _where(core):
+            click.echo(line)
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
 
     guarded(run(config, asyncio.Event(), on_ready=ready))
     click.echo("nodeprov stopped.")
+
+
+def _where(core: Core) -> list[str]:
+    """The banner's addresses: the API, the dashboard and the node's Nostr identity."""
+    http = core.config.http
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(http.host, http.host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    base = f"http://{host}:{http.port}"
+    public = core.config.node.http_url
+    lines = [
+        f"  API       {base}/v1" + (f"   (public: {public.rstrip('/')}/v1)" if public else ""),
+        f"  admin     {base}/admin/",
+    ]
+    relays = len(core.config.nostr.relays)
+    if core.npub:
+        lines.append(f"  Nostr     {core.npub} on {relays} relay(s)")
+    else:
+        lines.append("  Nostr     off (no relays in nostr.relays)")
+    return lines
 
 
 def _say(line: str) -> None:

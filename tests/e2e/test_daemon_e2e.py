@@ -191,6 +191,13 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
 
     daemon, config = Daemon.start(config_for)
     try:
+        # The banner says where everything is: the API, the dashboard, the Nostr identity.
+        banner = (config.parent / "daemon.log").read_text()
+        assert f"  API       {daemon.url}/v1   (public: {daemon.url}/v1)\n" in banner
+        assert f"  admin     {daemon.url}/admin/\n" in banner
+        npub = Keys.parse((config.parent / "data" / "nostr.key").read_text().strip()).npub
+        assert f"  Nostr     {npub} on 1 relay(s)\n" in banner
+
         # HTTP: a key from a token, then a paid chat with the official SDK.
         async with httpx.AsyncClient(timeout=30) as http:
             created = (
