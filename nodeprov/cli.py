@@ -27,6 +27,7 @@ from nodeprov.cli_common import (
     guarded,
     load,
     own_data_dir,
+    refuse_placeholders,
 )
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
@@ -152,6 +153,7 @@ def start(ctx: click.Context, dev: bool) -> None:
             fail(f"--dev needs {DEV_CONFIG} from a source checkout; use --config FILE", USAGE_EXIT)
         path = DEV_CONFIG
     config = load(ctx, path)
+    refuse_placeholders(config)
     # Before anything else (ledger, dev-stack children, banner): one owner per data dir.
     owner = own_data_dir(config, "start")
     try:

@@ -19,6 +19,7 @@ import click
 
 from nodeprov.config import ENV_PREFIX, Config
 from nodeprov.config_load import load_config
+from nodeprov.config_placeholders import placeholders
 from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.errors import ConfigError, NodeprovError
 
@@ -70,6 +71,18 @@ def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool
         return load_config(path, require_upstream=require_upstream)
     except ConfigError as exc:
         fail(exc.message, USAGE_EXIT)
+
+
+def refuse_placeholders(config: Config) -> None:
+    """Exit 2 naming every setting still holding a placeholder from the example config."""
+    found = placeholders(config)
+    if found:
+        fail(
+            "; ".join(found)
+            + (" is a placeholder" if len(found) == 1 else " are placeholders")
+            + " from the example config; put your own value there (or remove it)",
+            USAGE_EXIT,
+        )
 
 
 def emit_json(data: Any) -> None:

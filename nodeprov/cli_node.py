@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from nodeprov.admin_password import set_password
-from nodeprov.cli_common import emit_json, fail, guarded, load
+from nodeprov.cli_common import emit_json, fail, guarded, load, refuse_placeholders
 from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.node import build_core
 from nodeprov.nostr.announcer import Announcer, build_listing
@@ -32,6 +32,7 @@ def announce(ctx: click.Context, as_json: bool) -> None:
     whenever they change and every 24 h; this is for checking a relay setup.
     """
     config = load(ctx, require_upstream=False)
+    refuse_placeholders(config)  # never announce a dead example URL to public relays
     if not config.nostr.relays:
         fail("no relays: set nostr.relays")
 

@@ -312,3 +312,30 @@ def test_port_in_use_is_one_line_naming_the_address(runner: CliRunner, tmp_path:
     assert "address already in use" in result.stderr and "http.port" in result.stderr
     assert "running" not in result.stdout  # refused before the banner, the ledger, a password
     assert not (tmp_path / "data" / "ledger.sqlite3").exists()
+
+
+def test_example_placeholders_refused_before_serving_or_announcing(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, mint="https://mint.example.com")
+    for command in ("start", "announce"):
+        result = invoke(runner, command, "-c", path)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            "error: wallet.mints[0] = 'https://mint.example.com' is a placeholder from the"
+            " example config; put your own value there (or remove it)\n"
+        )
+        assert not (tmp_path / "data" / "ledger.sqlite3").exists()
+    assert invoke(runner, "status", "-c", path).exit_code == 0  # read-only views still work
+
+
+def test_init_config_refused_until_its_placeholders_are_replaced(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    path = tmp_path / "fresh.toml"
+    assert invoke(runner, "init", path).exit_code == 0
+    result = runner.invoke(main, ["start", "-c", str(path)], env={"OPENAI_API_KEY": "sk-test"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert "wallet.mints[0] = 'https://mint.example.com'" in result.stderr
+    assert "node.http_url = 'https://llm.example.com'" in result.stderr
