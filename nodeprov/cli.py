@@ -20,6 +20,8 @@ from nodeprov import __version__
 from nodeprov.cli_client import client
 from nodeprov.cli_common import (
     DEFAULT_CONFIG,
+    DEV_CONFIG,
+    REPO,
     USAGE_EXIT,
     Options,
     emit_json,
@@ -38,9 +40,6 @@ from nodeprov.core.node import Core, open_books
 from nodeprov.daemon import books, run
 from nodeprov.logging_setup import setup_logging
 
-# config/ lives next to the package in a source checkout (and in editable installs).
-REPO = Path(__file__).resolve().parent.parent
-DEV_CONFIG = REPO / "config" / "dev.toml"
 EXAMPLE_CONFIG = REPO / "config" / "nodeprov.example.toml"
 
 

@@ -26,6 +26,9 @@ from nodeprov.errors import ConfigError, NodeprovError
 T = TypeVar("T")
 
 DEFAULT_CONFIG = Path("nodeprov.toml")
+# config/ lives next to the package in a source checkout (and in editable installs).
+REPO = Path(__file__).resolve().parent.parent
+DEV_CONFIG = REPO / "config" / "dev.toml"
 USAGE_EXIT = 2
 
 
@@ -56,17 +59,30 @@ def guarded(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def load(ctx: click.Context, path: Path | None = None, *, require_upstream: bool = True) -> Config:
-    """The validated config from ``path``, --config / $NODEPROV_CONFIG, or ./nodeprov.toml."""
+    """The validated config from ``path``, --config / $NODEPROV_CONFIG, or ./nodeprov.toml.
+
+    Commands that do not serve (``require_upstream=False``), run inside the source checkout
+    with no config named, use the dev node's ``config/dev.toml`` and say so on stderr.
+    """
     options = ctx.find_object(Options)
     path = path or (options.config_path if options else None)
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     if path is None and not any(k.startswith(ENV_PREFIX) and "__" in k for k in os.environ):
-        fail(
-            "no configuration: pass --config FILE, set NODEPROV_CONFIG, or create"
-            " ./nodeprov.toml (`nodeprov init`)",
-            USAGE_EXIT,
-        )
+        if (
+            not require_upstream
+            and DEV_CONFIG.is_file()
+            and Path.cwd().resolve().is_relative_to(REPO)
+        ):
+            click.echo("note: using the dev node's config/dev.toml (-c FILE for another)", err=True)
+            path = DEV_CONFIG
+        else:
+            dev = " (the dev node: `nodeprov start --dev`)" if DEV_CONFIG.is_file() else ""
+            fail(
+                "no configuration: pass --config FILE, set NODEPROV_CONFIG, or create"
+                f" ./nodeprov.toml (`nodeprov init`){dev}",
+                USAGE_EXIT,
+            )
     try:
         return load_config(path, require_upstream=require_upstream)
     except ConfigError as exc:

@@ -93,7 +93,11 @@ def load_config(
     *,
     require_upstream: bool = True,
 ) -> Config:
-    """Read ``path`` (if given), apply ``NODEPROV_*`` overrides from ``env``, validate."""
+    """Read ``path`` (if given), apply ``NODEPROV_*`` overrides from ``env``, validate.
+
+    ``require_upstream=False`` is for commands that do not serve: no upstream is needed, and
+    an upstream's ``api_key_env`` variable may be unset (its key is then empty).
+    """
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     if path is not None:
@@ -108,7 +112,8 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     origins = _apply_env(raw, env)
     try:
-        config = build_config(raw, Path(path).parent if path else Path.cwd(), env)
+        base = Path(path).parent if path else Path.cwd()
+        config = build_config(raw, base, env, need_secrets=require_upstream)
         validate(config, require_upstream=require_upstream)
     except ConfigError as exc:  # point at the variable when the bad key came from env
         head = exc.message.split(":")[0].split()[-1].strip("'").replace("[", ".")
@@ -169,7 +174,11 @@ def _is_text_key(keys: list[str]) -> bool:
 
 
 def build_config(
-    raw: Mapping[str, Any], base_dir: Path, env: Mapping[str, str] | None = None
+    raw: Mapping[str, Any],
+    base_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    need_secrets: bool = True,
 ) -> Config:
     """Turn parsed TOML into a :class:`Config`, rejecting unknown keys and wrong types."""
     _reject_unknown(raw, [*SECTIONS, *MULTI], "")
@@ -188,7 +197,7 @@ def build_config(
     env = os.environ if env is None else env
     return Config(
         **sections,
-        upstreams=tuple(_build_upstream(u, i, env) for i, u in enumerate(upstreams)),
+        upstreams=tuple(_build_upstream(u, i, env, need_secrets) for i, u in enumerate(upstreams)),
         models=MappingProxyType({m: _build_price(m, v) for m, v in models.items()}),
     )
 
@@ -256,7 +265,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported value {value!r}")  # pragma: no cover
 
 
-def _build_upstream(raw: Any, index: int, env: Mapping[str, str]) -> Upstream:
+def _build_upstream(
+    raw: Any, index: int, env: Mapping[str, str], need_secrets: bool = True
+) -> Upstream:
     where = f"upstreams[{index}]"
     _reject_unknown(raw, [*(f.name for f in fields(Upstream)), "api_key_env"], f"{where}.")
     raw = dict(raw)
@@ -264,9 +275,11 @@ def _build_upstream(raw: Any, index: int, env: Mapping[str, str]) -> Upstream:
     if key_env is not None:
         if "api_key" in raw:
             raise ConfigError(f"{where}.api_key_env: give api_key or api_key_env, not both")
-        if not isinstance(key_env, str) or not env.get(key_env):
+        if not isinstance(key_env, str):
+            raise ConfigError(f"{where}.api_key_env: expected the name of a variable")
+        if need_secrets and not env.get(key_env):
             raise ConfigError(f"{where}.api_key_env: environment variable {key_env!r} is not set")
-        raw["api_key"] = env[key_env]
+        raw["api_key"] = env.get(key_env, "")
     aliases = raw.pop("aliases", {})
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()

@@ -339,3 +339,37 @@ def test_init_config_refused_until_its_placeholders_are_replaced(
     assert result.stderr.count("\n") == 1
     assert "wallet.mints[0] = 'https://mint.example.com'" in result.stderr
     assert "node.http_url = 'https://llm.example.com'" in result.stderr
+
+
+def test_read_only_commands_need_no_upstream_secrets(runner: CliRunner, tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        extra=(
+            '\n[[upstreams]]\nname = "paid"\nbase_url = "https://api.openai.com/v1"\n'
+            'api_key_env = "NODEPROV_TEST_UNSET_KEY"\nmodels = ["demo-chat"]\n'
+        ),
+    )
+    for args in (("status",), ("wallet", "balance"), ("wallet", "audit"), ("keys", "list")):
+        result = invoke(runner, *args, "-c", path)
+        assert result.exit_code == 0, (args, result.output)
+    served = invoke(runner, "start", "-c", path)
+    assert served.exit_code == 2
+    assert "environment variable 'NODEPROV_TEST_UNSET_KEY' is not set" in served.stderr
+
+
+def test_in_the_repo_operator_commands_find_the_dev_config(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    result = invoke(runner, "status", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == load_config(ROOT / "config" / "dev.toml").node.name
+    assert result.stderr == "note: using the dev node's config/dev.toml (-c FILE for another)\n"
+    start = invoke(runner, "start")  # serving is never guessed
+    assert start.exit_code == 2
+    assert "no configuration" in start.stderr and "nodeprov start --dev" in start.stderr
+
+
+def test_outside_the_repo_no_config_is_still_an_error(runner: CliRunner) -> None:
+    result = invoke(runner, "status")
+    assert result.exit_code == 2 and result.stderr.startswith("error: no configuration")
