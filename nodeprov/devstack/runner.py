@@ -11,8 +11,11 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import signal
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from nodeprov.config import Config
@@ -86,6 +89,18 @@ async def run_dev(
                 loop.remove_signal_handler(sig)
 
 
+def _path_hint() -> list[str]:
+    """How to type ``nodeprov`` when the one running is not on PATH (as after ``make run``)."""
+    here = Path(sys.argv[0]).resolve()
+    found = shutil.which("nodeprov")
+    if here.name != "nodeprov" or (found and Path(found).resolve() == here):
+        return []
+    activate = here.parent / "activate"
+    if activate.is_file():
+        return [f"(`source {activate}` puts `nodeprov` on your PATH; or run {here})"]
+    return [f"(`nodeprov` is {here}; it is not on your PATH)"]
+
+
 async def _wait_for(check: Callable[[], bool], seconds: float) -> bool:
     for _ in range(int(seconds / 0.1)):
         if check():
@@ -144,6 +159,7 @@ async def _banner(
         '  plain text "Hello $TOKEN", or JSON {"type": "request", "id": "1",'
         f' "endpoint": "/v1/chat/completions", "body": {body}, "cashu": "$TOKEN"}}',
         "Guided tour of all of this: nodeprov demo",
+        *_path_hint(),
         "",
         f"{READY} (pid {os.getpid()}); stop with Ctrl+C or `kill -TERM {os.getpid()}`.",
     ]

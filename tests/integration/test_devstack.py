@@ -249,6 +249,7 @@ def test_start_dev_subprocess_comes_up_and_stops_on_sigterm(tmp_path: Path) -> N
     ports = free_ports()
     env = {**os.environ, **dev_overrides(tmp_path, ports), "PYTHONUNBUFFERED": "1"}
     env.pop("NODEPROV_CONFIG", None)
+    env["PATH"] = "/usr/bin:/bin"  # as after `make run`: the venv's bin is not on PATH
     proc = subprocess.Popen(
         [str(NODEPROV), "start", "--dev"],
         env=env,
@@ -275,6 +276,8 @@ def test_start_dev_subprocess_comes_up_and_stops_on_sigterm(tmp_path: Path) -> N
         assert token is not None, text
         assert parse_token(token[1]).amount == 1000
         assert f"http://127.0.0.1:{ports['http']}/v1" in text
+        activate = NODEPROV.parent / "activate"
+        assert f"`source {activate}` puts `nodeprov` on your PATH" in text, text
         pids = [int(p) for p in re.findall(r"ready in [\d.]+ s \(pid (\d+)", text)]
         assert len(pids) == 2
         if "HTTP channel not wired" not in text:  # the tour needs the HTTP channel
