@@ -147,7 +147,12 @@ def start(ctx: click.Context, dev: bool) -> None:
     path = None
     if dev:
         if options and options.config_on_command_line:
-            fail("give --dev or --config, not both", USAGE_EXIT)
+            fail(
+                "give --dev or --config, not both: --dev runs the dev stack on config/dev.toml;"
+                " change it with NODEPROV_* overrides (e.g. NODEPROV_HTTP__PORT=9000 nodeprov"
+                " start --dev), or run your own config without --dev",
+                USAGE_EXIT,
+            )
         if not DEV_CONFIG.is_file():
             fail(f"--dev needs {DEV_CONFIG} from a source checkout; use --config FILE", USAGE_EXIT)
         path = DEV_CONFIG

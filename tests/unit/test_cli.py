@@ -21,6 +21,11 @@ from nodeprov.daemon import run
 from tests.support.tcp_proxy import dead_port
 
 ROOT = Path(__file__).resolve().parents[2]
+DEV_AND_CONFIG = (
+    "give --dev or --config, not both: --dev runs the dev stack on config/dev.toml; change it"
+    " with NODEPROV_* overrides (e.g. NODEPROV_HTTP__PORT=9000 nodeprov start --dev), or run"
+    " your own config without --dev"
+)
 
 
 def closed_port() -> int:
@@ -180,7 +185,7 @@ def test_dev_and_config_together_refused(runner: CliRunner, tmp_path: Path) -> N
     ):
         result = invoke(runner, *args)
         assert result.exit_code == 2
-        assert result.stderr == "error: give --dev or --config, not both\n"
+        assert result.stderr == f"error: {DEV_AND_CONFIG}\n"
 
 
 # --- wallet and status on a fresh data_dir -------------------------------------------------
