@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics`` (text format 0.0.4, written by hand) and ``/health``.
+"""Prometheus ``/metrics`` (text format 0.0.4, by ``prometheus_client``) and ``/health``.
 
 The channels report into one :class:`Metrics`; the ledger gauges are read at scrape
 time. ``/health`` checks the ledger (503 when it is unusable), each trusted mint
@@ -24,6 +24,7 @@ from nodeprov.core.metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from nodeprov.core.metrics import Metrics as Metrics
 from nodeprov.core.node import Core
 
+# What generate_latest writes (the library's CONTENT_TYPE_LATEST names a newer version).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MINT_CACHE_SECONDS = 5.0
 MINT_PROBE_TIMEOUT = 3.0

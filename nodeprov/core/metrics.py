@@ -1,4 +1,4 @@
-"""Counters and the latency histogram the channels report into, in Prometheus text format.
+"""Counters and the latency histogram the channels report into; exposed by ``prometheus_client``.
 
 Kept in the core (no HTTP here) so that the core can build one :class:`Metrics` for both
 channels; ``nodeprov.observability`` serves it at ``/metrics``.
@@ -7,19 +7,15 @@ channels; ``nodeprov.observability`` serves it at ``/metrics``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OTHER = "other"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
-    return "{" + inner + "}" if inner else ""
 
 
 def _number(value: float) -> str:
@@ -68,34 +64,49 @@ class Metrics:
         self.relay_errors += 1
 
     def render(self, gauges: Mapping[str, tuple[str, float]] | None = None) -> str:
-        """The exposition text; ``gauges`` maps name -> (help, value)."""
-        out: list[str] = []
+        """The exposition text (by ``prometheus_client``); ``gauges``: name -> (help, value)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(self, gauges or {}))
+        return generate_latest(registry).decode()
 
-        def family(name: str, kind: str, text: str) -> None:
-            out.append(f"# HELP {name} {text}")
-            out.append(f"# TYPE {name} {kind}")
 
-        family("nodeprov_requests_total", "counter", "Finished requests by channel, model, status.")
-        for (channel, model, status), n in sorted(self.requests.items()):
-            labels = _labels((("channel", channel), ("model", model), ("status", status)))
-            out.append(f"nodeprov_requests_total{labels} {n}")
-        name = "nodeprov_request_latency_seconds"
-        family(name, "histogram", "Request latency from arrival to the last byte.")
-        for channel, counts in sorted(self.latency.items()):
-            for bound, n in zip((*LATENCY_BUCKETS, math.inf), counts, strict=True):
-                pairs = (("channel", channel), ("le", _number(bound)))
-                out.append(f"{name}_bucket{_labels(pairs)} {n}")
-            label = _labels([("channel", channel)])
-            out.append(f"{name}_sum{label} {_number(self.latency_sum[channel])}")
-            out.append(f"{name}_count{label} {counts[-1]}")
-        for metric, value, text in (
-            ("nodeprov_msat_earned_total", self.msat_earned, "Msat charged for requests."),
-            ("nodeprov_mint_errors_total", self.mint_errors, "Failed calls to mints."),
-            ("nodeprov_relay_errors_total", self.relay_errors, "Relay failures."),
+class _Snapshot(Collector):
+    """The counters as they are now and gauges read at scrape time, as metric families.
+
+    The hot path only bumps plain ints (cheaper than the client's locked metric objects);
+    this collector turns them into families when ``/metrics`` is scraped.
+    """
+
+    def __init__(self, metrics: Metrics, gauges: Mapping[str, tuple[str, float]]) -> None:
+        self.metrics = metrics
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "nodeprov_requests",
+            "Finished requests by channel, model, status.",
+            labels=("channel", "model", "status"),
+        )
+        for key, n in sorted(m.requests.items()):
+            requests.add_metric(key, n)
+        yield requests
+        latency = HistogramMetricFamily(
+            "nodeprov_request_latency_seconds",
+            "Request latency from arrival to the last byte.",
+            labels=("channel",),
+        )
+        for channel, counts in sorted(m.latency.items()):
+            bounds = [_number(b) for b in (*LATENCY_BUCKETS, math.inf)]
+            latency.add_metric(
+                [channel], list(zip(bounds, counts, strict=True)), m.latency_sum[channel]
+            )
+        yield latency
+        for name, value, text in (
+            ("nodeprov_msat_earned", m.msat_earned, "Msat charged for requests."),
+            ("nodeprov_mint_errors", m.mint_errors, "Failed calls to mints."),
+            ("nodeprov_relay_errors", m.relay_errors, "Relay failures."),
         ):
-            family(metric, "counter", text)
-            out.append(f"{metric} {value}")
-        for metric, (text, gauge) in (gauges or {}).items():
-            family(metric, "gauge", text)
-            out.append(f"{metric} {_number(gauge)}")
-        return "\n".join(out) + "\n"
+            yield CounterMetricFamily(name, text, value=value)
+        for name, (text, gauge) in self.gauges.items():
+            yield GaugeMetricFamily(name, text, value=gauge)

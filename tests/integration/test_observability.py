@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from nodeprov.core.node import Core
@@ -113,6 +114,10 @@ async def test_metrics_parse_and_counters_move(
         assert first.status_code == 200
         assert first.headers["content-type"].startswith("text/plain; version=0.0.4")
         before, types = parse(first.text)
+        # The reference parser reads it too (the families, by their base names).
+        families = {f.name: f.type for f in text_string_to_metric_families(first.text)}
+        assert families["nodeprov_requests"] == "counter"
+        assert families["nodeprov_request_latency_seconds"] == "histogram"
         assert types["nodeprov_requests_total"] == "counter"
         assert types["nodeprov_request_latency_seconds"] == "histogram"
         assert types["nodeprov_open_holds"] == "gauge"
