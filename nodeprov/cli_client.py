@@ -237,8 +237,10 @@ def ask(
     out = run(with_wallet(data_dir, work))
     for problem in out["problems"]:
         click.echo(f"warning: {problem}", err=True)
-    cost = out["cost_msat"]
-    note = f"[cost {cost} msat; balance {format_msat(out['balance_msat'])}]"
+    note = (
+        f"[paid {out['paid_msat']} msat, {out['change_msat']} msat back as change,"
+        f" cost {out['cost_msat']} msat; balance {format_msat(out['balance_msat'])}]"
+    )
     emit(as_json, out, f"{out['answer']}\n{note}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ async def test_wallet_fund_send_receive_and_ask_over_http(
     assert out["cost_msat"] == cost
     # A sat wallet pays ceil(cost / 1000) sat; the rest of the token came back as change.
     assert out["balance_msat"] == 33_000 - -(-cost // 1000) * 1000
+
+    # Without --json: what was paid, what came back as change, and the cost, in one line.
+    plain = await cli("ask", "hello cli", "--provider", node.url, "--model", "fake-chat",
+                      "--max-tokens", "4", "--data-dir", a)  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+    note = plain.output.strip().splitlines()[-1]
+    paid = re.search(r"paid (\d+) msat, (\d+) msat back as change, cost (\d+) msat", note)
+    assert paid is not None, note
+    assert int(paid[1]) - int(paid[2]) >= int(paid[3]) == cost  # the node rounds change down
+    out = {**out, "balance_msat": out["balance_msat"] - (int(paid[1]) - int(paid[2]))}
 
     balance = await cli("wallet", "balance", "--data-dir", a, "--json")
     data = json.loads(balance.output)
