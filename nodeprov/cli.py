@@ -31,6 +31,7 @@ from nodeprov.cli_common import (
     own_data_dir,
     refuse_placeholders,
 )
+from nodeprov.cli_models import models
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import Config
@@ -318,6 +319,7 @@ def wallet() -> None:
 
 
 main.add_command(keys)
+main.add_command(models)
 main.add_command(client)
 main.add_command(announce)
 main.add_command(admin)

@@ -118,8 +118,10 @@ class FakeUpstream:
         ),
         behaviour: Behaviour | None = None,
         api_key: str | None = None,
+        model_list: list[dict[str, Any]] | None = None,
     ) -> None:
         self.models = models
+        self.model_list = model_list  # served as GET /models' data instead of ``models``
         self.behaviour = behaviour or Behaviour()
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
@@ -453,7 +455,12 @@ class FakeUpstream:
 
     async def _models(self, request: Request) -> Response:
         rec, _, early = await self._begin(request)
-        return self._done(rec, early or JSONResponse(models_list(self.models, "fake")))
+        listing = (
+            {"object": "list", "data": self.model_list}
+            if self.model_list is not None
+            else models_list(self.models, "fake")
+        )
+        return self._done(rec, early or JSONResponse(listing))
 
     async def _file(self, request: Request) -> Response:
         return Response(PNG, media_type="image/png")
