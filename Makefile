@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck unit soak clean
 
 $(STAMP): pyproject.toml
+	@echo "Installing nodeprov and its dependencies into $(VENV) (a minute or two the first time)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

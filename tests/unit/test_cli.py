@@ -378,3 +378,11 @@ def test_in_the_repo_operator_commands_find_the_dev_config(
 def test_outside_the_repo_no_config_is_still_an_error(runner: CliRunner) -> None:
     result = invoke(runner, "status")
     assert result.exit_code == 2 and result.stderr.startswith("error: no configuration")
+
+
+def test_every_model_the_dev_upstream_lists_is_priced_in_dev_toml() -> None:
+    from nodeprov.devstack.demo_upstream import DemoUpstream
+
+    config = load_config(ROOT / "config" / "dev.toml")
+    (upstream,) = config.upstreams
+    assert set(DemoUpstream(upstream.models).models) == set(upstream.models) == set(config.models)
