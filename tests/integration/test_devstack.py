@@ -31,6 +31,7 @@ from nodeprov.devstack.runner import READY, run_dev
 from nodeprov.devstack.tokens import mint_token
 from nodeprov.protocol.cashu_token import parse_token
 from tests.support.cashu_client import TokenFactory
+from tests.support.devnode import dev_overrides, free_ports
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -209,22 +210,6 @@ async def test_an_incompatible_port_is_refused(tmp_path: Path) -> None:
         with pytest.raises(StackError, match="in use by something that is not a Cashu mint"):
             await stack.start()
     assert stack.children == []
-
-
-def dev_overrides(tmp_path: Path, ports: dict[str, int]) -> dict[str, str]:
-    """NODEPROV_* overrides that move every address of config/dev.toml to ``ports``."""
-    return {
-        "NODEPROV_WALLET__MINTS": f'["http://127.0.0.1:{ports["mint"]}"]',
-        "NODEPROV_NOSTR__RELAYS": f'["ws://127.0.0.1:{ports["relay"]}"]',
-        "NODEPROV_UPSTREAMS__0__BASE_URL": f"http://127.0.0.1:{ports['upstream']}/v1",
-        "NODEPROV_HTTP__PORT": str(ports["http"]),
-        "NODEPROV_NODE__HTTP_URL": f"http://127.0.0.1:{ports['http']}",
-        "NODEPROV_NODE__DATA_DIR": str(tmp_path / "data"),
-    }
-
-
-def free_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("mint", "relay", "upstream", "http")}
 
 
 async def test_a_crashing_daemon_still_stops_the_stack(tmp_path: Path) -> None:
