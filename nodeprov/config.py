@@ -154,6 +154,10 @@ class Upstream:
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     discover_models: bool = False
     timeout_seconds: Decimal = Decimal(120)
+    # Open connections (each carries one request or stream at a time) to this upstream.
+    max_connections: int = 2048
+    # How long a request waits for a connection when all are busy; then 503 upstream_busy.
+    pool_wait_seconds: Decimal = Decimal(5)
 
 
 @dataclass(frozen=True)

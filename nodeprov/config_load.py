@@ -84,6 +84,8 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (PayoutsSection, "threshold_msat"): (1000, 21_000_000 * MSAT_PER_BTC, False),
     (PayoutsSection, "interval_seconds"): (60, 30 * DAY, False),
     (Upstream, "timeout_seconds"): (0, 3600, True),
+    (Upstream, "max_connections"): (1, 100_000, False),
+    (Upstream, "pool_wait_seconds"): (0, 600, True),
 }
 
 

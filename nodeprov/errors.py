@@ -249,6 +249,13 @@ class UpstreamRateLimited(UpstreamUnavailable):
     code = "rate_limit_exceeded"
 
 
+class UpstreamBusy(UpstreamUnavailable):
+    """Every connection the node may open to the upstream stayed in use for the whole pool
+    wait (``[[upstreams]] max_connections``, ``pool_wait_seconds``): 503 with ``Retry-After``."""
+
+    code = "upstream_busy"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

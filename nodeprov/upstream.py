@@ -1,8 +1,8 @@
-"""Connection pool to OpenAI-compatible upstreams and model -> upstream routing.
+"""Connection pools to OpenAI-compatible upstreams and model -> upstream routing.
 
-One long-lived ``httpx.AsyncClient`` per upstream carries its base URL, key, pool limits
-and timeouts; :meth:`Upstreams.send` only builds and sends a request and maps failures
-onto the :mod:`nodeprov.errors` tree, so both channels report upstream trouble alike.
+One long-lived :class:`~nodeprov.upstream_http.HttpClient` per upstream carries its base URL,
+key, pool limits and timeouts; :meth:`Upstreams.send` only builds and sends a request and maps
+failures onto the :mod:`nodeprov.errors` tree, so both channels report upstream trouble alike.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import json as jsonlib
 import logging
 import socket
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,32 +23,40 @@ from nodeprov.errors import (
     NodeprovError,
     RequestTooLarge,
     UnknownModel,
+    UpstreamBusy,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from nodeprov.upstream_http import HttpClient, Request, Response, Timeouts
+from nodeprov.upstream_wire import (
+    PoolTimeout,
+    RemoteProtocolError,
+    TimeoutException,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
-# Sized for many concurrent long streams to one upstream; keep-alive saves the TLS handshake.
-POOL_LIMITS = httpx.Limits(
-    max_connections=200, max_keepalive_connections=100, keepalive_expiry=30.0
-)
+# An idle keep-alive connection is closed after this many seconds.
+KEEPALIVE_EXPIRY = 30.0
 CONNECT_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
-POOL_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 3.0
 # Discovery runs at start; a slow /models must not hold the daemon up for a whole read timeout.
-DISCOVERY_TIMEOUT = httpx.Timeout(10.0)
+DISCOVERY_TIMEOUT = 10.0
 # Error bodies are read to quote the upstream's message; cap them so a huge one costs nothing.
 ERROR_BODY_LIMIT = 64 * 1024
 REASON_LIMIT = 200
 # Seconds a client is told to wait after an upstream 429 that named no time itself.
 DEFAULT_RETRY_AFTER = 1.0
+# Seconds a client is told to wait when every connection to the upstream stayed busy.
+BUSY_RETRY_AFTER = 1.0
 # Client headers that are safe and useful upstream; everything else (Authorization, X-Cashu,
 # cookies, client fingerprints) stays here.
 FORWARDED_HEADERS = frozenset({"accept", "openai-beta", "idempotency-key"})
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class Route:
 
     upstream: str
     model: str
-    client: httpx.AsyncClient = field(compare=False, repr=False)
+    client: HttpClient = field(compare=False, repr=False)
 
 
 class Upstreams:
@@ -67,12 +75,10 @@ class Upstreams:
         self,
         upstreams: Sequence[config.Upstream],
         priced: Callable[[str], bool],
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._configs = tuple(upstreams)
         self._priced = priced
-        self._clients = {up.name: _make_client(up, transport) for up in self._configs}
+        self._clients = {up.name: _make_client(up) for up in self._configs}
         self._routes: dict[str, Route] = {}
         # Listed models first (in config order), so a discovered name never steals a listed one.
         for up in self._configs:
@@ -83,11 +89,9 @@ class Upstreams:
                 self._add(up.name, alias, target)
 
     @classmethod
-    def from_config(
-        cls, cfg: config.Config, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> Upstreams:
+    def from_config(cls, cfg: config.Config) -> Upstreams:
         """Upstreams of ``cfg``; a model is routable only if ``cfg.models`` prices it."""
-        return cls(cfg.upstreams, cfg.models.__contains__, transport=transport)
+        return cls(cfg.upstreams, cfg.models.__contains__)
 
     def _add(self, upstream: str, public: str, model: str) -> bool:
         if public in self._routes or not self._priced(model):
@@ -110,11 +114,13 @@ class Upstreams:
 
     async def _discover(self, up: config.Upstream) -> list[str]:
         try:
-            response = await self._clients[up.name].get("models", timeout=DISCOVERY_TIMEOUT)
-            response.raise_for_status()
+            async with asyncio.timeout(DISCOVERY_TIMEOUT):  # connecting included
+                response = await self._clients[up.name].get("models")
+            if not response.is_success:
+                raise ValueError(f"GET models answered {response.status_code}")
             data = response.json()["data"]
             return [str(item["id"]) for item in data if isinstance(item, dict) and "id" in item]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (TransportError, TimeoutError, ValueError, KeyError, TypeError) as exc:
             log.warning("upstream %s: model discovery failed: %s", up.name, _describe(exc))
             return []
 
@@ -136,25 +142,32 @@ class Upstreams:
         path: str,
         *,
         json: Mapping[str, Any] | None = None,
-        content: bytes | AsyncIterable[bytes] | None = None,
+        raw_json: bytes | None = None,
+        content: bytes | None = None,
         files: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
         data: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx.Request:
-        """The request :meth:`send` sends: upstream model name in the body, safe headers only."""
-        if json is not None:
-            json = {**json, "model": route.model}
-        if data is not None and "model" in data:
-            data = {**data, "model": route.model}
-        return route.client.build_request(
-            method,
-            path.lstrip("/"),
-            json=json,
-            content=content,
-            files=files,
-            data=data,
-            headers=_forwarded(headers, raw_body=content is not None),
-        )
+    ) -> Request:
+        """The request :meth:`send` sends: upstream model name in the body, safe headers only.
+
+        ``raw_json`` is a JSON body already encoded that names the upstream's model (see
+        :func:`forwardable`): sent as is, never parsed or encoded again.
+        """
+        forwarded = _forwarded(headers, raw_body=content is not None)
+        if raw_json is not None:
+            content = raw_json
+            forwarded.update(JSON_TYPE)
+        elif json is not None:
+            content = jsonlib.dumps({**json, "model": route.model}).encode()
+            forwarded.update(JSON_TYPE)
+        elif files is not None or data is not None:
+            if data is not None and "model" in data:
+                data = {**data, "model": route.model}
+            # The multipart encoding of httpx, into bytes (uploads are bounded by the body cap).
+            form = httpx.Request(method, "http://upstream/", data=data, files=files)
+            content = form.read()
+            forwarded["Content-Type"] = form.headers["content-type"]
+        return route.client.build(method, path, forwarded, content or b"")
 
     async def send(
         self,
@@ -163,12 +176,13 @@ class Upstreams:
         path: str,
         *,
         json: Mapping[str, Any] | None = None,
-        content: bytes | AsyncIterable[bytes] | None = None,
+        raw_json: bytes | None = None,
+        content: bytes | None = None,
         files: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
         data: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
-    ) -> httpx.Response:
+    ) -> Response:
         """Send to ``route``'s upstream (``path`` relative to its base URL); 2xx or an error.
 
         With ``stream=True`` the body is not read: iterate it (:func:`iter_stream`), ``aclose()``.
@@ -178,20 +192,23 @@ class Upstreams:
             method,
             path,
             json=json,
+            raw_json=raw_json,
             content=content,
             files=files,
             data=data,
             headers=headers,
         )
         try:
-            response = await route.client.send(request, stream=stream)
-        except httpx.HTTPError as exc:
+            response = await route.client.send(request, stream=True)
+            if response.is_success:
+                if not stream:
+                    await response.aread()
+                return response
+        except TransportError as exc:
             raise map_transport_error(exc, route.upstream) from exc
-        if response.is_success:
-            return response
         try:
-            body = await _read_capped(response) if stream else response.content
-        except httpx.HTTPError:
+            body = await _read_capped(response)
+        except TransportError:
             body = b""
         finally:
             await response.aclose()
@@ -200,10 +217,11 @@ class Upstreams:
     async def check(self) -> dict[str, dict[str, Any]]:
         """Per upstream: does ``GET models`` answer (any HTTP status means it is reachable)."""
 
-        async def probe(name: str, client: httpx.AsyncClient) -> dict[str, Any]:
+        async def probe(name: str, client: HttpClient) -> dict[str, Any]:
             try:
-                response = await client.get("models", timeout=HEALTH_TIMEOUT)
-            except httpx.HTTPError as exc:
+                async with asyncio.timeout(HEALTH_TIMEOUT):  # connecting included
+                    response = await client.get("models")
+            except (TransportError, TimeoutError) as exc:
                 return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:200]}
             return {"ok": response.status_code < 500, "status": response.status_code}
 
@@ -223,25 +241,43 @@ class Upstreams:
         await self.aclose()
 
 
-async def iter_stream(response: httpx.Response, upstream: str = "upstream") -> AsyncIterator[bytes]:
+def forwardable(route: Route, body: Mapping[str, Any], raw: bytes) -> bytes | None:
+    """``raw`` (the client's JSON bytes, parsed as ``body``) if it can go upstream unchanged.
+
+    Only when the client named the upstream's own model, and named it once: a body with two
+    ``"model"`` keys could be read differently by the upstream's parser than it was priced.
+    """
+    if body.get("model") == route.model and raw.count(b'"model"') == 1:
+        return raw
+    return None
+
+
+async def iter_stream(response: Response, upstream: str = "upstream") -> AsyncIterator[bytes]:
     """The streamed body chunk by chunk as it arrives; transport failures become upstream errors."""
     try:
         async for chunk in response.aiter_bytes():
             yield chunk
-    except httpx.HTTPError as exc:
+    except TransportError as exc:
         raise map_transport_error(exc, upstream) from exc
 
 
-def map_transport_error(exc: httpx.HTTPError, upstream: str) -> NodeprovError:
-    """The nodeprov error for an httpx failure talking to ``upstream``."""
-    if isinstance(exc, httpx.TimeoutException):
+def map_transport_error(exc: TransportError, upstream: str) -> NodeprovError:
+    """The nodeprov error for a failure talking to ``upstream`` below HTTP."""
+    if isinstance(exc, PoolTimeout):
+        return UpstreamBusy(
+            f"upstream {upstream} is busy: every connection to it is in use ({exc}); "
+            f"retry after {BUSY_RETRY_AFTER:g} s",
+            retry_after=BUSY_RETRY_AFTER,
+            upstream=upstream,
+        )
+    if isinstance(exc, TimeoutException):
         return UpstreamTimeout(f"upstream {upstream} timed out ({_describe(exc)})")
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, RemoteProtocolError):
         return UpstreamError(f"upstream {upstream} broke the connection ({_describe(exc)})")
     return UpstreamUnavailable(f"upstream {upstream} is unreachable ({_describe(exc)})")
 
 
-def map_status_error(response: httpx.Response, body: bytes, upstream: str) -> NodeprovError:
+def map_status_error(response: Response, body: bytes, upstream: str) -> NodeprovError:
     """The nodeprov error for a non-2xx upstream answer with (up to a cap of) its ``body``."""
     status = response.status_code
     message = _error_message(body) or response.reason_phrase or "no reason given"
@@ -276,26 +312,25 @@ def map_status_error(response: httpx.Response, body: bytes, upstream: str) -> No
     return InvalidRequest(message, **details)
 
 
-def _make_client(
-    up: config.Upstream, transport: httpx.AsyncBaseTransport | None
-) -> httpx.AsyncClient:
+def _make_client(up: config.Upstream) -> HttpClient:
     headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
-    timeout = httpx.Timeout(
+    timeouts = Timeouts(
         connect=CONNECT_TIMEOUT,
         read=float(up.timeout_seconds),
         write=WRITE_TIMEOUT,
-        pool=POOL_TIMEOUT,
+        pool=float(up.pool_wait_seconds),
     )
-    return httpx.AsyncClient(
-        base_url=up.base_url.rstrip("/") + "/",
+    return HttpClient(
+        up.base_url,
         headers=headers,
-        timeout=timeout,
-        transport=transport or nodelay_transport(POOL_LIMITS),
+        timeouts=timeouts,
+        max_connections=up.max_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
     )
 
 
 def nodelay_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """A pooled transport with TCP_NODELAY: a request's headers and body leave at once.
+    """A pooled httpx transport with TCP_NODELAY (for the node's other clients: the mints).
 
     Without it Nagle's algorithm holds the body until the server acknowledges the headers,
     and delayed ACKs turn that into ~40 ms on every request.
@@ -313,7 +348,7 @@ def _forwarded(headers: Mapping[str, str] | None, *, raw_body: bool) -> dict[str
     return {k: v for k, v in headers.items() if k.lower() in allowed}
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: Response) -> bytes:
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk

@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
@@ -24,9 +23,10 @@ from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, UpstreamError
 from nodeprov.http.auth import request_payer
 from nodeprov.http.billing import cost_headers, payment_required
-from nodeprov.http.context import HttpContext, context, read_json
+from nodeprov.http.context import HttpContext, context, read_body, read_json
 from nodeprov.http.streaming import SSERelay, with_usage
-from nodeprov.upstream import Route
+from nodeprov.upstream import Route, forwardable
+from nodeprov.upstream_http import Response as UpstreamResponse
 
 PATHS: dict[str, tuple[Endpoint, str]] = {
     "/v1/chat/completions": ("chat", "chat/completions"),
@@ -57,7 +57,7 @@ def paid_job(
 
 async def send(
     ctx: HttpContext, route: Route, path: str, request: Request, **kwargs: Any
-) -> httpx.Response:
+) -> UpstreamResponse:
     """The upstream's answer (its errors end the job: nothing charged, refund in the error)."""
     return await ctx.upstreams.send(route, "POST", path, headers=request.headers, **kwargs)
 
@@ -85,11 +85,16 @@ async def openai_job(request: Request) -> Response:
     body = await read_json(request)
     streamed = endpoint in ("chat", "completions") and body.get("stream") is True
     route: Route = ctx.upstreams.route(model_of(body))
+    forward = with_usage(body) if streamed else body
+    # Forwarded unchanged: the client's own bytes go upstream, not encoded again.
+    raw = forwardable(route, body, await read_body(request)) if forward is body else None
     async with paid_job(ctx, request, route.model, body, endpoint) as job:
         if streamed:
-            upstream = await send(ctx, route, path, request, json=with_usage(body), stream=True)
+            upstream = await send(
+                ctx, route, path, request, json=forward, raw_json=raw, stream=True
+            )
             return SSERelay(job.hand_over(), upstream, route.upstream)  # type: ignore[return-value]
-        response = await send(ctx, route, path, request, json=body)
+        response = await send(ctx, route, path, request, json=body, raw_json=raw)
         settled = await job.settle(usage_of(endpoint, body, response.content))
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
-import httpx
 from starlette.types import Receive, Scope, Send
 
 from nodeprov.core.charges import Job, Settled
 from nodeprov.errors import NodeprovError, UpstreamError
 from nodeprov.http.billing import cost_fields
 from nodeprov.upstream import iter_stream
+from nodeprov.upstream_http import Response
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,12 @@ SSE_HEADERS = [
 ]
 
 
-def with_usage(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The body to forward: ``stream_options.include_usage`` forced on."""
+def with_usage(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The body to forward: ``stream_options.include_usage`` forced on (``body`` itself if
+    it asks for usage already, so it can be forwarded unchanged)."""
     options = body.get("stream_options")
+    if isinstance(options, Mapping) and options.get("include_usage") is True:
+        return body
     options = dict(options) if isinstance(options, Mapping) else {}
     options["include_usage"] = True
     return {**body, "stream_options": options}
@@ -49,7 +52,7 @@ def with_usage(body: Mapping[str, Any]) -> dict[str, Any]:
 class SSERelay:
     """ASGI response relaying an upstream SSE stream, then settling its charge."""
 
-    def __init__(self, job: Job, response: httpx.Response, upstream: str) -> None:
+    def __init__(self, job: Job, response: Response, upstream: str) -> None:
         self.job = job
         self.response = response
         self.upstream = upstream

@@ -253,3 +253,30 @@ async def test_change_claim_for_a_token_the_node_never_redeemed_says_so(
         claim = await http.get(node.base + "/wallet/change", headers={"X-Cashu": token})
     assert claim.status_code == 401, claim.text
     assert "No payment with this token" in claim.json()["error"]["message"]
+
+
+async def test_a_body_naming_the_upstream_model_goes_upstream_byte_for_byte(
+    node: Node, make_token, upstream: FakeUpstream
+) -> None:
+    """Forwarded unchanged when nothing is changed; encoded again when something is (usage
+    asked for on a stream, or a body naming ``model`` twice, which parsers may read apart)."""
+    key = await new_key(node, await make_token(100))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    url = node.base + "/chat/completions"
+    messages = b'"messages": [ {"role": "user", "content": "hi"} ]'
+    plain = b'{ "model" : "fake-chat", ' + messages + b"}"
+    usage_on = b'{"model":"fake-chat","stream":true,"stream_options":{"include_usage":true},'
+    usage_on += messages + b"}"
+    usage_off = b'{"model":"fake-chat","stream":true,' + messages + b"}"
+    twice = b'{"model":"fake-embed","model":"fake-chat",' + messages + b"}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        for raw, unchanged in ((plain, True), (usage_on, True), (usage_off, False), (twice, False)):
+            r = await http.post(url, content=raw, headers=headers)
+            assert r.status_code == 200, r.text
+            seen = upstream.last_request
+            assert (seen.body == raw) is unchanged
+            assert seen.json["model"] == "fake-chat"
+            assert seen.body.count(b'"model"') == 1
+            if seen.json.get("stream"):
+                assert seen.json["stream_options"]["include_usage"] is True
+    await node.wait_idle()

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -23,6 +22,7 @@ from nodeprov.errors import (
     UpstreamUnavailable,
 )
 from nodeprov.upstream import Upstreams, iter_stream
+from nodeprov.upstream_http import Response
 from tests.support.fake_openai import (
     PNG,
     REPLY_WORDS,
@@ -68,7 +68,7 @@ def _chat(model: str, text: str = "hello there", **extra: Any) -> dict[str, Any]
     return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
 
 
-async def _switch(ups: Upstreams, model: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
+async def _switch(ups: Upstreams, model: str, body: dict[str, Any], **kw: Any) -> Response:
     """Send ``body`` to a route whose upstream model name carries fake-server switches."""
     route = ups.route("fake-chat")
     route = type(route)(route.upstream, model, route.client)

@@ -126,10 +126,12 @@ async def start_node(
     cors: tuple[str, ...] = ("https://app.example",),
     wallet_options: Mapping[str, Any] | None = None,
     price: ModelPrice = PRICE,
+    upstream_options: Mapping[str, Any] | None = None,
     **core_options: Any,
 ) -> Node:
     """The node; ``core_options`` go to :func:`tests.support.core.build_core` (lease, clock),
-    ``wallet_options`` to its ``[wallet]`` config section; ``price`` prices every model."""
+    ``wallet_options`` to its ``[wallet]`` config section, ``upstream_options`` to its
+    ``[[upstreams]]`` entry; ``price`` prices every model."""
     core = await build_core(
         tmp_path / "ledger.sqlite3", mints, models={m: price for m in MODELS}, **core_options
     )
@@ -144,7 +146,12 @@ async def start_node(
         wallet=WalletSection(mints=tuple(mints), **(wallet_options or {})),
         upstreams=(
             Upstream(
-                "fake", upstream.url, UPSTREAM_KEY, models=MODELS, timeout_seconds=upstream_timeout
+                "fake",
+                upstream.url,
+                UPSTREAM_KEY,
+                models=MODELS,
+                timeout_seconds=upstream_timeout,
+                **(upstream_options or {}),
             ),
         ),
         models=MappingProxyType({m: price for m in MODELS}),

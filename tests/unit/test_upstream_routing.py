@@ -6,13 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
-import httpx
 import pytest
 import pytest_asyncio
 
 from nodeprov.config import Config, ModelPrice, Upstream
 from nodeprov.errors import UnknownModel
 from nodeprov.upstream import Route, Upstreams
+from nodeprov.upstream_http import Timeouts
 
 PRICED = {"gpt-4o-mini", "text-embedding-3-small", "llama-3.1-8b", "whisper-1"}
 
@@ -93,7 +93,7 @@ async def test_one_client_per_upstream_with_base_url_key_limits_and_timeouts(
     assert str(ups.route("llama").client.base_url) == "http://127.0.0.1:9/v1/"
     assert client.headers["authorization"] == "Bearer sk-upstream"
     assert "authorization" not in ups.route("llama").client.headers  # no key configured
-    assert client.timeout == httpx.Timeout(connect=10.0, read=7.5, write=30.0, pool=10.0)
+    assert client.timeouts == Timeouts(connect=10.0, read=7.5, write=30.0, pool=5.0)
 
 
 async def test_build_puts_the_upstream_model_in_the_json_body(ups: Upstreams) -> None:
@@ -113,7 +113,7 @@ async def test_build_puts_the_upstream_model_in_multipart_form_data(ups: Upstrea
         data={"model": "whisper-1", "response_format": "json"},
         files={"file": ("a.wav", b"RIFF....")},
     )
-    payload = request.read()
+    payload = request.content
     assert str(request.url) == "https://api.example.com/v1/audio/transcriptions"
     assert b'name="model"\r\n\r\nwhisper-1\r\n' in payload
     assert b'filename="a.wav"' in payload
