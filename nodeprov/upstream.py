@@ -244,12 +244,16 @@ class Upstreams:
 def forwardable(route: Route, body: Mapping[str, Any], raw: bytes) -> bytes | None:
     """``raw`` (the client's JSON bytes, parsed as ``body``) if it can go upstream unchanged.
 
-    Only when the client named the upstream's own model, and named it once: a body with two
-    ``"model"`` keys could be read differently by the upstream's parser than it was priced.
+    Only when the client named the upstream's own model and every top-level key appears
+    once, unescaped: a body naming a key twice could be read by the upstream's parser
+    otherwise than it was priced here (first wins there, last here).
     """
-    if body.get("model") == route.model and raw.count(b'"model"') == 1:
-        return raw
-    return None
+    if body.get("model") != route.model or b"\\u00" in raw:
+        return None
+    for key in body:
+        if raw.count(b'"' + key.encode() + b'"') != 1:
+            return None
+    return raw
 
 
 async def iter_stream(response: Response, upstream: str = "upstream") -> AsyncIterator[bytes]:

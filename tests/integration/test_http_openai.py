@@ -259,7 +259,7 @@ async def test_a_body_naming_the_upstream_model_goes_upstream_byte_for_byte(
     node: Node, make_token, upstream: FakeUpstream
 ) -> None:
     """Forwarded unchanged when nothing is changed; encoded again when something is (usage
-    asked for on a stream, or a body naming ``model`` twice, which parsers may read apart)."""
+    asked for on a stream), or when a key is named twice (parsers may read it apart)."""
     key = await new_key(node, await make_token(100))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     url = node.base + "/chat/completions"
@@ -269,8 +269,12 @@ async def test_a_body_naming_the_upstream_model_goes_upstream_byte_for_byte(
     usage_on += messages + b"}"
     usage_off = b'{"model":"fake-chat","stream":true,' + messages + b"}"
     twice = b'{"model":"fake-embed","model":"fake-chat",' + messages + b"}"
+    escaped = b'{"mod\\u0065l":"fake-embed","model":"fake-chat",' + messages + b"}"
+    limits = b'{"model":"fake-chat","max_tokens":9,"max_tokens":2,' + messages + b"}"
+    cases = [(plain, True), (usage_on, True), (usage_off, False)]
+    cases += [(twice, False), (escaped, False), (limits, False)]
     async with httpx.AsyncClient(timeout=30) as http:
-        for raw, unchanged in ((plain, True), (usage_on, True), (usage_off, False), (twice, False)):
+        for raw, unchanged in cases:
             r = await http.post(url, content=raw, headers=headers)
             assert r.status_code == 200, r.text
             seen = upstream.last_request

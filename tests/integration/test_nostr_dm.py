@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +413,42 @@ async def test_rate_limit_and_concurrency_cap(
         fourth = (await peer.ask('{"type": "balance", "id": "b4"}')).json
         assert fourth["error"]["code"] == "rate_limited"
         await idle(node)
+        assert (await node.core.ledger.audit()).ok
+    finally:
+        await peer.close()
+        await node.close()
+
+
+async def test_a_busy_upstream_is_an_error_dm_and_charges_nothing(
+    tmp_path: Path,
+    relay: RelayHandle,
+    mint: MintHandle,
+    upstream: FakeUpstream,
+    make_token: TokenMaker,
+) -> None:
+    """The DM path sends through the same pool: past ``pool_wait_seconds`` with every
+    connection busy, the job is an error DM ``upstream_busy`` and nothing is charged."""
+    node = await start_dm_node(
+        tmp_path, [relay.url], [mint.url], upstream,
+        upstream_options={"max_connections": 1, "pool_wait_seconds": Decimal("0.05")},
+    )  # fmt: skip
+    peer = await SdkClient([relay.url], node.keys.public_key).connect()
+    try:
+        await peer.ask(json.dumps({"type": "deposit", "id": "d", "cashu": await make_token(30)}))
+        arrivals = upstream.held_arrivals
+        upstream.close_gate()
+        try:
+            await peer.send(request(chat_body(model=HELD_MODEL), ident="s1"))
+            await _in_upstream_call(upstream, arrivals)  # it holds the only connection
+            second = (await peer.ask(request(chat_body(), ident="s2"))).json
+        finally:
+            upstream.open_gate()
+        assert second["id"] == "s2" and second["error"]["code"] == "upstream_busy"
+        first = (await peer.replies(1, within=30))[0].json
+        assert first["id"] == "s1" and first["type"] == "response"
+        await idle(node)
+        cost = chat_cost(expected_usage(chat_body(model=HELD_MODEL)))
+        assert await balance(node, peer.pubkey) == 30_000 - cost
         assert (await node.core.ledger.audit()).ok
     finally:
         await peer.close()

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
@@ -218,14 +218,18 @@ class DmNode:
 
 
 def node_config(
-    relays: list[str], mints: list[str], upstream: FakeUpstream, **nostr: Any
+    relays: list[str],
+    mints: list[str],
+    upstream: FakeUpstream,
+    upstream_options: Mapping[str, Any] | None = None,
+    **nostr: Any,
 ) -> Config:
     prices: dict[str, ModelPrice] = {m: TEST_PRICE for m in MODELS}
     return Config(
         node=NodeSection(name="dm-node", http_url="http://127.0.0.1:8000"),
         nostr=NostrSection(relays=tuple(relays), default_model=CHAT_MODEL, **nostr),
         wallet=WalletSection(mints=tuple(mints)),
-        upstreams=(Upstream("fake", upstream.url, models=MODELS),),
+        upstreams=(Upstream("fake", upstream.url, models=MODELS, **(upstream_options or {})),),
         models=MappingProxyType(prices),
     )
 
@@ -236,9 +240,10 @@ async def start_dm_node(
     mints: list[str],
     upstream: FakeUpstream,
     prices: dict[str, ModelPrice] | None = None,
+    upstream_options: Mapping[str, Any] | None = None,
     **nostr: Any,
 ) -> DmNode:
-    config = node_config(relays, mints, upstream, **nostr)
+    config = node_config(relays, mints, upstream, upstream_options, **nostr)
     models = prices or dict(config.models)
     core = await build_core(tmp_path / "ledger.sqlite3", mints, models=models)
     keys = Keys.generate()
