@@ -1,6 +1,6 @@
 """CPU per request and requests/s of HTTP clients against one fast local upstream.
 
-    .venv/bin/python bench/upstream_clients.py [--requests N] [--concurrency 1,32]
+    .venv/bin/python bench/upstream_clients.py [--requests N] [--concurrency 1,32] [--streams N]
 
 Compares the node's own upstream client (``nodeprov.upstream_http``) with httpx (its
 transport tuned: no proxy look-up, TCP_NODELAY, a pool as large as the concurrency) and
@@ -8,7 +8,9 @@ aiohttp's client. Each client runs in a process of its own (pinned to CPU 0 when
 two), sending the same chat request as JSON and parsing the JSON answer, over kept-alive
 connections, to a minimal asyncio HTTP/1.1 server in another process (pinned to CPU 1).
 CPU per request is the client process's CPU time over the requests; every client is
-measured in the same run, so the numbers compare even on a busy machine. Not run by tests.
+measured in the same run, so the numbers compare even on a busy machine. Then each client
+opens ``--streams`` streams at once (the server holds them all open until the last one
+arrived): the RSS each open stream adds, and errors. Not run by tests.
 """
 
 from __future__ import annotations
@@ -59,10 +61,32 @@ def _pin(cpu: int) -> None:
 # --- the upstream: answers every request with the same JSON, keep-alive --------------------
 
 
+# Streams: the server sends a first SSE chunk, then holds every stream until ``N`` are open
+# (``POST /v1/stream/N``), then sends the rest: the client measures with all N open.
+FIRST = b'data: {"choices":[{"delta":{"content":"first"}}]}\n\n'
+REST = b'data: {"choices":[{"delta":{"content":" rest"}}]}\n\ndata: [DONE]\n\n'
+_held: list[Any] = []
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 class _Server(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: Any = transport
         self.buffer = b""
+
+    def _stream(self, wanted: int) -> None:
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + _chunk(FIRST)
+        )
+        _held.append(self.transport)
+        if len(_held) >= wanted:
+            for transport in _held:
+                transport.write(_chunk(REST) + b"0\r\n\r\n")
+            _held.clear()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -70,12 +94,16 @@ class _Server(asyncio.Protocol):
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head = self.buffer[:end].lower()
+            head = self.buffer[:end].lower() + b"\r\n"
             at = head.find(b"content-length:")
             length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
             if len(self.buffer) < end + 4 + length:
                 return
             self.buffer = self.buffer[end + 4 + length :]
+            path = head.split(b" ", 2)[1]
+            if path.startswith(b"/v1/stream/"):
+                self._stream(int(path.rsplit(b"/", 1)[1]))
+                continue
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
                 % len(ANSWER)
@@ -162,6 +190,97 @@ async def _run_client(name: str, url: str, requests: int, concurrency: int) -> d
         return await _drive(post_httpx, requests, concurrency)
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def _streams(name: str, url: str, count: int) -> dict[str, float]:
+    """Open ``count`` streams at once; RSS per open stream (KiB) and errors."""
+    path = f"stream/{count}"
+    firsts = 0
+    all_open = asyncio.Event()
+    peak: list[int] = []
+
+    def opened() -> None:
+        nonlocal firsts
+        firsts += 1
+        if firsts == count:
+            peak.append(_rss_kib())
+            all_open.set()
+
+    async def check(body: bytes) -> None:
+        assert body.endswith(b"data: [DONE]\n\n"), body
+
+    if name == "nodeprov":
+        from nodeprov.upstream_http import HttpClient, Timeouts
+
+        client = HttpClient(
+            url,
+            headers={},
+            timeouts=Timeouts(connect=30, read=60, write=30, pool=30),
+            max_connections=count,
+        )
+
+        async def one_ours() -> None:
+            response = await client.send(client.build("POST", path, {}, b"{}"), stream=True)
+            got = b""
+            async for chunk in response.aiter_bytes():
+                if not got:
+                    opened()
+                got += chunk
+            await check(got)
+
+        one: Any = one_ours
+        closing: Any = client.aclose
+    elif name == "aiohttp":
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            base_url=url, connector=aiohttp.TCPConnector(limit=count), read_bufsize=2**16
+        )
+
+        async def one_aiohttp() -> None:
+            async with session.post(path, data=b"{}") as response:
+                got = b""
+                async for chunk in response.content.iter_any():
+                    if not got:
+                        opened()
+                    got += chunk
+                await check(got)
+
+        one, closing = one_aiohttp, session.close
+    else:
+        import httpx
+
+        hclient = httpx.AsyncClient(
+            base_url=url,
+            trust_env=False,
+            timeout=60,
+            limits=httpx.Limits(max_connections=count, max_keepalive_connections=count),
+        )
+
+        async def one_httpx() -> None:
+            async with hclient.stream("POST", path, content=b"{}") as response:
+                got = b""
+                async for chunk in response.aiter_bytes():
+                    if not got:
+                        opened()
+                    got += chunk
+                await check(got)
+
+        one, closing = one_httpx, hclient.aclose
+    base = _rss_kib()
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    await closing()
+    errors = sum(isinstance(r, BaseException) for r in results)
+    per = (peak[0] - base) / count if peak else float("nan")
+    return {"kib_per_stream": per, "errors": errors}
+
+
 def _measure(name: str, url: str, requests: int, concurrency: int) -> dict[str, float]:
     args = ["--client", name, "--url", url, "--requests", str(requests)]
     out = subprocess.run(
@@ -174,11 +293,21 @@ def _measure(name: str, url: str, requests: int, concurrency: int) -> dict[str, 
     return result
 
 
+def _measure_streams(name: str, url: str, count: int) -> dict[str, float]:
+    args = ["--client", name, "--url", url, "--requests", "0", "--streams", str(count)]
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        return {"kib_per_stream": float("nan"), "errors": count}
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per client")
+    parser.add_argument("--streams", type=int, default=1000, help="open at once (0: skip)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -188,9 +317,12 @@ def main() -> None:
         return
     if args.client:
         _pin(0)
-        result = asyncio.run(
-            _run_client(args.client, args.url, args.requests, int(args.concurrency))
-        )
+        if args.streams and args.requests == 0:
+            result = asyncio.run(_streams(args.client, args.url, args.streams))
+        else:
+            result = asyncio.run(
+                _run_client(args.client, args.url, args.requests, int(args.concurrency))
+            )
         print(json.dumps(result))
         return
     server = subprocess.Popen(
@@ -213,6 +345,13 @@ def main() -> None:
                 print(
                     f"concurrency {concurrency:>3}  {name:<9} {r['cpu_ms']:6.3f} ms CPU/request"
                     f"  {r['rps']:7.0f} req/s  ({base / r['cpu_ms']:4.1f}x less CPU than httpx)"
+                )
+        if args.streams:
+            for name in CLIENTS:
+                r = _measure_streams(name, url, args.streams)
+                print(
+                    f"{args.streams} open streams  {name:<9} {r['kib_per_stream']:6.1f} KiB RSS"
+                    f" per stream  {int(r['errors'])} errors"
                 )
     finally:
         if server.stdin:
