@@ -31,13 +31,11 @@ from nodeprov.upstream_wire import (
     ConnectError,
     ConnectTimeout,
     Headers,
-    PoolTimeout,
     ReadError,
     ReadTimeout,
     RemoteProtocolError,
     ResponseHead,
     ResponseReader,
-    TimeoutException,
     TransportError,
     WireError,
     WriteTimeout,
@@ -411,21 +409,3 @@ class HttpClient:
     async def aclose(self) -> None:
         """Close every idle connection and refuse new ones; answers in flight go on."""
         self._pool.close()
-
-
-__all__ = [
-    "ConnectError",
-    "ConnectTimeout",
-    "Headers",
-    "HttpClient",
-    "PoolTimeout",
-    "ReadError",
-    "ReadTimeout",
-    "RemoteProtocolError",
-    "Request",
-    "Response",
-    "TimeoutException",
-    "Timeouts",
-    "TransportError",
-    "WriteTimeout",
-]

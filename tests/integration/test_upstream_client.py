@@ -17,7 +17,8 @@ import pytest
 from nodeprov.config import Upstream
 from nodeprov.errors import UpstreamError
 from nodeprov.upstream import Upstreams, iter_stream
-from nodeprov.upstream_http import HttpClient, RemoteProtocolError, Timeouts
+from nodeprov.upstream_http import HttpClient, Timeouts
+from nodeprov.upstream_wire import RemoteProtocolError
 from tests.support.waiting import until
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
