@@ -304,6 +304,7 @@ class HttpClient:
         timeouts: Timeouts,
         max_connections: int,
         keepalive_expiry: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -325,7 +326,8 @@ class HttpClient:
             check_header(name, value)
         lines = [f"Host: {netloc}\r\n"] + [f"{k}: {v}\r\n" for k, v in self.headers.items()]
         self._fixed = "".join(lines).encode("latin-1")
-        ssl_context = ssl.create_default_context() if tls else None
+        if tls and ssl_context is None:
+            ssl_context = ssl.create_default_context()  # the system's CAs, hostname checked
 
         async def connect() -> Connection:
             loop = asyncio.get_running_loop()
@@ -335,7 +337,7 @@ class HttpClient:
                         lambda: Connection(loop),
                         host,
                         port,
-                        ssl=ssl_context,
+                        ssl=ssl_context if tls else None,
                         server_hostname=host if tls else None,
                     ),
                     timeouts.connect,

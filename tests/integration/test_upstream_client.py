@@ -8,14 +8,21 @@ exercised exactly; order, never a stopwatch, proves what arrives when.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from nodeprov.config import Upstream
-from nodeprov.errors import UpstreamError
+from nodeprov.errors import UpstreamError, UpstreamUnavailable
 from nodeprov.upstream import Upstreams, iter_stream
 from nodeprov.upstream_http import HttpClient, Timeouts
 from nodeprov.upstream_wire import RemoteProtocolError
@@ -295,3 +302,68 @@ async def test_a_stream_cut_mid_body_raises_while_iterating() -> None:
                     got.append(chunk)
             await response.aclose()
     assert b"".join(got) == b"only part"
+
+
+def self_signed(tmp_path: Path, host: str) -> tuple[Path, Path]:
+    """A certificate for ``host`` signed by its own key (cert and key files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_https_with_sni_and_certificate_checks(tmp_path: Path) -> None:
+    """An https upstream is reached with SNI and its certificate checked: trusted, the
+    request goes through; untrusted (the default context), it is unreachable."""
+    cert, key = self_signed(tmp_path, "localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    names: list[str | None] = []
+
+    def record(_sock: object, name: str | None, _ctx: object) -> None:
+        names.append(name)
+
+    server_ctx.sni_callback = record  # type: ignore[assignment]
+    tls_server = Server(lambda r, w, n: answering(OK, OK)(tls_server)(r, w, n))
+    listener = await asyncio.start_server(tls_server.handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        client = HttpClient(
+            f"https://localhost:{port}/v1",
+            headers={},
+            timeouts=TIMEOUTS,
+            max_connections=2,
+            ssl_context=trusting,
+        )
+        try:
+            assert await post(client) == b'{"ok":true}'
+            assert await post(client) == b'{"ok":true}'
+        finally:
+            await client.aclose()
+        assert names == ["localhost"] and tls_server.connections == 1
+        up = Upstream(name="s", base_url=f"https://localhost:{port}/v1", models=("m",))
+        async with Upstreams([up], lambda _m: True) as ups:
+            with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await ups.send(ups.route("m"), "POST", "chat/completions", json={})
