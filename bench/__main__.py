@@ -25,14 +25,15 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 
 from bench import _measures as m
 from bench._load import raise_fd_limit
 from bench._procs import Cores, Node, Procs, start_upstream
-from bench._report import now, table, write
-from tests.support.cashu_client import TokenFactory
+from bench._report import git_commit, now, table, write
+from tests.support.cashu_client import TokenFactory, import_cashu
 from tests.support.services import free_port, start_mint, start_relay
 
 MEASURES = ("latency", "throughput", "streaming", "dm", "ledger", "streams")
@@ -47,6 +48,11 @@ def options() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")))
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--note",
+        default=os.environ.get("BENCH_NOTE", ""),
+        help="a line for the results file (say what else ran on the machine)",
+    )
     args = parser.parse_args()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(MEASURES)
     unknown = set(chosen) - set(MEASURES)
@@ -69,6 +75,7 @@ def create_key(node: Node, token: str) -> str:
 
 def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.Runner) -> None:
     started = now()
+    commit = git_commit()  # before the run: the code measured, not what changed meanwhile
     cores = Cores.pick()
     plan = m.Plan.make(args.quick)
     if cores.load is not None:
@@ -112,11 +119,16 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.R
                 )
             if node.proc is not None and node.proc.poll() is not None:
                 raise RuntimeError(f"the node died during {name}:\n{node.log_tail()}")
-        b.notes.append(
-            "direct = the same requests sent to the upstream itself; added = node - direct"
-        )
+        b.notes += [
+            "direct = the same requests sent to the upstream itself; added = node - direct.",
+            "The load generator and the upstream share one CPU: the direct req/s is their joint "
+            "ceiling, far above what the node reaches, so the generator is not the bottleneck.",
+            "load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        ]
+        if args.note:
+            b.notes.append(args.note)
         print(table(b.rows), flush=True)
-        path = write(b.rows, b.notes, cores, started, args.quick)
+        path = write(b.rows, b.notes, cores, started, args.quick, commit)
         print(f"bench: wrote {path}", flush=True)
     finally:
         runner.run(factory.aclose())
@@ -135,13 +147,30 @@ def latency(b: m.Bench, factory: TokenFactory, runner: asyncio.Runner, api_key: 
 
 
 async def time_swaps(factory: TokenFactory, n: int) -> list[float]:
-    """Seconds per swap of a fresh 1-sat token at the mint (the cashu wallet's ``redeem``)."""
+    """Seconds per bare swap of a fresh 1-sat token at the mint: the cashu wallet's POST /v1/swap
+    and its answer, without the wallet's bookkeeping around it (nor the new HTTP client it
+    builds for every call)."""
+    import_cashu()
+    from cashu.wallet.v1_api import LedgerAPI
+
     tokens = [await factory.token(1) for _ in range(n + 2)]
-    out = []
-    for token in tokens:
+    out: list[float] = []
+    original = LedgerAPI._request
+
+    async def timed(self: Any, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        await factory.redeem(token)
-        out.append(time.perf_counter() - t0)
+        try:
+            return await original(self, method, path, *args, **kwargs)
+        finally:
+            if path.endswith("swap"):
+                out.append(time.perf_counter() - t0)
+
+    LedgerAPI._request = timed
+    try:
+        for token in tokens:
+            await factory.redeem(token)
+    finally:
+        LedgerAPI._request = original
     return out[2:]
 
 

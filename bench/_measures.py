@@ -48,7 +48,7 @@ class Plan:
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(True, 1.5, 0.3, 12, 6, 40, 16, 1.0, (1, 8, 32, 128), (50, 100), 400, 3)
-        return cls(False, 10.0, 1.0, 200, 60, 500, 16, 1.0, (1, 8, 32, 128),
+        return cls(False, 10.0, 2.0, 200, 60, 500, 16, 1.0, (1, 8, 32, 128),
                    (100, 500, 1000), 5000, 20)  # fmt: skip
 
 

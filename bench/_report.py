@@ -62,7 +62,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(cores: Cores, started: datetime, quick: bool) -> list[str]:
+def machine(cores: Cores, started: datetime, quick: bool, commit: str) -> list[str]:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"- date: {started:%Y-%m-%d %H:%M} UTC"
@@ -71,17 +71,24 @@ def machine(cores: Cores, started: datetime, quick: bool) -> list[str]:
         f"- pinning: {cores.describe()}",
         f"- python {platform.python_version()}, uvloop {version('uvloop')}, "
         f"httpx {version('httpx')}, uvicorn {version('uvicorn')}, httptools {version('httptools')}",
-        f"- commit: {git_commit()}",
+        f"- commit: {commit}",
         f"- command: `{command()}`",
     ]
 
 
-def write(rows: list[Row], notes: list[str], cores: Cores, started: datetime, quick: bool) -> Path:
+def write(
+    rows: list[Row], notes: list[str], cores: Cores, started: datetime, quick: bool, commit: str
+) -> Path:
     """Write ``bench/results/<date>[-quick].md`` and return its path."""
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{started:%Y-%m-%d}{'-quick' if quick else ''}.md"
-    text = [f"# nodeprov benchmark, {started:%Y-%m-%d}", "", *machine(cores, started, quick), ""]
+    text = [
+        f"# nodeprov benchmark, {started:%Y-%m-%d}",
+        "",
+        *machine(cores, started, quick, commit),
+        "",
+    ]
     text += [table(rows), ""]
     if notes:
         text += ["Notes:", "", *(f"- {n}" for n in notes), ""]
