@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -88,25 +89,17 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.R
     try:
         upstream, _ = start_upstream(procs, cores.load, "--chunks", str(plan.chunks),
                                      "--gap-ms", str(plan.gap_ms))  # fmt: skip
-        node = Node(procs, workdir, cores.node)
-        for attempt in range(3):
-            try:
-                node.start(mint.url, upstream, relay.url if relay else None, free_port())
-                break
-            except RuntimeError:
-                if attempt == 2 or "address already in use" not in node.log_tail().lower():
-                    raise
+        node = Node(procs, workdir, cores.node, mint.url, upstream, relay.url if relay else None)
+        node.start(free_port)
         b = m.Bench(procs, cores, plan, workdir, upstream, node, runner.run)
         api_key = create_key(node, runner.run(factory.token(100_000)))
-        b.load(b.node_chat, headers=(f"Authorization: Bearer {api_key}",), requests=20, warmup=0)
-        idle = m.idle_rss(b)
         steps: dict[str, Callable[[], None]] = {
             "latency": lambda: latency(b, factory, runner, api_key),
             "throughput": lambda: m.throughput(b, api_key),
             "streaming": lambda: m.streaming(b, api_key),
             "dm": lambda: m.dm(b, relay.url if relay else "", runner.run(factory.token(10_000))),
             "ledger": lambda: m.ledger(b),
-            "streams": lambda: m.open_streams(b, api_key, idle),
+            "streams": lambda: m.open_streams(b, api_key, lambda: node.restart(free_port)),
         }
         for name in args.measures:
             print(f"bench: {name} ...", flush=True)
@@ -131,7 +124,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.R
         path = write(b.rows, b.notes, cores, started, args.quick, commit)
         print(f"bench: wrote {path}", flush=True)
     finally:
-        runner.run(factory.aclose())
+        with contextlib.suppress(Exception):
+            runner.run(factory.aclose())
         procs.stop_all()
         if relay is not None:
             relay.close()
@@ -177,6 +171,8 @@ async def time_swaps(factory: TokenFactory, n: int) -> list[float]:
 def main() -> int:
     args = options()
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C interrupts the run even when started from a shell that ignores SIGINT (`... &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="nodeprov-bench-"))
     procs = Procs()

@@ -205,7 +205,7 @@ def throughput(b: Bench, api_key: str) -> None:
             target = ">= 1,000/s, p99 <= 50 ms, 0 errors"
             met = node.rate >= 1000 and node.p(0.99) <= 50 and not node.errors
         b.rows.append(Row(
-            f"paid requests/s, {clients} clients (API key), p99",
+            f"paid requests/s, {clients} client{'s' if clients > 1 else ''} (API key), p99",
             f"{direct.rate:,.0f}/s, p99 {ms(direct.p(0.99))} ms, {direct.error_text()}",
             f"{node.rate:,.0f}/s, p99 {ms(node.p(0.99))} ms, {node.error_text()}",
             f"{node.rate / direct.rate:.2f}x" if direct.rate else "-", target, met,
@@ -236,17 +236,21 @@ def streaming(b: Bench, api_key: str) -> None:
     ))  # fmt: skip
 
 
-def idle_rss(b: Bench) -> int:
-    """The node's RSS (KiB) after start and a few warm-up requests, before any load."""
-    return rss_kib(b.node.pid)
+def open_streams(b: Bench, api_key: str, restart: Callable[[], None]) -> None:
+    """(4) RSS of the node with N streams open against the slow upstream, and the failures.
 
-
-def open_streams(b: Bench, api_key: str, idle_kib: int) -> None:
-    """(4) RSS of the node with N streams open against the slow upstream, and the failures."""
-    b.rows.append(Row("node RSS idle", "-", f"{idle_kib / 1024:.1f} MiB", "-"))
+    On a freshly restarted node, so that the memory earlier measures left allocated does not
+    hide what the streams take; per stream is (RSS with them open - idle) / streams open.
+    """
+    restart()
+    auth = (f"Authorization: Bearer {api_key}",)
+    b.load(b.node_chat, headers=auth, requests=50, warmup=0)
+    b.load(b.node_chat, headers=auth, body=STREAM, requests=10, warmup=0)
+    time.sleep(1)
+    idle = rss_kib(b.node.pid)
+    b.rows.append(Row("node RSS idle (after warm-up)", "-", f"{idle / 1024:.1f} MiB", "-"))
     for n in b.plan.streams:
         time.sleep(2)  # let the previous streams' connections close
-        before = rss_kib(b.node.pid)
         argv = [sys.executable, "-m", "bench._load", b.node_chat, "--hold", "--clients", str(n),
                 "--body", SLOW_STREAM, "--header", f"Authorization: Bearer {api_key}"]  # fmt: skip
         proc = b.procs.spawn(argv, cpu=b.cores.load, stdin=subprocess.PIPE)
@@ -265,12 +269,12 @@ def open_streams(b: Bench, api_key: str, idle_kib: int) -> None:
         opened = report["open"]
         failed = sum(report["errors"].values())
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(report["errors"].items()))
-        per = (during - before) / opened if opened else float("nan")
+        per = (during - idle) / opened if opened else float("nan")
         b.rows.append(Row(
             f"open streams: {n} (slow upstream)", "-",
             f"{opened} open, {failed} failed{f' ({errors})' if errors else ''}; "
             f"RSS {during / 1024:.1f} MiB",
-            f"{per:.1f} KiB/stream", "0 errors, <= 64 KiB each", failed == 0 and per <= 64,
+            f"{per:.1f} KiB per open stream", "0 errors, <= 64 KiB each", failed == 0 and per <= 64,
         ))  # fmt: skip
 
 

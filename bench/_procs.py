@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -173,7 +174,13 @@ models = [{models}]
 class Node:
     """``nodeprov -c CONFIG start`` as a subprocess pinned to one core."""
 
-    def __init__(self, procs: Procs, workdir: Path, cpu: int | None) -> None:
+    def __init__(
+        self, procs: Procs, workdir: Path, cpu: int | None, mint: str, upstream: str,
+        relay: str | None,
+    ) -> None:  # fmt: skip
+        self.mint = mint
+        self.upstream = upstream
+        self.relay = relay
         self.procs = procs
         self.workdir = workdir
         self.cpu = cpu
@@ -182,12 +189,27 @@ class Node:
         self.info: dict[str, object] = {}
         self.log_path = workdir / "node.log"
 
-    def start(self, mint: str, upstream: str, relay: str | None, free_port: int) -> None:
-        """Start on ``free_port`` and return once /v1/info answers with this node's name."""
+    def start(self, free_port: Callable[[], int]) -> None:
+        """Start on a free port (another on a lost race for it); return once it answers."""
+        for attempt in range(3):
+            try:
+                return self._start(free_port())
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in self.log_tail().lower():
+                    raise
+
+    def restart(self, free_port: Callable[[], int]) -> None:
+        """Stop and start again on the same data dir (a fresh process, fresh memory)."""
+        self.stop()
+        self.start(free_port)
+
+    def _start(self, port: int) -> None:
         name = f"bench-node-{secrets.token_hex(4)}"
         config = self.workdir / "nodeprov.toml"
-        config.write_text(node_config(self.workdir, free_port, name, mint, upstream, relay))
-        self.url = f"http://127.0.0.1:{free_port}"
+        config.write_text(
+            node_config(self.workdir, port, name, self.mint, self.upstream, self.relay)
+        )
+        self.url = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as log:
             self.proc = self.procs.spawn(
                 [str(NODEPROV), "-c", str(config), "start"], cpu=self.cpu, stdout=log,

@@ -42,7 +42,11 @@ def git_commit() -> str:
 
 
 def command() -> str:
-    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_"))
+    env = " ".join(
+        f"{k}={v}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("BENCH_") and k != "BENCH_NOTE"
+    )
     args = " ".join(sys.argv[1:])
     return " ".join(
         part
