@@ -270,11 +270,14 @@ def open_streams(b: Bench, api_key: str, restart: Callable[[], None]) -> None:
         failed = sum(report["errors"].values())
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(report["errors"].items()))
         per = (during - idle) / opened if opened else float("nan")
+        # Failed requests held memory too while they waited: say what each stream asked cost.
+        asked = "" if opened == n else f" ({(during - idle) / n:.1f} KiB per stream asked)"
         b.rows.append(Row(
             f"open streams: {n} (slow upstream)", "-",
             f"{opened} open, {failed} failed{f' ({errors})' if errors else ''}; "
             f"RSS {during / 1024:.1f} MiB",
-            f"{per:.1f} KiB per open stream", "0 errors, <= 64 KiB each", failed == 0 and per <= 64,
+            f"{per:.1f} KiB per open stream{asked}", "0 errors, <= 64 KiB each",
+            failed == 0 and per <= 64,
         ))  # fmt: skip
 
 
