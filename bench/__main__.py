@@ -33,7 +33,7 @@ import httpx
 from bench import _measures as m
 from bench._load import raise_fd_limit
 from bench._procs import Cores, Node, Procs, start_upstream
-from bench._report import git_commit, now, table, write
+from bench._report import RunInfo, table, write
 from tests.support.cashu_client import TokenFactory, import_cashu
 from tests.support.services import free_port, start_mint, start_relay
 
@@ -75,9 +75,8 @@ def create_key(node: Node, token: str) -> str:
 
 
 def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.Runner) -> None:
-    started = now()
-    commit = git_commit()  # before the run: the code measured, not what changed meanwhile
     cores = Cores.pick()
+    info = RunInfo.now(cores, args.quick)  # the commit measured, not what changes meanwhile
     plan = m.Plan.make(args.quick)
     if cores.load is not None:
         os.sched_setaffinity(0, {cores.load})  # the mint and relay inherit it
@@ -116,12 +115,11 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.R
             "direct = the same requests sent to the upstream itself; added = node - direct.",
             "The load generator and the upstream share one CPU: the direct req/s is their joint "
             "ceiling, far above what the node reaches, so the generator is not the bottleneck.",
-            "load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
         ]
         if args.note:
             b.notes.append(args.note)
         print(table(b.rows), flush=True)
-        path = write(b.rows, b.notes, cores, started, args.quick, commit)
+        path = write(b.rows, b.notes, info)
         print(f"bench: wrote {path}", flush=True)
     finally:
         with contextlib.suppress(Exception):

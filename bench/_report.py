@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,39 +67,47 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(cores: Cores, started: datetime, quick: bool, commit: str) -> list[str]:
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return [
-        f"- date: {started:%Y-%m-%d %H:%M} UTC"
-        + (" (quick: a few seconds a measure)" if quick else ""),
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at start {load}",
-        f"- pinning: {cores.describe()}",
-        f"- python {platform.python_version()}, uvloop {version('uvloop')}, "
-        f"httpx {version('httpx')}, uvicorn {version('uvicorn')}, httptools {version('httptools')}",
-        f"- commit: {commit}",
-        f"- command: `{command()}`",
-    ]
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def write(
-    rows: list[Row], notes: list[str], cores: Cores, started: datetime, quick: bool, commit: str
-) -> Path:
+@dataclass(frozen=True)
+class RunInfo:
+    """What is noted at the start of a run: when, which commit, how busy the machine was."""
+
+    started: datetime
+    commit: str
+    load: str
+    cores: Cores
+    quick: bool
+
+    @classmethod
+    def now(cls, cores: Cores, quick: bool) -> RunInfo:
+        return cls(datetime.now(UTC), git_commit(), load_average(), cores, quick)
+
+    def machine(self) -> list[str]:
+        quick = " (quick: a few seconds a measure)" if self.quick else ""
+        return [
+            f"- date: {self.started:%Y-%m-%d %H:%M} UTC{quick}",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; "
+            f"load average at the start {self.load}, at the end {load_average()}",
+            f"- pinning: {self.cores.describe()}",
+            f"- python {platform.python_version()}, uvloop {version('uvloop')}, "
+            f"httpx {version('httpx')}, uvicorn {version('uvicorn')}, "
+            f"httptools {version('httptools')}",
+            f"- commit: {self.commit}",
+            f"- command: `{command()}`",
+        ]
+
+
+def write(rows: list[Row], notes: list[str], info: RunInfo) -> Path:
     """Write ``bench/results/<date>[-quick].md`` and return its path."""
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{started:%Y-%m-%d}{'-quick' if quick else ''}.md"
-    text = [
-        f"# nodeprov benchmark, {started:%Y-%m-%d}",
-        "",
-        *machine(cores, started, quick, commit),
-        "",
-    ]
+    path = out / f"{info.started:%Y-%m-%d}{'-quick' if info.quick else ''}.md"
+    text = [f"# nodeprov benchmark, {info.started:%Y-%m-%d}", "", *info.machine(), ""]
     text += [table(rows), ""]
     if notes:
         text += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     path.write_text("\n".join(text))
     return path
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
