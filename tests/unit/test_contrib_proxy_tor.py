@@ -4,7 +4,6 @@ unbuffered, and the onion script fills node.onion_url through the environment ov
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import os
 import re
@@ -14,46 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from nodeprov.config import HttpSection, Upstream
 from nodeprov.config_load import RANGES, load_config
-from tests.support.contrib import CONTRIB, MINIMAL_CONFIG, env_file_values, tool
+from tests.support.contrib import CONTRIB, MINIMAL_CONFIG, env_file_values, self_signed, tool
 
 NGINX = CONTRIB / "proxy" / "nginx.conf"
 CADDY = CONTRIB / "proxy" / "Caddyfile"
 TORRC = CONTRIB / "tor" / "torrc"
 ONION_SCRIPT = CONTRIB / "tor" / "nodeprov-onion-url"
 LONGEST_UPSTREAM_SECONDS = RANGES[Upstream, "timeout_seconds"][1]
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm.example.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def nginx_test(tmp_path: Path, site: str) -> subprocess.CompletedProcess[str]:
