@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from nodeprov.config_load import load_config
 from nodeprov.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.support.contrib import CONTRIB, MINIMAL_CONFIG, ROOT, env_file_values
 from tests.support.services import free_port
+from tests.support.tcp_proxy import dead_url
 
 DOCKER = CONTRIB / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -231,3 +233,46 @@ def test_compose_runs_only_the_node_until_the_postgres_ledger_lands() -> None:
     assert set(compose()["services"]) == {"node"}
     text = COMPOSE.read_text()
     assert "# db:" in text and "issue 13" in text and "NOT landed" in text
+
+
+def test_the_image_command_serves_a_node_the_healthcheck_passes_and_sigterm_stops(
+    tmp_path: Path,
+) -> None:
+    """The image's ENTRYPOINT + CMD with its ENV, run here (outside a container): only the
+    data dir, the port and the address move into the test's own."""
+    config = tmp_path / "nodeprov.toml"
+    text = MINIMAL_CONFIG.replace("https://mint.nodeprov.test", dead_url())
+    config.write_text(text.replace("https://api.openai.com/v1", dead_url() + "/v1"))
+    port = free_port()
+    env = {**os.environ, **image_env(), **env_file_values(ENV_EXAMPLE.read_text())}
+    env.update(
+        NODEPROV_CONFIG=str(config),
+        NODEPROV_NODE__DATA_DIR=str(tmp_path / "data"),
+        NODEPROV_HTTP__HOST="127.0.0.1",
+        NODEPROV_HTTP__PORT=str(port),
+    )
+    (entrypoint,) = args_of("ENTRYPOINT")
+    (cmd,) = args_of("CMD")
+    argv = json_form(entrypoint) + json_form(cmd)
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    node = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output: list[str] = []
+    try:
+        assert node.stdout is not None
+        for line in node.stdout:  # until it serves (or ends: then the assert below says why)
+            output.append(line)
+            if "Stop with Ctrl+C" in line:
+                break
+        assert node.poll() is None, "".join(output)
+        assert run_healthcheck(port) == 0
+        node.send_signal(signal.SIGTERM)
+        rest, _ = node.communicate(timeout=120)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    assert node.returncode == 0, "".join(output) + rest
+    assert "nodeprov stopped." in rest
+    assert (tmp_path / "data" / "ledger.sqlite3").is_file()
