@@ -24,6 +24,7 @@ from nodeprov.core.melt import Melter
 from nodeprov.core.node import Core, Service, build_core
 from nodeprov.http import http_service, listening_http_service
 from nodeprov.http.server import bind
+from nodeprov.limits import raise_open_files_limit
 from nodeprov.nostr.service import nostr_service
 from nodeprov.payouts import payout_service
 
@@ -132,6 +133,7 @@ async def run(
     chosen = list(default_services() if services is None else services)
     sock = None
     if http_service in chosen:
+        raise_open_files_limit()  # two sockets per open stream
         # Bound before the ledger, the banner or a first admin password: a port in use is
         # one error line (ConfigError) and nothing else happens.
         sock = bind(config.http.host, config.http.port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -81,6 +82,19 @@ models = [{models}]
     return path
 
 
+def common_soft_limit() -> None:
+    """The soft open-files limit many systems give a process (1,024)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+
+def soft_open_files(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
 class PortTaken(Exception):
     """The daemon exited because another process took its port first."""
 
@@ -106,6 +120,7 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=common_soft_limit,  # as many systems start a service
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -197,6 +212,9 @@ async def test_daemon_pays_over_both_channels_survives_sigterm_and_restart(
         assert f"  admin     {daemon.url}/admin/\n" in banner
         npub = Keys.parse((config.parent / "data" / "nostr.key").read_text().strip()).npub
         assert f"  Nostr     {npub} on 1 relay(s)\n" in banner
+        # Started with 1,024 open files at most, it raised that for 1,000 streams (2 sockets each).
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert soft_open_files(daemon.proc.pid) == min(65_536, hard)
 
         # HTTP: a key from a token, then a paid chat with the official SDK.
         async with httpx.AsyncClient(timeout=30) as http:
