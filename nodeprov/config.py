@@ -111,6 +111,14 @@ class WalletSection:
 
 
 @dataclass(frozen=True)
+class PaymentsSection:
+    # Run an X-Cashu (or DM) token's mint swap beside the upstream call; output waits for it.
+    overlap_swap: bool = True
+    # Upstream calls one client (address, npub) may have started before their swap landed.
+    overlap_per_client: int = 2
+
+
+@dataclass(frozen=True)
 class LedgerSection:
     hold_timeout_seconds: int = 120
 
@@ -167,6 +175,7 @@ class Config:
     nostr: NostrSection = field(default_factory=NostrSection)
     wallet: WalletSection = field(default_factory=WalletSection)
     ledger: LedgerSection = field(default_factory=LedgerSection)
+    payments: PaymentsSection = field(default_factory=PaymentsSection)
     pricing: PricingSection = field(default_factory=PricingSection)
     admin: AdminSection = field(default_factory=AdminSection)
     payouts: PayoutsSection = field(default_factory=PayoutsSection)

@@ -26,6 +26,13 @@ The rules, all here and nowhere else:
   Entering a job with a ref first releases holds an interrupted run of it left.
 - **Hand-over.** A streamed answer outlives the request handler: :meth:`Job.hand_over` makes
   the block's end leave the job open; the new owner must settle or cancel it.
+- **Overlap.** A per-request token's job entered with a ``client`` may leave the block's
+  entry with its token appraised but not yet swapped (:class:`Pending`, when
+  :mod:`nodeprov.core.overlap` allows it); the caller then starts its upstream call through
+  :meth:`Job.start`, which runs the swap and hold beside it and returns the upstream's
+  answer only once the hold is in place. A swap that fails cancels the upstream call and
+  its error goes out as it would have without overlap; an upstream failure waits for the
+  swap and then cancels as above (the token comes back whole).
 """
 
 from __future__ import annotations
@@ -34,10 +41,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable
 from nodeprov.errors import NodeprovError, PriceUnavailable
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
     from nodeprov.core.wallet import Sent
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STREAMED: tuple[Endpoint, ...] = ("chat", "completions")
 
@@ -103,6 +111,20 @@ class Charge(Protocol):
     async def cancel(self) -> Sent | None: ...
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A per-request token that can pay, appraised but not swapped yet (no money moved).
+
+    ``confirm`` swaps it and holds ``max_cost`` (giving back the client's overlap slot
+    however it ends); ``abandon`` gives the slot back when ``confirm`` is never run.
+    """
+
+    max_cost: Cost
+    confirm: Callable[[], Awaitable[Charge]]
+    abandon: Callable[[], None]
+    cancelled: Callable[[], None]  # counts an upstream call cancelled because the swap failed
+
+
 class Pipeline(Protocol):
     """What the lifecycle needs of :class:`nodeprov.core.payments.Payments`."""
 
@@ -110,14 +132,16 @@ class Pipeline(Protocol):
     pricer: Pricer
     renew_seconds: float | None
 
-    async def begin(
+    async def authorize(
         self,
         payer: Payer,
         model: str,
         body: Mapping[str, Any],
         endpoint: Endpoint = ...,
         ref: str | None = ...,
-    ) -> Charge: ...
+        *,
+        client: str | None = ...,
+    ) -> Charge | Pending: ...
 
     async def _settle(
         self, charge: Any, cost: Cost, *, ref: str | None = ..., result: Any = ...
@@ -135,6 +159,7 @@ class Job:
         body: Mapping[str, Any],
         endpoint: Endpoint,
         ref: str | None,
+        client: str | None = None,
     ) -> None:
         self.payments = payments
         self.payer = payer
@@ -142,8 +167,10 @@ class Job:
         self.body = body
         self.endpoint = endpoint
         self.ref = ref
+        self.client = client
         self.produced = 0
         self._charge: Charge | None = None
+        self._pending: Pending | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._handed_over = False
         self._settling = False  # a settle has started: a cancel must not undo it
@@ -151,16 +178,23 @@ class Job:
     # --- the block ---------------------------------------------------------------
 
     async def __aenter__(self) -> Job:
-        if self._charge is None:
+        if self._charge is None and self._pending is None:
             if self.ref is not None:
                 released = await self.payments.ledger.release_ref(self.ref)
                 if released:
                     logger.info("job %s resumed: released %d earlier holds", self.ref, released)
-            self._charge = await self.payments.begin(
-                self.payer, self.model, self.body, self.endpoint, self.ref
+            got = await self.payments.authorize(
+                self.payer, self.model, self.body, self.endpoint, self.ref, client=self.client
             )
-            self._renewer = asyncio.create_task(self._renew())
+            if isinstance(got, Pending):
+                self._pending = got
+            else:
+                self._hold(got)
         return self
+
+    def _hold(self, charge: Charge) -> None:
+        self._charge = charge
+        self._renewer = asyncio.create_task(self._renew())
 
     async def __aexit__(
         self,
@@ -168,11 +202,44 @@ class Job:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._pending is not None:  # never started: nothing was swapped
+            self._pending.abandon()
+            self._pending = None
         if exc is None and self._handed_over:
+            return
+        if self._charge is None:
+            # No money was taken (the swap failed or never ran): the error goes out as is,
+            # as it did when the swap came before the block.
             return
         refund = await self.cancel()
         if isinstance(exc, NodeprovError) and not isinstance(exc, PaymentFailed):
             raise PaymentFailed(exc, refund) from exc
+
+    async def start(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        discard: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run the upstream ``call``; with a pending swap, beside it (see the module doc).
+
+        Returns ``call``'s result once the job's hold is in place. ``discard`` releases a
+        result that arrived for a swap that failed (e.g. closes a streamed response).
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return await call()
+        upstream = asyncio.ensure_future(call())
+        try:
+            await self._confirm(pending)
+        except BaseException:
+            if await _drop(upstream, discard):
+                pending.cancelled()
+            raise
+        return await upstream  # an upstream error now cancels the held job (a refund)
+
+    async def _confirm(self, pending: Pending) -> None:
+        self._hold(await pending.confirm())
 
     def hand_over(self) -> Job:
         """Keep the job open past the block (a stream); the caller must settle or cancel it."""
@@ -182,6 +249,8 @@ class Job:
     @property
     def max_cost(self) -> Cost:
         """The hold: the most this job can cost."""
+        if self._pending is not None:
+            return self._pending.max_cost
         return self._open().max_cost
 
     def output(self, chunks: int = 1) -> None:
@@ -211,7 +280,10 @@ class Job:
 
     def _open(self) -> Charge:
         if self._charge is None:
-            raise RuntimeError("the job was not entered (use `async with payments.job(...)`)")
+            raise RuntimeError(
+                "the job holds nothing: enter it (`async with payments.job(...)`) and, with a"
+                " client, call the upstream through `job.start(...)`"
+            )
         return self._charge
 
     # --- the cost rules ----------------------------------------------------------
@@ -275,6 +347,19 @@ class Job:
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+
+
+async def _drop(task: asyncio.Future[T], discard: Callable[[T], Awaitable[None]] | None) -> bool:
+    """Cancel an upstream call whose swap failed; True if it was still running."""
+    running = not task.done()
+    task.cancel()
+    await asyncio.wait({task})
+    if task.cancelled():
+        return running
+    if task.exception() is None and discard is not None:
+        with contextlib.suppress(Exception):
+            await discard(task.result())
+    return running
 
 
 def encode_result(result: Any) -> str | None:

@@ -13,6 +13,7 @@ melt), ``sent`` (given to a user in a token), ``spent`` (swapped or melted away)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,3 +273,35 @@ async def sent_tokens(db: Database, account_id: str) -> list[str]:
         (account_id,),
     )
     return [str(r[0]) for r in rows]
+
+
+# --- proofs taken in: what the node knows is spent (before any mint call) ------------------
+
+
+async def mark_taken(conn: aiosqlite.Connection, ids: Sequence[str], *, taken: bool) -> None:
+    """Record (``taken=False``: forget) proof ids a receive handed to the mint.
+
+    Kept in ``processed`` (kind ``proof``) next to the token fingerprints, so a token reusing
+    any of these proofs, however it is packed, is known as spent without asking the mint.
+    """
+    if taken:
+        at = now()
+        await conn.executemany(
+            "INSERT OR IGNORE INTO processed (kind, id, at) VALUES ('proof', ?, ?)",
+            [(i, at) for i in ids],
+        )
+    else:
+        await conn.executemany(
+            "DELETE FROM processed WHERE kind = 'proof' AND id = ?", [(i,) for i in ids]
+        )
+
+
+async def seen_before(db: Database, fingerprint: str, ids: Sequence[str]) -> bool:
+    """Whether a receive already took this token (its fingerprint) or any of its proofs."""
+    marks = ", ".join("?" * len(ids))
+    row = await db.fetchone(
+        "SELECT 1 FROM processed WHERE (kind = 'token' AND id = ?)"
+        f" OR (kind = 'proof' AND id IN ({marks})) LIMIT 1",
+        (fingerprint, *ids),
+    )
+    return row is not None

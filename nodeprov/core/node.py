@@ -18,6 +18,7 @@ from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.key_secret import load_or_create_secret
 from nodeprov.core.ledger import Ledger, open_ledger
 from nodeprov.core.metrics import Metrics
+from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.rates import ExchangeRates
@@ -78,7 +79,11 @@ async def build_core(config: Config) -> Core:
         rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
         pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
         secret = load_or_create_secret(config.api_key_secret_path)
-        payments = Payments(ledger, wallet, pricer, key_secret=secret)
+        overlap = SwapOverlap(
+            enabled=config.payments.overlap_swap,
+            per_client=config.payments.overlap_per_client,
+        )
+        payments = Payments(ledger, wallet, pricer, key_secret=secret, overlap=overlap)
     except BaseException:
         await upstreams.aclose()
         await client.aclose()

@@ -9,7 +9,8 @@ composes the steps for jobs that return at once.
 Payers: an API key (``sk-…``), a token used as a key (first use redeems it into an
 account keyed by the token's fingerprint), a per-request token (``X-Cashu`` or a DM
 token: change is returned; one that cannot pay is refused before it is swapped, NUT-24), or a
-Nostr pubkey's account.
+Nostr pubkey's account. A per-request token's swap may run beside the upstream call
+(:meth:`Payments.authorize` with a ``client``; the bounds: :mod:`nodeprov.core.overlap`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from nodeprov.core import journal
@@ -28,6 +30,7 @@ from nodeprov.core.charges import (
     Payer,
     PayerKind,
     PaymentFailed,
+    Pending,
     Settled,
     decode_result,
     encode_result,
@@ -44,10 +47,12 @@ from nodeprov.core.ledger import (
     ensure_account,
 )
 from nodeprov.core.money import check_unit, from_msat_floor
+from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
-from nodeprov.core.wallet import Received, Sent, Wallet
+from nodeprov.core.wallet import Appraisal, Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
+    InvalidToken,
     MintError,
     MintUnavailable,
     PaymentTooSmall,
@@ -94,7 +99,8 @@ class Payments(AccountMoves):
 
     ``renew_seconds``: how often a running job renews its hold's lease (default: a third
     of the lease, ``ledger.hold_timeout_seconds``). ``key_secret`` derives the API key a
-    ``create`` token is worth (:mod:`nodeprov.core.key_secret`).
+    ``create`` token is worth (:mod:`nodeprov.core.key_secret`). ``overlap`` decides when a
+    per-request token's swap runs beside the upstream call (default: on, 2 per client).
     """
 
     def __init__(
@@ -105,11 +111,13 @@ class Payments(AccountMoves):
         *,
         key_secret: bytes,
         renew_seconds: float | None = None,
+        overlap: SwapOverlap | None = None,
     ) -> None:
         self.ledger = ledger
         self.wallet = wallet
         self.pricer = pricer
         self.renew_seconds = renew_seconds
+        self.overlap = overlap or SwapOverlap()
         self._key_secret = key_secret
         # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -156,6 +164,22 @@ class Payments(AccountMoves):
         ref: str | None = None,
     ) -> Charge:
         """Price the request, authorize the payer and hold the maximum cost (for job ``ref``)."""
+        charge = await self.authorize(payer, model, body, endpoint, ref)
+        assert isinstance(charge, Charge)  # no client: never pending
+        return charge
+
+    async def authorize(
+        self,
+        payer: Payer,
+        model: str,
+        body: Mapping[str, Any],
+        endpoint: Endpoint = "chat",
+        ref: str | None = None,
+        *,
+        client: str | None = None,
+    ) -> Charge | Pending:
+        """:meth:`begin`, or for a per-request token of ``client`` that may overlap its swap
+        with the upstream call (:mod:`nodeprov.core.overlap`), the job :class:`Pending`."""
         max_cost = self.pricer.max_cost(model, body, endpoint)
         if payer.kind != "request_token":
             # Keys and pubkeys need no lookup first: the hold's conditional UPDATE finds the
@@ -180,8 +204,36 @@ class Payments(AccountMoves):
             raise PaymentTooSmall.for_token(
                 offer.value_msat, offer.fee, offer.unit, max_cost.total_msat
             )
+        take = partial(self._take, offer, max_cost, model, endpoint, ref)
+        if client is None or not await self._may_overlap(offer, client):
+            return await take()
+        return self.overlap.pending(client, max_cost, take)
+
+    async def _may_overlap(self, offer: Appraisal, client: str) -> bool:
+        """Whether this token's swap may run beside the upstream call (takes a slot if so)."""
+        overlap = self.overlap
+        if not overlap.enabled:
+            return False
+        if overlap.failed_before(offer.proof_ids) or await self.wallet.seen_before(offer):
+            overlap.known_spent += 1
+            return False
+        return overlap.take(client)
+
+    async def _take(
+        self,
+        offer: Appraisal,
+        max_cost: Cost,
+        model: str,
+        endpoint: Endpoint,
+        ref: str | None,
+    ) -> Charge:
+        """Swap a per-request token into its own account and hold ``max_cost`` there."""
         account_id = "req:" + token_fingerprint(offer.token)
-        received = await self.wallet.receive(offer, account_id, "request")
+        try:
+            received = await self.wallet.receive(offer, account_id, "request")
+        except (TokenAlreadySpent, InvalidToken):
+            self.overlap.failed(offer.proof_ids)  # next time it never starts an upstream call
+            raise
         try:
             hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
         except InsufficientBalance:
@@ -200,9 +252,14 @@ class Payments(AccountMoves):
         endpoint: Endpoint = "chat",
         *,
         ref: str | None = None,
+        client: str | None = None,
     ) -> Job:
-        """The charge lifecycle of one job (see :mod:`nodeprov.core.charges`)."""
-        return Job(self, payer, model, body, endpoint, ref)
+        """The charge lifecycle of one job (see :mod:`nodeprov.core.charges`).
+
+        With ``client`` (who asks: an address, an npub) a per-request token's swap may run
+        beside the upstream call; the caller must then call the upstream via ``job.start``.
+        """
+        return Job(self, payer, model, body, endpoint, ref, client)
 
     async def outcome(self, ref: str) -> JobOutcome | None:
         """What the job settled under ``ref`` cost (and the result kept with it), if any."""

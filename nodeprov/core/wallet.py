@@ -36,6 +36,7 @@ from nodeprov.protocol.cashu_token import (
     Proof,
     Token,
     parse_token,
+    proof_ids,
     serialize_token,
     token_fingerprint,
 )
@@ -82,6 +83,11 @@ class Appraisal:
     @property
     def value_msat(self) -> int:
         return to_msat(self.value, self.unit)
+
+    @property
+    def proof_ids(self) -> tuple[str, ...]:
+        """The ids of the token's proofs (:func:`~nodeprov.protocol.cashu_token.proof_ids`)."""
+        return proof_ids(p.secret for p in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ class Wallet(WalletRecovery):
         async with self.ledger.db.write() as conn:
             if not await mark_processed(conn, "token", fingerprint):
                 raise TokenAlreadySpent("this token was already received")
+            await journal.mark_taken(conn, offer.proof_ids, taken=True)
             await ensure_account(conn, account_id, account_kind)
             op_id = await journal.insert_op(
                 conn,
@@ -165,6 +172,12 @@ class Wallet(WalletRecovery):
         await self._require_done(op_id)
         amount = offer.token.amount
         return Received(offer.value_msat, mint_url, unit, amount, offer.fee, fingerprint)
+
+    async def seen_before(self, offer: Appraisal) -> bool:
+        """Whether the ledger knows this token, or any of its proofs, as taken already."""
+        return await journal.seen_before(
+            self.ledger.db, token_fingerprint(offer.token), offer.proof_ids
+        )
 
     def _unit(self, token: Token) -> Unit:
         if token.unit not in self.units:

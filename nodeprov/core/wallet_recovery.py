@@ -21,7 +21,7 @@ from nodeprov.core.ledger import add_asset, credit, debit, log, unmark_processed
 from nodeprov.core.mint_access import MintAccess
 from nodeprov.core.money import check_unit, to_msat
 from nodeprov.errors import InsufficientBalance, MintError, MintUnavailable, NodeprovError
-from nodeprov.protocol.cashu_token import Token, serialize_token
+from nodeprov.protocol.cashu_token import Token, proof_ids, serialize_token
 
 logger = logging.getLogger("nodeprov.core.wallet")
 
@@ -68,6 +68,8 @@ class WalletRecovery(MintAccess):
             if not spent and op.fingerprint:
                 # The mint never took the proofs: the same token may be offered again.
                 await unmark_processed(conn, "token", op.fingerprint)
+                ids = proof_ids(p.secret for p in op.inputs)
+                await journal.mark_taken(conn, ids, taken=False)
 
     async def _finish_send(self, op_id: int, signatures: Sequence[Any], *, deliver: bool) -> None:
         """Store a swap's outputs; undelivered sends (recovery) go back to the account."""

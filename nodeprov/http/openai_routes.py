@@ -4,7 +4,9 @@ Order of checks (no money moves before the last): JSON body, model routed, payer
 max cost priced (bad ``max_tokens``, a prompt over the context etc. is a 400), then the
 charge lifecycle (``payments.job``) holds it. Upstream failure cancels the charge (a
 per-request token comes back in ``X-Cashu``). Speech is read whole before settling, so an
-upstream failure mid-body charges nothing.
+upstream failure mid-body charges nothing. An ``X-Cashu`` token's swap may run beside the
+upstream call (``job.start``; the client is its address): no byte of the answer leaves
+before the swap is confirmed, and a failed swap cancels the call.
 """
 
 from __future__ import annotations
@@ -45,14 +47,24 @@ def model_of(body: Mapping[str, Any]) -> str:
 
 
 def paid_job(
-    ctx: HttpContext, request: Request, model: str, body: Mapping[str, Any], endpoint: Endpoint
+    ctx: HttpContext,
+    request: Request,
+    model: str,
+    body: Mapping[str, Any],
+    endpoint: Endpoint,
+    *,
+    overlap: bool = False,
 ) -> Job:
-    """The charge lifecycle of this request (402 if it names no payer; priced first)."""
+    """The charge lifecycle of this request (402 if it names no payer; priced first).
+
+    ``overlap``: the caller sends through ``job.start``, so a token's swap may run beside it.
+    """
     request.state.model = model  # for the request metrics
     payer: Payer | None = request_payer(request.headers)
     if payer is None:
         raise payment_required(ctx, model, body, endpoint)
-    return ctx.payments.job(payer, model, body, endpoint)
+    client = request.client.host if overlap and request.client is not None else None
+    return ctx.payments.job(payer, model, body, endpoint, client=client)
 
 
 async def send(
@@ -88,13 +100,14 @@ async def openai_job(request: Request) -> Response:
     forward = with_usage(body) if streamed else body
     # Forwarded unchanged: the client's own bytes go upstream, not encoded again.
     raw = forwardable(route, body, await read_body(request)) if forward is body else None
-    async with paid_job(ctx, request, route.model, body, endpoint) as job:
+    async with paid_job(ctx, request, route.model, body, endpoint, overlap=True) as job:
         if streamed:
-            upstream = await send(
-                ctx, route, path, request, json=forward, raw_json=raw, stream=True
+            upstream = await job.start(
+                lambda: send(ctx, route, path, request, json=forward, raw_json=raw, stream=True),
+                discard=UpstreamResponse.aclose,
             )
             return SSERelay(job.hand_over(), upstream, route.upstream)  # type: ignore[return-value]
-        response = await send(ctx, route, path, request, json=body, raw_json=raw)
+        response = await job.start(lambda: send(ctx, route, path, request, json=body, raw_json=raw))
         settled = await job.settle(usage_of(endpoint, body, response.content))
     media = response.headers.get("content-type", "application/json")
     return Response(response.content, headers=cost_headers(settled), media_type=media)

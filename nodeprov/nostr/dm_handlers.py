@@ -110,12 +110,18 @@ def missing_msat(exc: InsufficientBalance) -> int:
 
 
 async def run_job(
-    ctx: DmContext, payer: Payer, path: str, body: Mapping[str, Any], ref: str | None = None
+    ctx: DmContext,
+    payer: Payer,
+    path: str,
+    body: Mapping[str, Any],
+    ref: str | None = None,
+    client: str | None = None,
 ) -> tuple[dict[str, Any], Settled]:
     """Hold, call the upstream, settle: the same lifecycle as HTTP (no charge on failure).
 
     With ``ref`` the upstream's answer is kept with the job's outcome, so a resumed DM
-    replies from it (:func:`earlier_outcome`) instead of running and paying again.
+    replies from it (:func:`earlier_outcome`) instead of running and paying again. With
+    ``client`` (the sender) a token's swap may run beside the upstream call.
     """
     endpoint, upstream_path = PATHS[path]
     model = body.get("model")
@@ -123,8 +129,11 @@ async def run_job(
         raise InvalidRequest("'model' must be a non-empty string")
     body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     route = ctx.upstreams.route(model)
-    async with ctx.payments.job(payer, route.model, body, endpoint, ref=ref) as job:
-        response = await ctx.upstreams.send(route, "POST", upstream_path, json=body)
+    job = ctx.payments.job(payer, route.model, body, endpoint, ref=ref, client=client)
+    async with job:
+        response = await job.start(
+            lambda: ctx.upstreams.send(route, "POST", upstream_path, json=body)
+        )
         try:
             data = json.loads(response.content)
         except ValueError:
@@ -205,7 +214,7 @@ async def handle_request(
                 balance_msat=earlier.balance_msat,
             )
         try:
-            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body, ref)
+            data, settled = await run_job(ctx, payer, msg.endpoint, msg.body, ref, "npub:" + sender)
         except TokenAlreadySpent:
             if not (resumed and msg.cashu):
                 raise

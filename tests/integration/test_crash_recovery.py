@@ -391,7 +391,8 @@ async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_l
         try:
             worker.go()
             wait_until(lambda: upstream.held_arrivals == 1)  # the upstream call is under way
-            assert open_holds(db) == 1
+            # A token's swap runs beside the upstream call: wait for its hold as well.
+            wait_until(lambda: open_holds(db) == 1)
             worker.kill()
         finally:
             worker.close()
@@ -423,3 +424,66 @@ async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_l
 def open_holds(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0])
+
+
+@pytest.mark.parametrize("step", ["journalled", "at_mint"])
+async def test_dm_job_killed_while_its_swap_runs_beside_the_upstream_call_pays_once(
+    tmp_path: Path, mint: MintHandle, make_token, tcp_proxy: Callable[..., TcpProxy], step: str
+) -> None:
+    """The token's swap overlaps the upstream call; kill -9 with both in flight. Start-up
+    recovery settles the swap (never reached the mint: the token is the sender's again;
+    done at the mint: credited once) and the resumed job pays once, with the right change."""
+    from tests.support.crash_worker import dm_context, dm_reply
+    from tests.support.fake_upstream import FakeUpstream, expected_usage
+    from tests.support.nostr_client import CHAT_MODEL, MODELS, chat_cost
+
+    db = tmp_path / "ledger.sqlite3"
+    sender, event_id = secrets.token_hex(32), secrets.token_hex(32)
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    token = await make_token(30, mint=mint)
+    msg = {"type": "request", "id": "r1", "endpoint": "/v1/chat/completions", "body": body}
+    text = json.dumps({**msg, "cashu": token})
+    proxy = tcp_proxy(mint.url)
+    with FakeUpstream(models=MODELS) as upstream:
+        upstream.behaviour.held = True
+        core, ctx = await dm_context(db, mint.url, upstream.url)  # the schema, before the worker
+        await ctx.upstreams.aclose()
+        await core.close()
+        worker = Worker([str(db), mint.url, proxy.url, "dm", upstream.url, sender, event_id, text])
+        upstream.close_gate()
+        try:
+            if step == "journalled":
+                proxy.drop_connections()
+                proxy.pause()
+            else:
+                proxy.response_delay = 60.0
+            worker.go()
+            wait_until(lambda: upstream.held_arrivals == 1 and pending_ops(db) == 1)
+            if step == "at_mint":
+                await wait_inputs_spent(db, mint)
+            assert open_holds(db) == 0  # the swap has not landed: nothing is held yet
+            worker.kill()
+        finally:
+            worker.close()
+            proxy.drop_connections()
+            proxy.response_delay = 0.0
+            proxy.resume()
+            upstream.open_gate()
+        upstream.behaviour.held = False
+
+        core, ctx = await dm_context(db, mint.url, upstream.url)
+        try:
+            expected = {"journalled": {"failed": 1}, "at_mint": {"done": 1}}[step]
+            assert await core.wallet.recover() == expected
+            data = json.loads(await dm_reply(ctx, sender, text, event_id, resumed=True))
+            assert data["type"] == "response", data
+            cost = chat_cost(expected_usage(body))
+            assert data["cost_msat"] == cost
+            assert await make_token.redeem(data["change"]) == 30 - -(-cost // 1000)
+            operator = await core.ledger.account("operator")
+            assert operator is not None and operator.balance_msat == 1000 * -(-cost // 1000)
+            assert open_holds(db) == 0
+            await core.assert_books_balance()
+        finally:
+            await ctx.upstreams.aclose()
+            await core.close()

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import httpx
 
 from nodeprov.config import ModelPrice, Rate
 from nodeprov.core.key_secret import SECRET_FILE, load_or_create_secret
 from nodeprov.core.ledger import Ledger, open_ledger
+from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.wallet import Wallet
@@ -84,6 +86,8 @@ async def build_core(
     clock: Callable[[], int] | None = None,
     renew_seconds: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    overlap_swap: bool = True,
+    overlap_per_client: int = 2,
 ) -> Core:
     """The core for ``mints``; ``routes`` sends a mint's traffic through another address.
 
@@ -91,8 +95,9 @@ async def build_core(
     ``clock`` and ``renew_seconds`` set the holds' lease, the ledger's clock and how often a
     running job renews its lease (tests move a fake clock instead of waiting). ``transport``
     carries the node's mint traffic (a link a test can break), instead of ``routes``.
+    ``overlap_swap``/``overlap_per_client``: the ``[payments]`` settings.
     """
-    options = {"clock": clock} if clock is not None else {}
+    options: dict[str, Any] = {"clock": clock} if clock is not None else {}
     ledger = await open_ledger(path, hold_timeout_seconds=lease_seconds, **options)
     if transport is None and routes:
         transport = Rerouting(routes)
@@ -103,5 +108,8 @@ async def build_core(
     pricer = Pricer(prices, Fraction(1), None)
     # Next to the ledger, like the data dir's: a core reopened on ``path`` derives the same keys.
     secret = load_or_create_secret(path.parent / SECRET_FILE)
-    payments = Payments(ledger, wallet, pricer, renew_seconds=renew_seconds, key_secret=secret)
+    overlap = SwapOverlap(enabled=overlap_swap, per_client=overlap_per_client)
+    payments = Payments(
+        ledger, wallet, pricer, renew_seconds=renew_seconds, key_secret=secret, overlap=overlap
+    )
     return Core(ledger, wallet, pricer, payments, client)

@@ -30,13 +30,19 @@ from nodeprov.upstream import Upstreams
 from tests.support.core import Core, build_core
 
 
-async def dm_context(db: Path, mint_url: str, upstream_url: str) -> tuple[Core, DmContext]:
-    """A core and DM context like the listener's, over the fake upstream at ``upstream_url``."""
+async def dm_context(
+    db: Path, mint_url: str, upstream_url: str, proxy_url: str | None = None
+) -> tuple[Core, DmContext]:
+    """A core and DM context like the listener's, over the fake upstream at ``upstream_url``
+    (the mint's traffic through ``proxy_url`` when given)."""
     from tests.support.nostr_client import node_config
 
     upstream: Any = SimpleNamespace(url=upstream_url)
     config = node_config([], [mint_url], upstream)
-    core = await build_core(db, [mint_url], models=dict(config.models))
+    routes = {mint_url: proxy_url} if proxy_url and proxy_url != mint_url else None
+    core = await build_core(
+        db, [mint_url], models=dict(config.models), mint_timeout=60.0, routes=routes
+    )
     store = DmStore(core.ledger.db)
     ctx = DmContext(config, core.payments, Upstreams.from_config(config), Keys.generate(), store)
     return core, ctx
@@ -50,9 +56,9 @@ async def dm_reply(ctx: DmContext, sender: str, text: str, event_id: str, resume
     return await handle_json(ctx, sender, msg, event_id, resumed)
 
 
-async def dm_job(db: Path, mint_url: str, args: list[str]) -> None:
+async def dm_job(db: Path, mint_url: str, proxy_url: str, args: list[str]) -> None:
     upstream_url, sender, event_id, text = args
-    core, ctx = await dm_context(db, mint_url, upstream_url)
+    core, ctx = await dm_context(db, mint_url, upstream_url, proxy_url)
     await ctx.store.accept(event_id, sender, "nip17", "")
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
@@ -68,7 +74,7 @@ async def dm_job(db: Path, mint_url: str, args: list[str]) -> None:
 async def main(argv: list[str]) -> None:
     db, mint_url, proxy_url, action, *args = argv
     if action == "dm":
-        await dm_job(Path(db), mint_url, args)
+        await dm_job(Path(db), mint_url, proxy_url, args)
         return
     core = await build_core(Path(db), [mint_url], mint_timeout=60.0, routes={mint_url: proxy_url})
     quote = None

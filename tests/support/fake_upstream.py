@@ -355,10 +355,10 @@ class FakeUpstream:
             include = bool((body.get("stream_options") or {}).get("include_usage")) and b.usage
             if b.early_usage:
                 events = stream_events(head, chat, words, finish, None)
-                early = {**usage, "completion_tokens": 0}
+                zero = {**usage, "completion_tokens": 0}
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 events.insert(
-                    1, (False, sse({**head, "object": obj, "choices": [], "usage": early}))
+                    1, (False, sse({**head, "object": obj, "choices": [], "usage": zero}))
                 )
             else:
                 events = stream_events(head, chat, words, finish, usage if include else None)

@@ -102,7 +102,7 @@ class Node:
 
     async def wait_idle(self, seconds: float = 30.0) -> None:
         """Wait until no hold is open (a stream's settlement may trail the client)."""
-        await until(self._idle, within=seconds, what="holds still open")
+        await until(self._idle, within=seconds, what="holds still open")  # type: ignore[arg-type]
 
     async def _idle(self) -> bool:
         return await self.holds() == 0

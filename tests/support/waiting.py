@@ -36,7 +36,7 @@ async def until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not reached within {within:.0f} s")
         await asyncio.sleep(POLL_SECONDS)
