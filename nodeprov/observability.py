@@ -23,6 +23,7 @@ from nodeprov.core.ledger import OPERATOR, Ledger
 from nodeprov.core.metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from nodeprov.core.metrics import Metrics as Metrics
 from nodeprov.core.node import Core
+from nodeprov.core.overlap import SwapOverlap
 
 # What generate_latest writes (the library's CONTENT_TYPE_LATEST names a newer version).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,6 +48,28 @@ async def ledger_gauges(ledger: Ledger) -> dict[str, tuple[str, float]]:
         "nodeprov_operator_earnings_msat": (
             "Operator earnings not yet paid out.",
             operator.balance_msat if operator else 0,
+        ),
+    }
+
+
+def overlap_counters(overlap: SwapOverlap) -> dict[str, tuple[str, int]]:
+    """What overlapping per-request tokens' swaps with upstream calls did (and cost)."""
+    return {
+        "nodeprov_swap_overlap_started": (
+            "Upstream calls started before their token's swap was confirmed.",
+            overlap.started,
+        ),
+        "nodeprov_swap_overlap_cancelled": (
+            "Overlapped upstream calls cancelled because the token's swap failed.",
+            overlap.cancelled,
+        ),
+        "nodeprov_swap_overlap_waited": (
+            "Requests that swapped first because their client had no overlap slot left.",
+            overlap.waited,
+        ),
+        "nodeprov_swap_overlap_known_spent": (
+            "Tokens known as spent or refused: swapped first, no upstream call started.",
+            overlap.known_spent,
         ),
     }
 
@@ -135,7 +158,8 @@ def ops_routes(core: Core, metrics: Metrics, probes: HealthProbes | None = None)
             gauges = await ledger_gauges(core.ledger)
         except Exception:  # the counters are still worth serving
             gauges = {}
-        return PlainTextResponse(metrics.render(gauges), media_type=CONTENT_TYPE)
+        counters = overlap_counters(core.payments.overlap)
+        return PlainTextResponse(metrics.render(gauges, counters), media_type=CONTENT_TYPE)
 
     async def health_endpoint(request: Request) -> Response:
         status, body = await health(core.ledger, mints, checks)

@@ -32,7 +32,8 @@ The rules, all here and nowhere else:
   :meth:`Job.start`, which runs the swap and hold beside it and returns the upstream's
   answer only once the hold is in place. A swap that fails cancels the upstream call and
   its error goes out as it would have without overlap; an upstream failure waits for the
-  swap and then cancels as above (the token comes back whole).
+  swap and then cancels as above (the token comes back whole). A caller cancelled during the
+  swap (client gone, shutdown) does not cut the swap off: it lands, then the job cancels.
 """
 
 from __future__ import annotations
@@ -230,16 +231,37 @@ class Job:
         if pending is None:
             return await call()
         upstream = asyncio.ensure_future(call())
+        confirm = asyncio.ensure_future(self._confirm(pending))
         try:
-            await self._confirm(pending)
+            # Shielded: a swap under way at the mint is seen through, so its outcome is known.
+            await asyncio.shield(confirm)
         except BaseException:
-            if await _drop(upstream, discard):
+            if not confirm.done():  # the caller is gone: the token goes back once it lands
+                confirm.add_done_callback(self._cancel_late)
+            swap_failed = (
+                confirm.done() and not confirm.cancelled() and confirm.exception() is not None
+            )
+            if await _drop(upstream, discard) and swap_failed:
                 pending.cancelled()
             raise
         return await upstream  # an upstream error now cancels the held job (a refund)
 
     async def _confirm(self, pending: Pending) -> None:
         self._hold(await pending.confirm())
+
+    def _cancel_late(self, confirm: asyncio.Future[None]) -> None:
+        """A swap that landed after its caller left: release the hold, refund the token."""
+        if confirm.cancelled() or confirm.exception() is not None:
+            return
+        task = asyncio.ensure_future(self._cancel_logged())
+        _LATE.add(task)
+        task.add_done_callback(_LATE.discard)
+
+    async def _cancel_logged(self) -> None:
+        try:
+            await self.cancel()
+        except Exception:
+            logger.exception("refunding a job whose caller left during its swap failed")
 
     def hand_over(self) -> Job:
         """Keep the job open past the block (a stream); the caller must settle or cancel it."""
@@ -347,6 +369,10 @@ class Job:
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+
+
+# Refunds of jobs whose caller left mid-swap, kept referenced until they finish.
+_LATE: set[asyncio.Future[None]] = set()
 
 
 async def _drop(task: asyncio.Future[T], discard: Callable[[T], Awaitable[None]] | None) -> bool:

@@ -63,10 +63,15 @@ class Metrics:
         """Count a relay failure (connection lost, rejected event)."""
         self.relay_errors += 1
 
-    def render(self, gauges: Mapping[str, tuple[str, float]] | None = None) -> str:
-        """The exposition text (by ``prometheus_client``); ``gauges``: name -> (help, value)."""
+    def render(
+        self,
+        gauges: Mapping[str, tuple[str, float]] | None = None,
+        counters: Mapping[str, tuple[str, int]] | None = None,
+    ) -> str:
+        """The exposition text (by ``prometheus_client``); ``gauges`` and ``counters`` kept
+        elsewhere: name (a counter's without ``_total``) -> (help, value)."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(self, gauges or {}))
+        registry.register(_Snapshot(self, gauges or {}, counters or {}))
         return generate_latest(registry).decode()
 
 
@@ -77,9 +82,15 @@ class _Snapshot(Collector):
     this collector turns them into families when ``/metrics`` is scraped.
     """
 
-    def __init__(self, metrics: Metrics, gauges: Mapping[str, tuple[str, float]]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        gauges: Mapping[str, tuple[str, float]],
+        counters: Mapping[str, tuple[str, int]],
+    ) -> None:
         self.metrics = metrics
         self.gauges = gauges
+        self.counters = counters
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -106,6 +117,7 @@ class _Snapshot(Collector):
             ("nodeprov_msat_earned", m.msat_earned, "Msat charged for requests."),
             ("nodeprov_mint_errors", m.mint_errors, "Failed calls to mints."),
             ("nodeprov_relay_errors", m.relay_errors, "Relay failures."),
+            *((name, n, text) for name, (text, n) in self.counters.items()),
         ):
             yield CounterMetricFamily(name, text, value=value)
         for name, (text, gauge) in self.gauges.items():

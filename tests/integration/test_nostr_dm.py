@@ -216,6 +216,10 @@ async def _in_upstream_call(upstream: FakeUpstream, arrivals: int) -> None:
     await until(lambda: upstream.held_arrivals > arrivals, what="job reached the upstream")
 
 
+async def _holding(node: DmNode) -> bool:
+    return (await node.core.ledger.open_holds())[0] > 0
+
+
 async def test_restart_between_receipt_and_reply_npub(
     node: DmNode, client: SdkClient, make_token: TokenMaker, upstream: FakeUpstream
 ) -> None:
@@ -250,6 +254,8 @@ async def test_restart_between_receipt_and_reply_token(
     try:
         await client.send(request(body, ident="slowtok", cashu=token), "nip04")
         await _in_upstream_call(upstream, arrivals)
+        # The token's swap runs beside the upstream call: restart once it holds the payment.
+        await until(lambda: _holding(node), what="the job's hold")
         await node.stop_listener(grace=0)
     finally:
         upstream.open_gate()

@@ -132,6 +132,8 @@ async def test_metrics_parse_and_counters_move(
         metrics.record_mint_error()
         metrics.record_relay_error()
         metrics.record_relay_error()
+        core.payments.overlap.started += 3
+        core.payments.overlap.cancelled += 1
 
         after, _ = parse((await http.get("/metrics")).text)
         total = "nodeprov_requests_total"
@@ -141,6 +143,9 @@ async def test_metrics_parse_and_counters_move(
         assert value(after, "nodeprov_msat_earned_total") == 2000
         assert value(after, "nodeprov_mint_errors_total") == 1
         assert value(after, "nodeprov_relay_errors_total") == 2
+        assert value(after, "nodeprov_swap_overlap_started_total") == 3
+        assert value(after, "nodeprov_swap_overlap_cancelled_total") == 1
+        assert value(after, "nodeprov_swap_overlap_waited_total") == 0
         assert value(after, "nodeprov_open_holds") == 1
         assert value(after, "nodeprov_open_holds_msat") == 7000
         assert value(after, "nodeprov_held_for_users_msat") == 50_000

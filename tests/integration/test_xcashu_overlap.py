@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from nodeprov.core.payments import Payer
 from nodeprov.protocol.cashu_token import Token, parse_token, serialize_token
 from tests.support.fake_upstream import FakeUpstream, expected_usage
 from tests.support.http_node import Node, chat_cost, start_node, upstream_fixture  # noqa: F401  (fixtures)
@@ -306,6 +307,39 @@ async def test_switched_off_the_swap_comes_first(
     finally:
         slow.release()
         await node.stop()
+
+
+async def test_a_caller_gone_mid_swap_gets_its_token_back_once_the_swap_lands(
+    slow: SlowMint, make_token
+) -> None:
+    """Cancelled while its swap is at the mint (a shutdown, a client gone): the swap is seen
+    through, then the hold is released and the token's value issued as claimable change."""
+    node = slow.node
+    payments = node.core.payments
+    token = await make_token(TOKEN_SAT)
+    called = asyncio.Event()
+
+    async def upstream_call() -> None:
+        called.set()
+        await asyncio.Event().wait()  # an upstream that never answers
+
+    async def run() -> None:
+        job = payments.job(Payer("request_token", token), "fake-chat", CHAT, client="10.0.0.1")
+        async with job:
+            await job.start(upstream_call)
+
+    slow.hold()
+    task = asyncio.create_task(run())
+    await called.wait()
+    await until(slow.pending_receives, what="the swap in flight")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    slow.release()
+    await node.wait_idle()  # the swap landed, the hold was released, the change issued
+    [change] = await payments.claim_change(token)
+    assert await make_token.redeem(change) == TOKEN_SAT
+    assert payments.overlap.open_starts("10.0.0.1") == 0
 
 
 # ------------------------------------------------------------------------- upstream failure
