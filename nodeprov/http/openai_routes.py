@@ -11,6 +11,7 @@ before the swap is confirmed, and a failed swap cancels the call.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -63,8 +64,25 @@ def paid_job(
     payer: Payer | None = request_payer(request.headers)
     if payer is None:
         raise payment_required(ctx, model, body, endpoint)
-    client = request.client.host if overlap and request.client is not None else None
+    client = client_of(request) if overlap else None
     return ctx.payments.job(payer, model, body, endpoint, client=client)
+
+
+def client_of(request: Request) -> str | None:
+    """Who asks, for the per-client overlap limit: the address, an IPv6 one by its /64 (one
+    host usually has a whole /64, and must not get a limit per address in it)."""
+    if request.client is None:
+        return None
+    host = request.client.host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
 
 
 async def send(
