@@ -39,6 +39,7 @@ from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.ledger import AuditReport
 from nodeprov.core.node import Core, open_books
 from nodeprov.daemon import books, run
+from nodeprov.event_loop import LOOP_CHOICES, LoopChoice
 from nodeprov.logging_setup import setup_logging
 
 EXAMPLE_CONFIG = REPO / "config" / "nodeprov.example.toml"
@@ -127,8 +128,15 @@ def _key_path(config_file: Path) -> Path:
     help="Use config/dev.toml and start the embedded dev stack beside the daemon: a local"
     " mint (FakeWallet), a local relay and a demo upstream (canned answers).",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES),
+    default="auto",
+    show_default=True,
+    help="The event loop: uvloop's when installed (auto), or Python's own (asyncio).",
+)
 @click.pass_context
-def start(ctx: click.Context, dev: bool) -> None:
+def start(ctx: click.Context, dev: bool, loop: LoopChoice) -> None:
     """Run the daemon until Ctrl+C or SIGTERM.
 
     Runs the core (ledger, wallet, pricing, payments, recovery, housekeeping) and the
@@ -162,16 +170,16 @@ def start(ctx: click.Context, dev: bool) -> None:
     # Before anything else (ledger, dev-stack children, banner): one owner per data dir.
     owner = own_data_dir(config, "start")
     try:
-        _start(config, dev)
+        _start(config, dev, loop)
     finally:
         owner.release()
 
 
-def _start(config: Config, dev: bool) -> None:
+def _start(config: Config, dev: bool, loop: LoopChoice) -> None:
     if dev:
         from nodeprov.devstack.runner import run_dev
 
-        guarded(run_dev(config, say=_say))
+        guarded(run_dev(config, say=_say), loop)
         click.echo("nodeprov stopped.")
         return
 
@@ -186,7 +194,7 @@ def _start(config: Config, dev: bool) -> None:
             click.echo(line)
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
 
-    guarded(run(config, asyncio.Event(), on_ready=ready))
+    guarded(run(config, asyncio.Event(), on_ready=ready), loop)
     click.echo("nodeprov stopped.")
 
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import httpx
 
+from nodeprov import event_loop
 from nodeprov.client.ask import ask_http, ask_nostr, chat_body, client_keys
 from nodeprov.client.discover import discover
 from nodeprov.client.pay import DEFAULT_CAP_MSAT, PayingClient
@@ -45,7 +46,7 @@ def fail(message: str) -> NoReturn:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; expected failures become one error line."""
     try:
-        return asyncio.run(coro)
+        return event_loop.run(coro)
     except NodeprovError as exc:
         fail(exc.message)
     except (OSError, sqlite3.Error, httpx.HTTPError) as exc:

@@ -6,7 +6,6 @@ and the group in :mod:`nodeprov.cli` that registers them all import it, not each
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
@@ -22,6 +21,7 @@ from nodeprov.config_load import load_config
 from nodeprov.config_placeholders import placeholders
 from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.errors import ConfigError, NodeprovError
+from nodeprov.event_loop import LoopChoice, run
 
 T = TypeVar("T")
 
@@ -44,10 +44,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise click.exceptions.Exit(code)
 
 
-def guarded(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; expected failures become one error line instead of a traceback."""
+def guarded(coro: Coroutine[Any, Any, T], loop: LoopChoice = "auto") -> T:
+    """Run ``coro`` (on uvloop when installed, see :mod:`nodeprov.event_loop`); expected
+    failures become one error line instead of a traceback."""
     try:
-        return asyncio.run(coro)
+        return run(coro, loop)
     except ConfigError as exc:
         fail(exc.message, USAGE_EXIT)
     except NodeprovError as exc:

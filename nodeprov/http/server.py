@@ -219,6 +219,7 @@ async def serve(
     config = uvicorn.Config(
         app,
         lifespan="off",
+        loop="none",  # the caller's loop (nodeprov.event_loop); uvicorn sets no loop policy
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

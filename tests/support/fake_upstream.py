@@ -172,6 +172,7 @@ class FakeUpstream:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            loop="none",  # its own loop in its thread; never a process-wide loop policy
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
