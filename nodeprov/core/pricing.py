@@ -2,7 +2,9 @@
 
 Rounding rules (the only places money is rounded):
 
-- All arithmetic is exact (``Fraction``); USD rates are converted with one BTC/USD rate per call.
+- All arithmetic is exact; USD rates are converted with one BTC/USD rate per call. Holds and
+  settlements compute in integers over each model's common denominator
+  (:mod:`nodeprov.core.price_tables`); the listings use ``Fraction``.
 - ``Cost.total_msat = ceil(fee_multiplier * (request + input + output))``: rounded up, once.
 - The parts are ``floor(fee_multiplier * part)``, so ``sum(parts) <= total_msat`` (for display
   and accounting breakdowns; the total is what is charged).
@@ -13,7 +15,6 @@ Rounding rules (the only places money is rounded):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal, localcontext
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 from nodeprov.config import ModelPrice, Rate
 from nodeprov.core.money import MSAT_PER_SAT, ceil_div, ceil_msat
+from nodeprov.core.price_tables import PriceTable, Term, build, exact_msat
 from nodeprov.core.rates import ExchangeRates
 from nodeprov.core.token_bounds import (
     TokenBounds,
@@ -31,7 +33,6 @@ from nodeprov.core.token_bounds import (
     token_bounds,
 )
 from nodeprov.errors import (
-    ConfigError,
     InvalidRequest,
     PriceUnavailable,
     UnknownModel,
@@ -81,41 +82,30 @@ class Cost:
     output_msat: int = 0
 
 
-def make_cost(fee: Fraction, request: Fraction, input_: Fraction, output: Fraction) -> Cost:
-    """Apply the fee once and round: total up, parts down (see the module docstring)."""
-    return Cost(
-        total_msat=int(ceil_msat(fee * (request + input_ + output))),
-        request_msat=math.floor(fee * request),
-        input_msat=math.floor(fee * input_),
-        output_msat=math.floor(fee * output),
-    )
-
-
 class _Converter:
-    """Rates to exact msat, reading the BTC/USD rate at most once so one cost uses one rate."""
+    """Rates to exact msat for one cost, reading the BTC/USD rate at most once (one rate)."""
 
     def __init__(self, rates: ExchangeRates | None) -> None:
         self._rates = rates
         self._per_usd: Fraction | None = None
 
+    def per_usd(self) -> Fraction:
+        if self._per_usd is None:
+            if self._rates is None:
+                raise PriceUnavailable("USD prices need exchange rates; none are configured")
+            self._per_usd = self._rates.msat_per_usd()
+        return self._per_usd
+
     def __call__(self, rate: Rate | None) -> Fraction:
-        if rate is None:
-            return Fraction(0)
-        if isinstance(rate.amount, float):
-            raise TypeError("float never becomes money")
-        if rate.currency == "msat":
-            return Fraction(rate.amount)
-        if rate.currency == "usd":
-            if self._per_usd is None:
-                if self._rates is None:
-                    raise PriceUnavailable("USD prices need exchange rates; none are configured")
-                self._per_usd = self._rates.msat_per_usd()
-            return Fraction(rate.amount) * self._per_usd
-        raise ConfigError(f"unknown price currency {rate.currency!r}")
+        return exact_msat(rate, self.per_usd)
 
 
 class Pricer:
-    """Prices the configured models; USD rates are converted at call time."""
+    """Prices the configured models; USD rates are converted at call time.
+
+    Holds and settlements use each model's :class:`PriceTable` (integers, built on first
+    use); the listings below stay in exact ``Fraction`` arithmetic (not per request).
+    """
 
     def __init__(
         self,
@@ -128,6 +118,7 @@ class Pricer:
         self._models = dict(models)
         self._fee = Fraction(fee_multiplier)
         self._rates = rates
+        self._tables: dict[tuple[str, str], PriceTable] = {}
 
     def models(self) -> list[str]:
         """The offered model names, sorted."""
@@ -153,19 +144,19 @@ class Pricer:
         convert = _Converter(self._rates)
         if endpoint == "images":
             n = count(body, "n")
-            each = _image_price(convert, price, model, body.get("size"), body.get("quality"))
-            return self._cost(convert, price, output=each * n)
+            table = self._image_table(convert, model, price, body.get("size"), body.get("quality"))
+            return _cost(table, output=n)
         if endpoint == "speech":
             text = body.get("input")
             if not isinstance(text, str):
                 raise InvalidRequest("'input' must be a string")
-            return self._speech(convert, price, len(text))
+            return self._speech(convert, model, price, len(text))
         if endpoint == "audio":
-            return self._audio(convert, price, model, body.get("seconds"), InvalidRequest)
+            return self._audio(convert, model, price, body.get("seconds"), InvalidRequest)
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}")
         bounds = self.token_bounds(model, body, endpoint)
-        return self._tokens(convert, price, bounds.prompt_tokens, bounds.completion_tokens)
+        return self._tokens(convert, model, price, bounds.prompt_tokens, bounds.completion_tokens)
 
     def actual_cost(self, model: str, usage: Any, endpoint: Endpoint = "chat") -> Cost:
         """The cost of a finished job from the upstream ``usage``, or :class:`UsageUnavailable`.
@@ -181,39 +172,43 @@ class Pricer:
         if endpoint in ("chat", "completions"):
             prompt = _usage_int(usage, "prompt_tokens", "input_tokens")
             output = _usage_int(usage, "completion_tokens", "output_tokens")
-            return self._tokens(convert, price, prompt, output)
+            return self._tokens(convert, model, price, prompt, output)
         if endpoint == "embeddings":
             prompt = _usage_int(usage, "prompt_tokens", "input_tokens")
-            return self._tokens(convert, price, prompt, 0)
+            return self._tokens(convert, model, price, prompt, 0)
         if endpoint == "images":
             n = _usage_int(usage, "n")
-            each = _image_price(convert, price, model, usage.get("size"), usage.get("quality"))
-            return self._cost(convert, price, output=each * n)
+            size, quality = usage.get("size"), usage.get("quality")
+            return _cost(self._image_table(convert, model, price, size, quality), output=n)
         if endpoint == "speech":
-            return self._speech(convert, price, _usage_int(usage, "characters"))
+            return self._speech(convert, model, price, _usage_int(usage, "characters"))
         if endpoint == "audio":
-            return self._audio(convert, price, model, usage.get("seconds"), UsageUnavailable)
+            return self._audio(convert, model, price, usage.get("seconds"), UsageUnavailable)
         raise ValueError(f"unknown endpoint {endpoint!r}")
 
-    def _tokens(self, convert: _Converter, price: ModelPrice, prompt: int, output: int) -> Cost:
-        return self._cost(
-            convert,
-            price,
-            input_=convert(price.input_per_1m) * prompt / PER_MILLION,
-            output=convert(price.output_per_1m) * output / PER_MILLION,
+    def _tokens(
+        self, convert: _Converter, model: str, price: ModelPrice, prompt: int, output: int
+    ) -> Cost:
+        terms = (
+            Term("input", price.input_per_1m, PER_MILLION),
+            Term("output", price.output_per_1m, PER_MILLION),
+            Term("request", price.request),
         )
+        return _cost(self._table(convert, model, "tokens", terms), input_=prompt, output=output)
 
-    def _speech(self, convert: _Converter, price: ModelPrice, chars: int) -> Cost:
+    def _speech(self, convert: _Converter, model: str, price: ModelPrice, chars: int) -> Cost:
         # Text-to-speech is billed on the input text, so it is an input cost.
-        return self._cost(
-            convert, price, input_=convert(price.speech_per_1m_chars) * chars / PER_MILLION
+        terms = (
+            Term("input", price.speech_per_1m_chars, PER_MILLION),
+            Term("request", price.request),
         )
+        return _cost(self._table(convert, model, "speech", terms), input_=chars)
 
     def _audio(
         self,
         convert: _Converter,
-        price: ModelPrice,
         model: str,
+        price: ModelPrice,
         seconds: Any,
         error: type[InvalidRequest] | type[UsageUnavailable],
     ) -> Cost:
@@ -222,16 +217,52 @@ class Pricer:
             raise error(f"invalid audio duration {seconds!r}")
         if price.audio_per_second is None:
             raise InvalidRequest(f"model {model!r} does not take audio here")
-        return self._cost(convert, price, input_=convert(price.audio_per_second) * seconds)
+        terms = (Term("input", price.audio_per_second), Term("request", price.request))
+        return _cost(self._table(convert, model, "audio", terms), input_=seconds)
 
-    def _cost(
-        self,
-        convert: _Converter,
-        price: ModelPrice,
-        input_: Fraction = Fraction(0),
-        output: Fraction = Fraction(0),
-    ) -> Cost:
-        return make_cost(self._fee, convert(price.request), input_, output)
+    def _image_table(
+        self, convert: _Converter, model: str, price: ModelPrice, size: Any, quality: Any
+    ) -> PriceTable:
+        """The table of one image: ``size/quality``, else ``size``, else ``default``.
+
+        A quality the operator priced for some sizes but asked for without a size (the
+        upstream picks one) costs the dearest of those prices, never the plain size's or the
+        default.
+        """
+        if not price.image:
+            raise InvalidRequest(f"model {model!r} does not generate images here")
+
+        def table(key: str) -> PriceTable:
+            terms = (Term("output", price.image[key]), Term("request", price.request))
+            return self._table(convert, model, "image:" + key, terms)
+
+        if isinstance(quality, str) and not isinstance(size, str):
+            priced = [key for key in price.image if key.endswith("/" + quality)]
+            if priced:
+                return max((table(key) for key in priced), key=lambda t: t.output_rate)
+        keys = []
+        if isinstance(size, str) and isinstance(quality, str):
+            keys.append(f"{size}/{quality}")
+        if isinstance(size, str):
+            keys.append(size)
+        keys.append("default")
+        for key in keys:
+            if key in price.image:
+                return table(key)
+        offered = ", ".join(sorted(price.image))
+        raise InvalidRequest(f"image size {show(size)} is not offered for {model!r}; use {offered}")
+
+    def _table(
+        self, convert: _Converter, model: str, kind: str, terms: tuple[Term, ...]
+    ) -> PriceTable:
+        """The kept table of ``model``'s ``kind`` of job, (re)built when missing or when the
+        BTC/USD rate it was built with is no longer the current one."""
+        table = self._tables.get((model, kind))
+        if table is not None and (table.per_usd is None or table.per_usd == convert.per_usd()):
+            return table
+        table = build(terms, self._fee, convert.per_usd)
+        self._tables[(model, kind)] = table
+        return table
 
     # --- listings ---------------------------------------------------------------------
 
@@ -302,31 +333,18 @@ def _display_sats(value_msat: Fraction) -> Decimal:
         return Decimal(sats.numerator) / Decimal(sats.denominator)
 
 
-def _image_price(
-    convert: _Converter, price: ModelPrice, model: str, size: Any, quality: Any
-) -> Fraction:
-    """The msat price of one image: ``size/quality``, else ``size``, else ``default``.
-
-    A quality the operator priced for some sizes but asked for without a size (the upstream
-    picks one) costs the dearest of those prices, never the plain size's or the default.
-    """
-    if not price.image:
-        raise InvalidRequest(f"model {model!r} does not generate images here")
-    if isinstance(quality, str) and not isinstance(size, str):
-        priced = [rate for key, rate in price.image.items() if key.endswith("/" + quality)]
-        if priced:
-            return max(convert(rate) for rate in priced)
-    keys = []
-    if isinstance(size, str) and isinstance(quality, str):
-        keys.append(f"{size}/{quality}")
-    if isinstance(size, str):
-        keys.append(size)
-    keys.append("default")
-    for key in keys:
-        if key in price.image:
-            return convert(price.image[key])
-    offered = ", ".join(sorted(price.image))
-    raise InvalidRequest(f"image size {show(size)} is not offered for {model!r}; use {offered}")
+def _cost(table: PriceTable, input_: int = 0, output: int = 0) -> Cost:
+    """Apply ``table`` to the quantities: total rounded up once, parts down."""
+    scale = table.scale
+    request = table.request
+    inputs = table.input * input_
+    outputs = table.output * output
+    return Cost(
+        total_msat=-(-(request + inputs + outputs) // scale),
+        request_msat=request // scale,
+        input_msat=inputs // scale,
+        output_msat=outputs // scale,
+    )
 
 
 def _usage_int(usage: Mapping[str, Any], *keys: str) -> int:
