@@ -16,7 +16,9 @@ Nostr pubkey's account. A per-request token's swap may run beside the upstream c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +66,7 @@ from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+REDEEMED_KEPT = 10_000  # tokens-as-keys whose account is remembered (32-byte keys)
 __all__ = [
     "Charge",
     "JobOutcome",
@@ -121,6 +124,8 @@ class Payments(AccountMoves):
         self._key_secret = key_secret
         # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
+        # SHA-256 of a token used as a key -> the account it was redeemed into.
+        self._redeemed: OrderedDict[bytes, str] = OrderedDict()
 
     # --- accounts (create_key, topup, deposit, balance, withdraw: AccountMoves) ----------
 
@@ -136,10 +141,19 @@ class Payments(AccountMoves):
             account_id = "npub:" + payer.credential
             await self.ledger.open_account(account_id, "npub")
             return account_id
+        # A token once redeemed stays redeemed (a funded account is never dropped), so its
+        # account id is remembered: later uses skip parsing the token and reading its account.
+        # Nothing about the account's state is kept: the hold reads revocation, expiry and
+        # balance in its own UPDATE, so a revocation anywhere applies to the next request.
+        seen = hashlib.sha256(payer.credential.encode()).digest()
+        known = self._redeemed.get(seen)
+        if known is not None:
+            self._redeemed.move_to_end(seen)
+            return known
         fingerprint = token_fingerprint(parse_token(payer.credential))
         account_id = "token:" + fingerprint
         if await self._funded(account_id) is not None:
-            return account_id
+            return self._remember_redeemed(seen, account_id)
         # Without the lock a concurrent first use would find the account the receive opens
         # before the mint's swap credits it, and fail with "Current: 0 sats". A receive that
         # failed also leaves an empty account: only a funded one means "already redeemed".
@@ -151,6 +165,12 @@ class Payments(AccountMoves):
                     # Another process redeemed it first; use the account it funded.
                     if await self._funded(account_id) is None:
                         raise
+        return self._remember_redeemed(seen, account_id)
+
+    def _remember_redeemed(self, seen: bytes, account_id: str) -> str:
+        self._redeemed[seen] = account_id
+        if len(self._redeemed) > REDEEMED_KEPT:
+            self._redeemed.popitem(last=False)  # the least recently used
         return account_id
 
     # --- jobs -----------------------------------------------------------------------
