@@ -18,19 +18,24 @@ LoopChoice = Literal["auto", "uvloop", "asyncio"]
 LOOP_CHOICES: tuple[LoopChoice, ...] = ("auto", "uvloop", "asyncio")
 
 
+def python_loop() -> asyncio.AbstractEventLoop:
+    """Python's own event loop, whatever loop policy something else set in the process."""
+    return asyncio.DefaultEventLoopPolicy().new_event_loop()
+
+
 def loop_factory(choice: LoopChoice = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
     """A factory of new loops: uvloop's for ``auto`` when importable, else asyncio's.
 
     ``uvloop`` insists (ImportError when it is not installed); ``asyncio`` never uses it.
     """
     if choice == "asyncio":
-        return asyncio.new_event_loop
+        return python_loop
     try:
         import uvloop
     except ImportError:
         if choice == "uvloop":
             raise
-        return asyncio.new_event_loop
+        return python_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 

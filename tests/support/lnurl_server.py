@@ -55,7 +55,11 @@ class LnurlServer:
                 Route("/lnurlp/cb/{user}", self._callback),
             ]
         )
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        # loop="none": Server.run would otherwise install uvloop's loop policy for the whole
+        # test process (asyncio subprocesses and other loops would then be uvloop's).
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", loop="none"
+        )
         self._server = _Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True

@@ -43,6 +43,15 @@ def test_the_asyncio_loop_can_be_chosen() -> None:
     assert run(_subprocess_output(), "uvloop").strip() == b"child"
 
 
+def test_the_asyncio_choice_holds_even_under_a_uvloop_policy() -> None:
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # what a library might do
+    try:
+        assert run(_loop_type(), "asyncio") is not uvloop.Loop
+    finally:
+        asyncio.set_event_loop_policy(before)
+
+
 def test_start_offers_the_loop_choice() -> None:
     result = CliRunner().invoke(main, ["start", "--help"])
     assert result.exit_code == 0
