@@ -76,7 +76,8 @@ def create_key(node: Node, token: str) -> str:
 
 def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.Runner) -> None:
     cores = Cores.pick()
-    info = RunInfo.now(cores, args.quick)  # the commit measured, not what changes meanwhile
+    partial = set(args.measures) != set(MEASURES)
+    info = RunInfo.now(cores, args.quick, partial)  # the commit measured, not later changes
     plan = m.Plan.make(args.quick)
     if cores.load is not None:
         os.sched_setaffinity(0, {cores.load})  # the mint and relay inherit it

@@ -80,10 +80,11 @@ class RunInfo:
     load: str
     cores: Cores
     quick: bool
+    partial: bool = False  # only some measures: never overwrites a full run's results
 
     @classmethod
-    def now(cls, cores: Cores, quick: bool) -> RunInfo:
-        return cls(datetime.now(UTC), git_commit(), load_average(), cores, quick)
+    def now(cls, cores: Cores, quick: bool, partial: bool = False) -> RunInfo:
+        return cls(datetime.now(UTC), git_commit(), load_average(), cores, quick, partial)
 
     def machine(self) -> list[str]:
         quick = " (quick: a few seconds a measure)" if self.quick else ""
@@ -101,10 +102,11 @@ class RunInfo:
 
 
 def write(rows: list[Row], notes: list[str], info: RunInfo) -> Path:
-    """Write ``bench/results/<date>[-quick].md`` and return its path."""
+    """Write ``bench/results/<date>[-quick|-partial].md`` and return its path."""
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{info.started:%Y-%m-%d}{'-quick' if info.quick else ''}.md"
+    suffix = "-quick" if info.quick else "-partial" if info.partial else ""
+    path = out / f"{info.started:%Y-%m-%d}{suffix}.md"
     text = [f"# nodeprov benchmark, {info.started:%Y-%m-%d}", "", *info.machine(), ""]
     text += [table(rows), ""]
     if notes:
