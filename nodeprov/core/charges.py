@@ -60,14 +60,17 @@ T = TypeVar("T")
 STREAMED: tuple[Endpoint, ...] = ("chat", "completions")
 
 PayerKind = Literal["api_key", "token_key", "request_token", "npub"]
+Channel = Literal["http", "nostr"]
 
 
 @dataclass(frozen=True)
 class Payer:
-    """Who pays for a job, and with what credential (an API key, a token, or a pubkey)."""
+    """Who pays for a job, with what credential (an API key, a token, or a pubkey), and
+    the channel the job came by (recorded with its charge)."""
 
     kind: PayerKind
     credential: str
+    channel: Channel = "http"
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,13 @@ class Pipeline(Protocol):
     ) -> Charge | Pending: ...
 
     async def _settle(
-        self, charge: Any, cost: Cost, *, ref: str | None = ..., result: Any = ...
+        self,
+        charge: Any,
+        cost: Cost,
+        *,
+        ref: str | None = ...,
+        result: Any = ...,
+        channel: Channel = ...,
     ) -> Settled: ...
 
 
@@ -290,7 +299,9 @@ class Job:
         self._stop_renewing()
         self._settling = True
         return await asyncio.shield(
-            self.payments._settle(charge, cost, ref=self.ref, result=result)
+            self.payments._settle(
+                charge, cost, ref=self.ref, result=result, channel=self.payer.channel
+            )
         )
 
     async def cancel(self) -> Sent | None:

@@ -111,6 +111,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0009_hold_ids_never_reused",
             "0100_nostr_dm_jobs",
             "0100_test_extra",
+            "0101_request_channel_and_key_hint",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
         await fund(first, "key:m", 5000)
