@@ -155,4 +155,5 @@ def account_view(account: Account) -> dict[str, Any]:
         "expires_at": account.expires_at,
         "refund_address": account.refund_address,
         "revoked": account.revoked,
+        "key_hint": account.key_hint,
     }
