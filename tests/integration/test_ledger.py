@@ -322,7 +322,8 @@ async def test_insufficient_balance_message(
     error = info.value
     assert error.status == 402
     assert (
-        error.message == f"Insufficient balance. Current: {current} sats, Required: {required} sats"
+        error.message == f"Insufficient balance. Current: {current} sats, Required: {required} "
+        f"sats ({funded - held} msat available, {asked} msat required)"
     )
     assert error.details == {"available_msat": funded - held, "required_msat": asked}
     assert error.to_openai()["error"]["code"] == "insufficient_balance"
