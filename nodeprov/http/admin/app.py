@@ -25,7 +25,7 @@ from nodeprov.core.ledger import Ledger
 from nodeprov.core.metrics import Metrics
 from nodeprov.core.payments import Payments
 from nodeprov.core.wallet import Wallet
-from nodeprov.http.admin.format import sat_text, when
+from nodeprov.http.admin.format import sat_text, when, when_short
 from nodeprov.http.admin.security import (
     DEVICE_COOKIE,
     LOGIN_COOKIE,
@@ -129,7 +129,9 @@ class AdminBase:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.env.filters.update(sat=sat_text, when=when, q=lambda s: quote(str(s), safe=""))
+        self.env.filters.update(
+            sat=sat_text, when=when, short=when_short, q=lambda s: quote(str(s), safe="")
+        )
         assets = resources.files("nodeprov.http.admin") / "static"
         self.assets = {
             name: (assets / name).read_bytes() for name in ("admin.css", "admin.js", "favicon.ico")
