@@ -274,6 +274,7 @@ class Job:
             await self.cancel()
         except Exception:
             logger.exception("refunding a job whose caller left during its swap failed")
+
     def _suggesting(self, refusal: InsufficientBalance) -> InsufficientBalance:
         """The refusal, naming the ``max_tokens`` that would make the hold fit (if any does)."""
         budget = refusal.details.get("token_msat", refusal.details.get("available_msat"))
