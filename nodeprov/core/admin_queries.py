@@ -90,16 +90,18 @@ def channel_of(account_id: str, ref: str) -> tuple[str, str]:
 
 async def usage_by_model(ledger: Ledger) -> list[ModelUsage]:
     """Settled requests and what they were charged, by model and channel."""
+    # Charges that record their model group by it; older ones by their ref (the model then).
     rows = await ledger.db.fetchall(
-        "SELECT COALESCE(ref, ''), account_id LIKE 'npub:%', model, channel, COUNT(*), "
-        "-SUM(delta_msat) FROM transactions WHERE kind = 'charge' GROUP BY 1, 2, 3, 4"
+        "SELECT CASE WHEN model IS NULL THEN COALESCE(ref, '') END, account_id LIKE 'npub:%', "
+        "model, channel, COUNT(*), -SUM(delta_msat) FROM transactions WHERE kind = 'charge' "
+        "GROUP BY 1, 2, 3, 4"
     )
     merged: dict[tuple[str, str], tuple[int, int]] = {}
     for ref, npub, model, channel, count, charged in rows:
         if model is not None and channel is not None:
             key = (str(model), str(channel))
         else:
-            key = channel_of("npub:" if npub else "", ref)
+            key = channel_of("npub:" if npub else "", ref or "")
         n, msat = merged.get(key, (0, 0))
         merged[key] = (n + int(count), msat + int(charged))
     return sorted(
