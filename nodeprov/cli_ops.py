@@ -90,7 +90,9 @@ def keys_list(
 @JSON_OPTION
 @click.pass_context
 def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None:
-    """Show one account (by a prefix of its id) and its latest transactions."""
+    """Show one account and its latest transactions: PREFIX is a prefix of its id, the
+    user's API key (sk-…) or its masked form from /v1/wallet/balance (sk-xNKv…9f2Q), a
+    token used as a key, or an npub."""
 
     async def query(config: Config) -> dict[str, Any]:
         ledger, _, client = await open_books(config)
@@ -107,7 +109,10 @@ def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None
     if as_json:
         emit_json(view)
         return
-    for key in ("id", "kind", "balance_msat", "reserved_msat", "total_deposited_msat"):
+    click.echo(f"{'id:':<22}{view['id']}")
+    if view["key_hint"]:
+        click.echo(f"{'key:':<22}{view['key_hint']}")
+    for key in ("kind", "balance_msat", "reserved_msat", "total_deposited_msat"):
         click.echo(f"{key + ':':<22}{view[key]}")
     click.echo(f"{'total_spent_msat:':<22}{view['total_spent_msat']}")
     click.echo(f"{'created:':<22}{_when(view['created_at'])}")

@@ -129,9 +129,17 @@ class InsufficientBalance(PaymentError):
         required_sats = -(-required_msat // 1000)
         return cls(
             f"Insufficient balance. Current: {max(0, available_msat) // 1000} sats, "
-            f"Required: {required_sats} sats{hint}",
+            f"Required: {required_sats} sats ({max(0, available_msat)} msat available, "
+            f"{required_msat} msat required){hint}",
             available_msat=available_msat,
             required_msat=required_msat,
+        )
+
+    def suggest_max_tokens(self, name: str, value: int) -> InsufficientBalance:
+        """The same refusal, saying that ``name`` (``max_tokens``) at most ``value`` fits."""
+        return type(self)(
+            f"{self.message} With {name} at most {value} the request would fit.",
+            **{**self.details, "max_tokens": value},
         )
 
 
@@ -154,8 +162,8 @@ class PaymentTooSmall(InsufficientBalance):
         return cls(
             f"Insufficient payment. Current: {max(0, value_msat) // 1000} sats, "
             f"Required: {-(-required_msat // 1000)} sats: the token is worth {value} {unit}"
-            f"{after}, the request may cost up to {required_msat} msat. The token was not "
-            "redeemed: it is still yours",
+            f" ({max(0, value_msat)} msat){after}, the request may cost up to {required_msat}"
+            " msat. The token was not redeemed: it is still yours.",
             available_msat=0,
             required_msat=required_msat,
             token_msat=value_msat,

@@ -28,6 +28,12 @@ from nodeprov.errors import (
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 
 
+def mask_key(key: str) -> str:
+    """A key as ``/v1/wallet/balance`` shows it: ``sk-xNKv…9f2Q`` (the first 7 and last 4
+    characters); the operator finds the account by it (stored as the account's ``key_hint``)."""
+    return key[:7] + "…" + key[-4:] if len(key) > 16 else "…"
+
+
 def api_key_account(api_key: str) -> str:
     """The account id of an API key: only its SHA-256 is ever stored."""
     return "key:" + hashlib.sha256(api_key.encode()).hexdigest()
@@ -73,8 +79,9 @@ class AccountMoves:
             if (account := await self._funded(account_id)) is not None:
                 return api_key, account
             await self.ledger.open_account(
-                account_id, "api_key", expires_at=expires_at, refund_address=refund_address
-            )
+                account_id, "api_key", expires_at=expires_at, refund_address=refund_address,
+                key_hint=mask_key(api_key),
+            )  # fmt: skip
             try:
                 await self.wallet.receive(token, account_id, "api_key")
             except TokenAlreadySpent:
@@ -93,6 +100,19 @@ class AccountMoves:
         account = await self.ledger.account(account_id)
         assert account is not None
         return api_key, account
+
+    async def note_key_hint(self, account_id: str, key: str) -> None:
+        """Keep ``key``'s masked form on its account if it has none yet (keys made before
+        hints were kept, or funded over Lightning), so the operator can find it by it."""
+        row = await self.ledger.db.fetchone(
+            "SELECT key_hint FROM accounts WHERE id = ?", (account_id,)
+        )
+        if row is not None and row[0] is None:
+            async with self.ledger.db.write() as conn:
+                await conn.execute(
+                    "UPDATE accounts SET key_hint = ? WHERE id = ? AND key_hint IS NULL",
+                    (mask_key(key), account_id),
+                )
 
     async def _raise_if_redeeming(self, fingerprint: str, account_id: str) -> None:
         op = await self.wallet.pending_op_for(fingerprint)

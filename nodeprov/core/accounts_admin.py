@@ -1,15 +1,21 @@
-"""Operator views of accounts: list with filters, find by id prefix, revoke.
+"""Operator views of accounts: list with filters, find, revoke.
 
 An account can be named by a prefix of its full id (``key:3f2a…``) or of the part after
-the kind (``3f2a…``). Revoking keeps the balance; the key just stops paying for jobs.
+the kind (``3f2a…``), by the user's full API key (``sk-…``), by the masked form
+``/v1/wallet/balance`` shows (``sk-xNKv…9f2Q``; ``...`` for ``…`` is fine), by a token
+used as a key (``cashuA…``/``cashuB…``) or by an ``npub1…``. Revoking keeps the balance;
+the key just stops paying for jobs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nodeprov.core.account_moves import api_key_account
 from nodeprov.core.ledger import OPERATOR, Account, Ledger, log, now
 from nodeprov.errors import NodeprovError
+from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
+from nodeprov.protocol.nip19 import npub_decode
 
 MIN_PREFIX = 4
 
@@ -55,26 +61,66 @@ async def list_accounts(
     return [a for a in found if a is not None]
 
 
-async def find_account(ledger: Ledger, prefix: str) -> Account:
-    """The one account whose id (or id after ``kind:``) starts with ``prefix``."""
-    prefix = prefix.strip()
-    if len(prefix) < MIN_PREFIX:
+async def _ids(ledger: Ledger, sql: str, params: tuple[Any, ...]) -> list[Account]:
+    rows = await ledger.db.fetchall(sql, params)
+    found = [await ledger.account(row["id"]) for row in rows]
+    return [a for a in found if a is not None]
+
+
+def _exact_ids(text: str) -> list[str] | None:
+    """The account ids a full credential names (a key, a token, an npub); None if not one."""
+    if text.startswith("sk-") and "…" not in text:
+        return [api_key_account(text)]
+    if text.startswith(("cashuA", "cashuB")):
+        try:
+            fingerprint = token_fingerprint(parse_token(text))
+        except NodeprovError:
+            raise AccountLookupError("that token cannot be read") from None
+        return ["token:" + fingerprint, "req:" + fingerprint]
+    if text.startswith("npub1"):
+        try:
+            return ["npub:" + npub_decode(text)]
+        except ValueError:
+            raise AccountLookupError("that npub cannot be read") from None
+    return None
+
+
+async def search_accounts(ledger: Ledger, text: str, limit: int = 6) -> list[Account]:
+    """The accounts ``text`` names (see the module docstring), at most ``limit``."""
+    text = text.strip().replace("...", "…")
+    exact = _exact_ids(text)
+    if exact is not None:
+        marks = ", ".join("?" * len(exact))
+        return await _ids(
+            ledger, f"SELECT id FROM accounts WHERE id IN ({marks}) ORDER BY id", tuple(exact)
+        )
+    if "…" in text:
+        return await _ids(
+            ledger, "SELECT id FROM accounts WHERE key_hint = ? ORDER BY id LIMIT ?", (text, limit)
+        )
+    if len(text) < MIN_PREFIX:
         raise AccountLookupError(f"give at least {MIN_PREFIX} characters of the account id")
-    pattern = _like(prefix)
-    rows = await ledger.db.fetchall(
+    pattern = _like(text)
+    return await _ids(
+        ledger,
         "SELECT id FROM accounts WHERE id LIKE ? ESCAPE '\\' "
-        "OR substr(id, instr(id, ':') + 1) LIKE ? ESCAPE '\\' ORDER BY id LIMIT 6",
-        (pattern, pattern),
+        "OR substr(id, instr(id, ':') + 1) LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+        (pattern, pattern, limit),
     )
-    if not rows:
-        raise AccountLookupError(f"no account id starts with {prefix!r}")
-    if len(rows) > 1:
-        shown = ", ".join(row["id"][:20] for row in rows[:5])
-        raise AccountLookupError(f"{prefix!r} matches several accounts ({shown}); give more")
-    account = await ledger.account(rows[0]["id"])
-    if account is None:  # pragma: no cover - deleted between the two reads
-        raise AccountLookupError(f"no account id starts with {prefix!r}")
-    return account
+
+
+async def find_account(ledger: Ledger, text: str) -> Account:
+    """The one account ``text`` names: an id prefix, a key (full or masked), a token, an npub."""
+    found = await search_accounts(ledger, text)
+    shown = text.strip()
+    if not found:
+        credential = shown.startswith(("sk-", "cashuA", "cashuB", "npub1")) or "…" in shown
+        what = "matches" if credential or "..." in shown else "id starts with"
+        raise AccountLookupError(f"no account {what} {shown!r}")
+    if len(found) > 1:
+        ids = ", ".join(a.id[:20] for a in found[:5])
+        raise AccountLookupError(f"{shown!r} matches several accounts ({ids}); give more")
+    return found[0]
 
 
 async def revoke(ledger: Ledger, prefix: str) -> tuple[Account, bool]:
@@ -109,4 +155,5 @@ def account_view(account: Account) -> dict[str, Any]:
         "expires_at": account.expires_at,
         "refund_address": account.refund_address,
         "revoked": account.revoked,
+        "key_hint": account.key_hint,
     }

@@ -5,15 +5,14 @@ Reads go through the ledger's reader connection (WAL: they never block the write
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from nodeprov.core import journal
 from nodeprov.core.ledger import OPERATOR, Ledger
 
 USER_KINDS = ("api_key", "token", "npub")
-DAY = 86_400
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,6 @@ class ModelUsage:
     channel: str
     requests: int
     charged_msat: int
-
-
-@dataclass(frozen=True)
-class DayRevenue:
-    day: int  # unix time of 00:00 UTC
-    msat: int
 
 
 async def totals(ledger: Ledger) -> Totals:
@@ -88,7 +81,7 @@ async def proof_pools(ledger: Ledger) -> list[ProofPool]:
 
 
 def channel_of(account_id: str, ref: str) -> tuple[str, str]:
-    """(model, channel) of a charge: the channel is not recorded yet, so infer it."""
+    """(model, channel) of a charge logged before channels were recorded: inferred."""
     head, sep, rest = ref.partition(":")
     if sep and head in ("http", "nostr"):
         return rest, head
@@ -97,13 +90,18 @@ def channel_of(account_id: str, ref: str) -> tuple[str, str]:
 
 async def usage_by_model(ledger: Ledger) -> list[ModelUsage]:
     """Settled requests and what they were charged, by model and channel."""
+    # Charges that record their model group by it; older ones by their ref (the model then).
     rows = await ledger.db.fetchall(
-        "SELECT COALESCE(ref, ''), account_id LIKE 'npub:%', COUNT(*), -SUM(delta_msat) "
-        "FROM transactions WHERE kind = 'charge' GROUP BY 1, 2"
+        "SELECT CASE WHEN model IS NULL THEN COALESCE(ref, '') END, account_id LIKE 'npub:%', "
+        "model, channel, COUNT(*), -SUM(delta_msat) FROM transactions WHERE kind = 'charge' "
+        "GROUP BY 1, 2, 3, 4"
     )
     merged: dict[tuple[str, str], tuple[int, int]] = {}
-    for ref, npub, count, charged in rows:
-        key = channel_of("npub:" if npub else "", ref)
+    for ref, npub, model, channel, count, charged in rows:
+        if model is not None and channel is not None:
+            key = (str(model), str(channel))
+        else:
+            key = channel_of("npub:" if npub else "", ref or "")
         n, msat = merged.get(key, (0, 0))
         merged[key] = (n + int(count), msat + int(charged))
     return sorted(
@@ -112,17 +110,42 @@ async def usage_by_model(ledger: Ledger) -> list[ModelUsage]:
     )
 
 
-async def revenue_by_day(ledger: Ledger, days: int = 30, at: int | None = None) -> list[DayRevenue]:
-    """The operator's earnings per UTC day for the last ``days`` days (today included)."""
-    today = ((int(time.time()) if at is None else at) // DAY) * DAY
-    start = today - (days - 1) * DAY
+@dataclass(frozen=True)
+class Earnings:
+    """The operator account's history in parts (msat).
+
+    ``revenue``: what requests were charged; ``rounding``: the msat below one sat of the
+    change of ``sat`` tokens paid per request (``ceil(cost / 1000)`` sat is kept);
+    ``deposited``: tokens the operator put in; ``paid_out``: withdrawals and payouts, fees
+    included, net of what came back.
+    """
+
+    revenue_msat: int
+    rounding_msat: int
+    deposited_msat: int
+    paid_out_msat: int
+
+    @property
+    def earned_msat(self) -> int:
+        return self.revenue_msat + self.rounding_msat
+
+    @property
+    def balance_msat(self) -> int:
+        return self.earned_msat + self.deposited_msat - self.paid_out_msat
+
+
+async def earnings(ledger: Ledger) -> Earnings:
+    """The operator's balance from the log: revenue, rounding, deposits, payouts."""
     rows = await ledger.db.fetchall(
-        "SELECT (at / ?) * ?, SUM(delta_msat) FROM transactions "
-        "WHERE account_id = ? AND kind = 'earning' AND at >= ? GROUP BY 1",
-        (DAY, DAY, OPERATOR, start),
+        "SELECT kind, COALESCE(SUM(delta_msat), 0) FROM transactions WHERE account_id = ? "
+        "GROUP BY kind",
+        (OPERATOR,),
     )
-    by_day = {int(r[0]): int(r[1]) for r in rows}
-    return [DayRevenue(start + i * DAY, by_day.get(start + i * DAY, 0)) for i in range(days)]
+    by_kind = {str(kind): int(total) for kind, total in rows}
+    revenue = by_kind.pop("earning", 0)
+    rounding = by_kind.pop("rounding", 0)
+    deposited = by_kind.pop("deposit", 0)
+    return Earnings(revenue, rounding, deposited, -sum(by_kind.values()))
 
 
 async def transactions_page(
@@ -146,3 +169,65 @@ async def transactions_page(
 async def count_transactions(ledger: Ledger) -> int:
     row = await ledger.db.fetchone("SELECT COUNT(*) FROM transactions")
     return int(row[0]) if row else 0
+
+
+def request_key(row: Mapping[str, Any]) -> str | None:
+    """The request a transaction belongs to, if any (see ``holds.request_of``).
+
+    A charge and its earning carry it; a per-request token's deposit is on its ``req:``
+    account, its change and rounding carry ``change:<fingerprint>``.
+    """
+    if row.get("request"):
+        return str(row["request"])
+    ref = str(row.get("ref") or "")
+    if ref.startswith("change:"):
+        return "req:" + ref.removeprefix("change:")
+    account = str(row.get("account_id") or "")
+    return account if account.startswith("req:") else None
+
+
+@dataclass
+class RequestGroup:
+    """The rows of one request (or one row that belongs to none), newest first."""
+
+    request: str | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def _charge(self) -> Mapping[str, Any] | None:
+        return next((r for r in self.rows if r["kind"] == "charge"), None)
+
+    @property
+    def charged_msat(self) -> int | None:
+        charge = self._charge()
+        return -int(charge["delta_msat"]) if charge else None
+
+    @property
+    def held_msat(self) -> int | None:
+        charge = self._charge()
+        return int(charge["held_msat"]) if charge and charge.get("held_msat") is not None else None
+
+    @property
+    def model(self) -> str | None:
+        charge = self._charge()
+        return str(charge["model"]) if charge and charge.get("model") else None
+
+    @property
+    def channel(self) -> str | None:
+        charge = self._charge()
+        return str(charge["channel"]) if charge and charge.get("channel") else None
+
+
+def group_requests(rows: Sequence[dict[str, Any]]) -> list[RequestGroup]:
+    """Rows grouped by request, each group where its newest row is (rows are newest first)."""
+    groups: list[RequestGroup] = []
+    by_key: dict[str, RequestGroup] = {}
+    for row in rows:
+        key = request_key(row)
+        if key is None:
+            groups.append(RequestGroup(None, [row]))
+        elif key in by_key:
+            by_key[key].rows.append(row)
+        else:
+            by_key[key] = RequestGroup(key, [row])
+            groups.append(by_key[key])
+    return groups

@@ -48,7 +48,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from nodeprov.core.pricing import Cost, Endpoint, Pricer, UsageUnavailable
-from nodeprov.errors import NodeprovError, PriceUnavailable
+from nodeprov.errors import InsufficientBalance, NodeprovError, PriceUnavailable
 
 if TYPE_CHECKING:
     from nodeprov.core.ledger import Hold, Ledger
@@ -60,14 +60,17 @@ T = TypeVar("T")
 STREAMED: tuple[Endpoint, ...] = ("chat", "completions")
 
 PayerKind = Literal["api_key", "token_key", "request_token", "npub"]
+Channel = Literal["http", "nostr"]
 
 
 @dataclass(frozen=True)
 class Payer:
-    """Who pays for a job, and with what credential (an API key, a token, or a pubkey)."""
+    """Who pays for a job, with what credential (an API key, a token, or a pubkey), and
+    the channel the job came by (recorded with its charge)."""
 
     kind: PayerKind
     credential: str
+    channel: Channel = "http"
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,13 @@ class Pipeline(Protocol):
     ) -> Charge | Pending: ...
 
     async def _settle(
-        self, charge: Any, cost: Cost, *, ref: str | None = ..., result: Any = ...
+        self,
+        charge: Any,
+        cost: Cost,
+        *,
+        ref: str | None = ...,
+        result: Any = ...,
+        channel: Channel = ...,
     ) -> Settled: ...
 
 
@@ -184,9 +193,12 @@ class Job:
                 released = await self.payments.ledger.release_ref(self.ref)
                 if released:
                     logger.info("job %s resumed: released %d earlier holds", self.ref, released)
-            got = await self.payments.authorize(
-                self.payer, self.model, self.body, self.endpoint, self.ref, client=self.client
-            )
+            try:
+                got = await self.payments.authorize(
+                    self.payer, self.model, self.body, self.endpoint, self.ref, client=self.client
+                )
+            except InsufficientBalance as exc:
+                raise self._suggesting(exc) from None
             if isinstance(got, Pending):
                 self._pending = got
             else:
@@ -263,6 +275,22 @@ class Job:
         except Exception:
             logger.exception("refunding a job whose caller left during its swap failed")
 
+    def _suggesting(self, refusal: InsufficientBalance) -> InsufficientBalance:
+        """The refusal, naming the ``max_tokens`` that would make the hold fit (if any does)."""
+        budget = refusal.details.get("token_msat", refusal.details.get("available_msat"))
+        if type(budget) is not int:
+            return refusal
+        try:
+            fits = self.payments.pricer.fitting_max_tokens(
+                self.model, self.body, self.endpoint, budget
+            )
+        except NodeprovError:
+            return refusal
+        if fits is None:
+            return refusal
+        name = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        return refusal.suggest_max_tokens(name, fits)
+
     def hand_over(self) -> Job:
         """Keep the job open past the block (a stream); the caller must settle or cancel it."""
         self._handed_over = True
@@ -290,7 +318,9 @@ class Job:
         self._stop_renewing()
         self._settling = True
         return await asyncio.shield(
-            self.payments._settle(charge, cost, ref=self.ref, result=result)
+            self.payments._settle(
+                charge, cost, ref=self.ref, result=result, channel=self.payer.channel
+            )
         )
 
     async def cancel(self) -> Sent | None:

@@ -51,16 +51,6 @@ class Outcome:
     result: str | None  # JSON the caller kept with it (a DM job's answer), if any
 
 
-def _log(
-    raw: sqlite3.Connection, at: int, account_id: str, kind: str, delta: int, ref: str, detail: str
-) -> None:
-    raw.execute(
-        "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (at, account_id, kind, delta, ref, detail),
-    )
-
-
 def hold(
     raw: sqlite3.Connection,
     at: int,
@@ -140,6 +130,14 @@ def outcome(raw: sqlite3.Connection, ref: str) -> Outcome | None:
     return Outcome(*row) if row is not None else None
 
 
+def request_of(held: Hold, record: Outcome | None) -> str:
+    """The key the rows of one request share: a per-request token's account (its deposit,
+    charge, rounding and change), a job's reference, else its hold."""
+    if held.account_id.startswith("req:"):
+        return held.account_id
+    return record.ref if record is not None else f"hold:{held.id}"
+
+
 def settle(
     raw: sqlite3.Connection,
     at: int,
@@ -147,6 +145,7 @@ def settle(
     actual: int,
     ref: str,
     record: Outcome | None = None,
+    channel: str | None = None,
 ) -> Settlement:
     """Close ``held`` charging ``actual``, at most the hold (the overrun rule), to the operator.
 
@@ -162,8 +161,8 @@ def settle(
             release(raw, held.id)
             return Settlement(earlier.charged_msat, 0, _available(raw, held.account_id), True)
     row = raw.execute(
-        "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat FROM holds h "
-        "JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
+        "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat, h.purpose "
+        "FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
         (held.id,),
     ).fetchone()
     if row is None:
@@ -179,11 +178,19 @@ def settle(
         (reserved_here, charged, charged, held.account_id),
     )
     detail = f"writeoff={written_off}" if written_off else ""
-    _log(raw, at, held.account_id, "charge", -charged, ref, detail)
+    request = request_of(held, record)
     raw.execute(
         "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
     )
-    _log(raw, at, OPERATOR, "earning", charged, ref, "")
+    raw.executemany(
+        "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail, request, "
+        "channel, model, held_msat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (at, held.account_id, "charge", -charged, ref, detail, request, channel, row[4],
+             held.amount_msat),
+            (at, OPERATOR, "earning", charged, ref, "", request, channel, row[4], None),
+        ],
+    )  # fmt: skip
     if record is not None:
         raw.execute(
             "INSERT INTO job_outcomes (ref, account_id, charged_msat, cost_msat, input_msat, "

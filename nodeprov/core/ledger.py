@@ -69,6 +69,7 @@ class Account:
     expires_at: int | None
     refund_address: str | None
     revoked: bool
+    key_hint: str | None = None  # an API key's masked form (``sk-xNKv…9f2Q``), when known
 
     @property
     def available_msat(self) -> int:
@@ -122,11 +123,12 @@ async def ensure_account(
     *,
     expires_at: int | None = None,
     refund_address: str | None = None,
+    key_hint: str | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT OR IGNORE INTO accounts (id, kind, created_at, expires_at, refund_address) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (account_id, kind, now(), expires_at, refund_address),
+        "INSERT OR IGNORE INTO accounts (id, kind, created_at, expires_at, refund_address, "
+        "key_hint) VALUES (?, ?, ?, ?, ?, ?)",
+        (account_id, kind, now(), expires_at, refund_address, key_hint),
     )
 
 
@@ -210,6 +212,7 @@ def _account(row: aiosqlite.Row) -> Account:
         expires_at=row["expires_at"],
         refund_address=row["refund_address"],
         revoked=bool(row["revoked"]),
+        key_hint=row["key_hint"],
     )
 
 
@@ -247,11 +250,13 @@ class Ledger:
         *,
         expires_at: int | None = None,
         refund_address: str | None = None,
+        key_hint: str | None = None,
     ) -> Account:
         async with self.db.write() as conn:
             await ensure_account(
-                conn, account_id, kind, expires_at=expires_at, refund_address=refund_address
-            )
+                conn, account_id, kind, expires_at=expires_at, refund_address=refund_address,
+                key_hint=key_hint,
+            )  # fmt: skip
             row = await fetchone(conn, "SELECT * FROM accounts WHERE id = ?", (account_id,))
         if row is None:  # pragma: no cover - the insert above guarantees it
             raise LedgerError(f"account {account_id} vanished")
@@ -296,12 +301,19 @@ class Ledger:
         )
 
     async def settle(
-        self, hold: Hold, actual: Msat | int, ref: str = "", *, record: Outcome | None = None
+        self,
+        hold: Hold,
+        actual: Msat | int,
+        ref: str = "",
+        *,
+        record: Outcome | None = None,
+        channel: str | None = None,
     ) -> Settlement:
         """Close ``hold`` charging ``actual`` msat, at most the hold (the overrun rule).
 
         With ``record``, the outcome is kept under ``record.ref`` in the same transaction and
-        a reference settled before charges nothing again.
+        a reference settled before charges nothing again. ``channel`` (http, nostr) is kept
+        on the charge's rows.
         """
         msat(actual)
         if actual < 0:
@@ -314,6 +326,7 @@ class Ledger:
                 actual=int(actual),
                 ref=ref,
                 record=record,
+                channel=channel,
             )
         )
 

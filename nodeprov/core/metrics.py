@@ -39,6 +39,7 @@ class Metrics:
         self.msat_earned = 0
         self.mint_errors = 0
         self.relay_errors = 0
+        self.streams_open = 0  # SSE responses being sent right now
 
     def record_request(
         self, channel: str, model: str, status: int | str, seconds: float, charged_msat: int = 0
@@ -54,6 +55,14 @@ class Metrics:
                 buckets[i] += 1
         self.latency_sum[channel] = self.latency_sum.get(channel, 0.0) + max(seconds, 0.0)
         self.msat_earned += max(int(charged_msat), 0)
+
+    def stream_started(self) -> None:
+        """A streamed (SSE) response began."""
+        self.streams_open += 1
+
+    def stream_ended(self) -> None:
+        """A streamed response ended (finished, failed or the client left)."""
+        self.streams_open = max(0, self.streams_open - 1)
 
     def record_mint_error(self) -> None:
         """Count a failed call to a mint (unreachable, 5xx, refused)."""
@@ -120,5 +129,8 @@ class _Snapshot(Collector):
             *((name, n, text) for name, (text, n) in self.counters.items()),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "nodeprov_open_streams", "Streamed responses being sent now.", value=m.streams_open
+        )
         for name, (text, gauge) in self.gauges.items():
             yield GaugeMetricFamily(name, text, value=gauge)

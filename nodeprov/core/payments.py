@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from nodeprov.core import journal
 from nodeprov.core.account_moves import AccountMoves, api_key_account
 from nodeprov.core.charges import (
+    Channel,
     Job,
     JobOutcome,
     Payer,
@@ -304,9 +305,16 @@ class Payments(AccountMoves):
         return result, settled
 
     async def _settle(
-        self, charge: Charge, cost: Cost, *, ref: str | None = None, result: Any = None
+        self,
+        charge: Charge,
+        cost: Cost,
+        *,
+        ref: str | None = None,
+        result: Any = None,
+        channel: Channel = "http",
     ) -> Settled:
-        """Charge ``cost`` (at most the hold) and give change; ``ref`` records the outcome."""
+        """Charge ``cost`` (at most the hold) and give change; ``ref`` records the outcome,
+        ``channel`` is kept with the charge."""
         if charge.closed:
             raise RuntimeError("charge already closed")
         charge.closed = True
@@ -322,7 +330,7 @@ class Payments(AccountMoves):
                 encode_result(result),
             )
         settlement = await self.ledger.settle(
-            charge.hold, cost.total_msat, ref=ref or charge.model, record=record
+            charge.hold, cost.total_msat, ref=ref or charge.model, record=record, channel=channel
         )
         change: Sent | None = None
         balance: int | None = None
@@ -362,8 +370,9 @@ class Payments(AccountMoves):
         dust = account.available_msat - (value * 1000 if unit == "sat" else value)
         if dust:
             async with self.ledger.db.write() as conn:
-                await debit(conn, account_id, dust, "rounding")
-                await credit(conn, OPERATOR, dust, "rounding")
+                # Under the change's ref: the dashboard groups them with their request.
+                await debit(conn, account_id, dust, "rounding", "change:" + received.fingerprint)
+                await credit(conn, OPERATOR, dust, "rounding", "change:" + received.fingerprint)
         if value <= 0:
             return None
         try:

@@ -158,6 +158,31 @@ class Pricer:
         bounds = self.token_bounds(model, body, endpoint)
         return self._tokens(convert, model, price, bounds.prompt_tokens, bounds.completion_tokens)
 
+    def fitting_max_tokens(
+        self, model: str, body: Any, endpoint: Endpoint, budget_msat: int
+    ) -> int | None:
+        """The largest ``max_tokens`` whose hold is at most ``budget_msat`` (the other output
+        limit dropped), or None: not a chat or completion, or not even one token fits."""
+        if endpoint not in ("chat", "completions"):
+            return None
+        body = require_mapping(body)
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        rest = {k: v for k, v in body.items() if k not in ("max_tokens", "max_completion_tokens")}
+
+        def fits(limit: int) -> bool:
+            return self.max_cost(model, {**rest, name: limit}, endpoint).total_msat <= budget_msat
+
+        low, high = 1, self.price(model).max_output_tokens
+        if high < 1 or not fits(low):
+            return None
+        while low < high:  # the hold grows with the limit: the largest that fits
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
     def actual_cost(self, model: str, usage: Any, endpoint: Endpoint = "chat") -> Cost:
         """The cost of a finished job from the upstream ``usage``, or :class:`UsageUnavailable`.
 

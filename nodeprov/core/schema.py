@@ -236,4 +236,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE TABLE IF NOT EXISTS nostr_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
         """,
     ),
+    # What the dashboard shows per request: a charge's channel (http, nostr), model, hold and
+    # request (the key its rows share: the hold, or the per-request token's account), and an
+    # API key's masked form as ``/v1/wallet/balance`` shows it, to find the key by it.
+    Migration(
+        "0101_request_channel_and_key_hint",
+        """
+        ALTER TABLE transactions ADD COLUMN request TEXT;
+        ALTER TABLE transactions ADD COLUMN channel TEXT;
+        ALTER TABLE transactions ADD COLUMN model TEXT;
+        ALTER TABLE transactions ADD COLUMN held_msat INTEGER;
+        ALTER TABLE accounts ADD COLUMN key_hint TEXT;
+        CREATE INDEX accounts_key_hint ON accounts (key_hint)
+        """,
+    ),
 )

@@ -60,7 +60,7 @@ def operator_routes(core: Core) -> list[BaseRoute]:
     )
     return [
         *ops_routes(core, core.metrics, probes),
-        Mount("/admin", app=build_admin_app(core, core.config)),
+        Mount("/admin", app=build_admin_app(core, core.config, metrics=core.metrics)),
     ]
 
 

@@ -25,6 +25,7 @@ from nodeprov.http.audio_routes import ROUTES as AUDIO_ROUTES
 from nodeprov.http.billing import error_body_and_headers
 from nodeprov.http.context import JSON, HttpContext, context
 from nodeprov.http.info_routes import ROUTES as INFO_ROUTES
+from nodeprov.http.landing import ROUTES as LANDING_ROUTES
 from nodeprov.http.lightning_routes import ROUTES as LIGHTNING_ROUTES
 from nodeprov.http.openai_routes import ROUTES as OPENAI_ROUTES
 from nodeprov.http.server import bind, serve
@@ -66,14 +67,24 @@ class Guard:
         metered = self.metrics is not None and scope["path"].startswith("/v1/")
         status, cost = 0, 0
 
+        streaming = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status, cost
+            nonlocal status, cost, streaming
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
                 status = message["status"]
                 for name, value in message["headers"]:
                     if name.lower() == b"x-cost-msat" and value.isdigit():
                         cost = int(value)
+                    elif (
+                        metered
+                        and self.metrics is not None
+                        and name.lower() == b"content-type"
+                        and value.startswith(b"text/event-stream")
+                    ):
+                        streaming = True
+                        self.metrics.stream_started()
             await send(message)
             final = message["type"] == "http.response.body" and not message.get("more_body")
             if metered and final and self.metrics is not None:
@@ -97,7 +108,11 @@ class Guard:
                     raise _too_large(self.limit)
             return message
 
-        await self.app(scope, limited, send_with_id)
+        try:
+            await self.app(scope, limited, send_with_id)
+        finally:
+            if streaming and self.metrics is not None:  # also when the client left mid-stream
+                self.metrics.stream_ended()
 
 
 async def on_error(request: Request, exc: Exception) -> Response:
@@ -143,6 +158,7 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
             *WALLET_ROUTES,
             *LIGHTNING_ROUTES,
             *INFO_ROUTES,
+            *LANDING_ROUTES,
             *extra_routes,
         ],
         middleware=middleware,

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
+from nodeprov.core.account_moves import mask_key
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
 from nodeprov.errors import (
@@ -33,10 +34,6 @@ from nodeprov.http.context import (
     read_params,
 )
 from nodeprov.protocol.cashu_token import parse_token
-
-
-def _mask(key: str) -> str:
-    return key[:7] + "…" + key[-4:] if len(key) > 16 else "…"
 
 
 async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
@@ -91,8 +88,10 @@ async def create(request: Request) -> Response:
 
 
 async def balance(request: Request) -> Response:
-    payer, account = await _account(context(request), request)
-    return JSON({"api_key": _mask(payer.credential), **_view(account)})
+    ctx = context(request)
+    payer, account = await _account(ctx, request)
+    await ctx.payments.note_key_hint(account.id, payer.credential)
+    return JSON({"api_key": mask_key(payer.credential), **_view(account)})
 
 
 async def info(request: Request) -> Response:

@@ -116,7 +116,7 @@ async def handle_plain(
         return "No model is configured for chat here."
     body = {"model": model, "messages": sessions.messages(sender, prompt)}
     prefix = " ".join(notes) + "\n\n" if notes else ""
-    payer, ref = Payer("npub", sender), "dm:" + event_id
+    payer, ref = Payer("npub", sender, "nostr"), "dm:" + event_id
     earlier = await earlier_outcome(ctx, ref, payer) if resumed else None
     if earlier is not None:  # settled before a restart: reply from it, pay nothing again
         answer = _answer(earlier.data)

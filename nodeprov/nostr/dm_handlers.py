@@ -195,13 +195,15 @@ async def _payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
     change = await latest_change(ctx, token)
     if change is None:
         raise TokenAlreadySpent("this token was already used for a job here")
-    return Payer("request_token", change)
+    return Payer("request_token", change, "nostr")
 
 
 async def handle_request(
     ctx: DmContext, sender: str, msg: dm_jobs.JobRequest, event_id: str, resumed: bool
 ) -> str:
-    payer = Payer("request_token", msg.cashu) if msg.cashu else Payer("npub", sender)
+    payer = (
+        Payer("request_token", msg.cashu, "nostr") if msg.cashu else Payer("npub", sender, "nostr")
+    )
     ref = "dm:" + event_id
     try:
         earlier = await earlier_outcome(ctx, ref, payer) if resumed else None

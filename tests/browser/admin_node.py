@@ -18,6 +18,7 @@ from starlette.routing import Mount
 
 from nodeprov.admin_password import hash_password
 from nodeprov.config import AdminSection, Config, HttpSection, NodeSection, WalletSection
+from nodeprov.core.metrics import Metrics
 from nodeprov.core.payments import Payer
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, serve
@@ -39,6 +40,7 @@ class AdminNode:
     config: Config
     _stop: asyncio.Event
     _task: asyncio.Task[None]
+    metrics: Metrics
 
     @property
     def admin(self) -> str:
@@ -69,7 +71,9 @@ async def start_admin_node(tmp_path: Path, mints: list[str]) -> AdminNode:
         # As if behind a TLS-terminating proxy on this host (tests send X-Forwarded-Proto).
         http=HttpSection(forwarded_allow_ips=("127.0.0.1",)),
     )
-    app = Starlette(routes=[Mount("/admin", app=build_admin_app(core, config))])
+    metrics = Metrics(models=[TEST_MODEL])
+    admin = build_admin_app(core, config, metrics=metrics)
+    app = Starlette(routes=[Mount("/admin", app=admin)])
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     stop = asyncio.Event()
@@ -81,7 +85,7 @@ async def start_admin_node(tmp_path: Path, mints: list[str]) -> AdminNode:
                 break
             except httpx.TransportError:
                 await asyncio.sleep(0.01)
-    return AdminNode(url, core, config, stop, task)
+    return AdminNode(url, core, config, stop, task, metrics)
 
 
 def csrf_of(html: str) -> str:

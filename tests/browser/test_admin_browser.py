@@ -1,4 +1,5 @@
-"""The admin dashboard in headless Chromium: log in, open a key, withdraw it as a token.
+"""The admin dashboard in headless Chromium: log in, open a key, withdraw it as a token; every
+page at 1280 and 800 px wide without horizontal overflow (screenshots of each).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/install-browser``) and the
 ``selenium`` package; skipped with the reason otherwise. Screenshots go to tests/artifacts/.
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 
 from nodeprov.core.ledger import OPERATOR
-from nodeprov.core.payments import api_key_account
-from tests.browser.admin_node import PASSWORD, AdminNode, start_admin_node
+from nodeprov.core.payments import Payer, api_key_account
+from tests.browser.admin_node import CHAT, PASSWORD, USAGE, AdminNode, start_admin_node
+from tests.support.core import TEST_MODEL
 from tests.support.services import MintHandle
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -48,19 +50,25 @@ async def node(tmp_path: Path, mint: MintHandle) -> AsyncIterator[AdminNode]:
         await started.stop()
 
 
-def drive(admin_url: str, account_id: str, profile: str) -> dict[str, Any]:
-    """The browser session (blocking; runs in a thread while the server keeps serving)."""
+def chromium(profile: str) -> Any:
+    """A headless Chromium driven by chromedriver, with its own profile directory."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
+    return webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
+
+
+def drive(admin_url: str, account_id: str, profile: str) -> dict[str, Any]:
+    """The browser session (blocking; runs in a thread while the server keeps serving)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium(profile)
     seen: dict[str, Any] = {}
     try:
         wait = WebDriverWait(browser, 30)  # a bound for a busy machine, not a speed check
@@ -120,3 +128,91 @@ async def test_login_open_key_and_withdraw_in_chromium(node: AdminNode, make_tok
     assert seen["balance_after"] == "0.820 sat"
     assert seen["after_logout"].endswith("/admin/login")
     assert await make_token.redeem(seen["token"]) == 46
+
+
+# What overflows sideways: the page itself, or a table wider than the card it sits in.
+OVERFLOW = """
+const tables = [...document.querySelectorAll("table")]
+  .filter((t) => t.scrollWidth > t.parentElement.clientWidth + 1)
+  .map((t) => (t.id || t.className || "table") + ": " + t.scrollWidth + " > "
+    + t.parentElement.clientWidth);
+return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth, tables};
+"""
+PAGES = ("overview", "activity", "keys", "key", "search", "transactions", "wallet")
+
+
+def layouts(admin_url: str, account_id: str, masked: str, profile: str) -> dict[str, Any]:
+    """Each page at 1280 and 800 px: its overflow figures, a screenshot of each."""
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    paths = {
+        "overview": "/",
+        "activity": "/activity",
+        "keys": "/keys",
+        "key": "/keys/" + quote(account_id, safe=""),
+        "search": "/keys?q=" + quote(masked, safe=""),
+        "transactions": "/transactions",
+        "wallet": "/wallet",
+    }
+    browser = chromium(profile)
+    seen: dict[str, Any] = {}
+    try:
+        wait = WebDriverWait(browser, 30)  # a bound for a busy machine, not a speed check
+        for width in (1280, 800):
+            browser.set_window_size(width, 1000)
+            browser.get(admin_url + "/login")
+            wait.until(ec.presence_of_element_located((By.ID, "password")))
+            seen[("login", width)] = browser.execute_script(OVERFLOW)
+            browser.save_screenshot(str(ARTIFACTS / f"layout-{width}-login.png"))
+            browser.find_element(By.ID, "password").send_keys(PASSWORD)
+            browser.find_element(By.ID, "login").click()
+            wait.until(ec.presence_of_element_located((By.ID, "earnings")))
+            for name in PAGES:
+                browser.get(admin_url + paths[name])
+                wait.until(ec.presence_of_element_located((By.TAG_NAME, "h1")))
+                seen[(name, width)] = browser.execute_script(OVERFLOW)
+                seen[(name, width)]["url"] = browser.current_url
+                seen[(name, width)]["text"] = browser.find_element(By.TAG_NAME, "main").text
+                browser.save_screenshot(str(ARTIFACTS / f"layout-{width}-{name}.png"))
+            browser.find_element(By.ID, "logout").click()
+            wait.until(ec.presence_of_element_located((By.ID, "password")))
+    finally:
+        browser.quit()
+    return seen
+
+
+async def test_every_page_fits_1280_and_800_px_without_overflow(
+    node: AdminNode, make_token: Any
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    key = await node.funded_key(50, make_token, charges=3)
+    async with node.core.payments.job(
+        Payer("request_token", await make_token(5)), TEST_MODEL, CHAT
+    ) as paid:
+        await paid.settle(USAGE)
+    npub = "ab" * 32
+    await node.core.payments.deposit("npub:" + npub, await make_token(9), "dm:deposit")
+    async with node.core.payments.job(Payer("npub", npub, channel="nostr"), TEST_MODEL, CHAT) as j:
+        await j.settle(USAGE)
+    node.metrics.record_request("http", TEST_MODEL, 200, 0.4, 1060)
+    node.metrics.record_request("nostr", TEST_MODEL, 502, 1.2)
+    account_id = api_key_account(key)
+    masked = key[:7] + "…" + key[-4:]
+    # A job runs while the pages are looked at: its hold is on the activity page.
+    async with node.core.payments.job(Payer("api_key", key), TEST_MODEL, CHAT) as running:
+        with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+            seen = await asyncio.to_thread(layouts, node.admin, account_id, masked, profile)
+        await running.settle(USAGE)
+    for (name, width), figures in seen.items():
+        assert figures["inner"] == width, (name, width, figures["inner"])
+        assert figures["scroll"] <= figures["inner"], (name, width, figures)
+        assert figures["tables"] == [], (name, width, figures["tables"])
+    for width in (1280, 800):
+        assert seen[("search", width)]["url"].endswith("/keys/" + account_id.replace(":", "%3A"))
+        assert "Earnings and revenue" in seen[("overview", width)]["text"]
+        assert "1 open hold," in seen[("activity", width)]["text"]
+        assert "Request · " in seen[("transactions", width)]["text"]

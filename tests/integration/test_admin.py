@@ -16,18 +16,22 @@ from nodeprov.core.payments import Payer, api_key_account
 from nodeprov.errors import Unauthorized
 from nodeprov.http.admin import pages
 from tests.browser.admin_node import (
+    CHAT,
     CHAT_COST,
     PASSWORD,
     TOKEN,
+    USAGE,
     AdminNode,
     csrf_of,
     login,
     start_admin_node,
 )
+from tests.support.core import TEST_MODEL
 from tests.support.services import MintHandle
 
 GET_PAGES = [
     "/admin/",
+    "/admin/activity",
     "/admin/keys",
     "/admin/keys/key:abc",
     "/admin/transactions",
@@ -257,9 +261,122 @@ async def test_overview_and_paged_transactions(
         assert 'id="users-balance">16.820 sat' in page
         assert 'id="audit">balanced' in page
         assert "test-model" in page and "<td>http</td>" in page
-        assert page.count("<rect ") == 30 and "<svg" in page
+        # Two charts (revenue, requests) of 30 days, today's bars stacked by channel.
+        assert page.count('class="hit"') == 60 and page.count('class="bar http"') == 2
+        assert 'id="revenue">3.180 sat' in page and 'id="rounding">0.000 sat' in page
         first = (await http.get("/admin/transactions")).text
         assert first.count('<td class="num">') >= 3 and 'id="older"' in first
         older = first.split('id="older" href="')[1].split('"')[0].replace("&amp;", "&")
         second = await http.get(older)
         assert second.status_code == 200 and "Newest" in second.text
+
+
+async def test_the_overview_splits_earnings_into_revenue_and_rounding(
+    node: AdminNode, make_token: Any
+) -> None:
+    await node.funded_key(20, make_token, charges=1)
+    # A sat token per request pays ceil(1060 / 1000) = 2 sat: 940 msat of rounding.
+    async with node.core.payments.job(
+        Payer("request_token", await make_token(5)), TEST_MODEL, CHAT
+    ) as job:
+        await job.settle(USAGE)
+    async with client(node) as http:
+        await login(http)
+        page = (await http.get("/admin/")).text
+    assert 'id="revenue">2.120 sat' in page
+    assert 'id="rounding">0.940 sat' in page
+    assert 'id="earned">3.060 sat' in page and 'id="earnings">3.060 sat' in page
+    assert "Earnings are revenue plus rounding" in page
+    assert "not recorded per request" not in page
+
+
+async def test_the_channel_of_each_request_shows_per_model_and_in_the_charts(
+    node: AdminNode, make_token: Any
+) -> None:
+    await node.funded_key(20, make_token, charges=2)
+    npub = "ef" * 32
+    await node.core.payments.deposit("npub:" + npub, await make_token(10), "dm:d1")
+    async with node.core.payments.job(Payer("npub", npub, channel="nostr"), TEST_MODEL, CHAT) as j:
+        await j.settle(USAGE)
+    async with client(node) as http:
+        await login(http)
+        page = (await http.get("/admin/")).text
+        assert '<td>http</td><td class="num">2</td>' in page
+        assert '<td>nostr</td><td class="num">1</td>' in page
+        assert page.count('class="bar nostr"') == 2 and page.count('class="bar http"') == 2
+        one = (await http.get("/admin/", params={"model": TEST_MODEL})).text
+        assert f"Revenue per day of {TEST_MODEL}" in one
+        other = (await http.get("/admin/", params={"model": "no-such-model"})).text
+        assert "Revenue per day (last" in other  # an unknown model shows them all
+
+
+async def test_transactions_page_shows_one_request_as_one_group(
+    node: AdminNode, make_token: Any
+) -> None:
+    await node.funded_key(20, make_token, charges=2)
+    async with node.core.payments.job(
+        Payer("request_token", await make_token(5)), TEST_MODEL, CHAT
+    ) as job:
+        await job.settle(USAGE)
+    async with client(node) as http:
+        await login(http)
+        page = (await http.get("/admin/transactions")).text
+    groups = page.split('<tbody class="')[1:]
+    heads = [g.split('"')[0] for g in groups]
+    # Newest first: the token request, the key's two requests, the key's deposit.
+    assert heads == ["request", "request", "request", "single"]
+    token_group = groups[0]
+    for kind in ("deposit", "charge", "earning", "rounding", "change"):
+        assert f"<td>{kind}</td>" in token_group
+    assert "held 2.000 sat" not in token_group  # the hold is the max cost, not the token
+    assert f"charged {1.060:.3f} sat" in token_group and "· http ·" in token_group
+    assert groups[1].count("<td>charge</td>") == 1 and groups[1].count("<td>earning</td>") == 1
+
+
+async def test_keys_page_finds_a_key_by_full_and_masked_form(
+    node: AdminNode, make_token: Any
+) -> None:
+    key = await node.funded_key(20, make_token)
+    await node.funded_key(20, make_token)  # another key, not found
+    account_id = api_key_account(key)
+    masked = key[:7] + "…" + key[-4:]
+    async with client(node) as http:
+        await login(http)
+        for query in (key, masked, key[:7] + "..." + key[-4:], account_id[4:16]):
+            r = await http.get("/admin/keys", params={"q": query})
+            assert r.status_code == 303, (query, r.text)
+            assert r.headers["location"] == f"/admin/keys/{quote(account_id, safe='')}"
+        view = (await http.get(r.headers["location"])).text
+        assert f'id="key-hint">{masked}<' in view
+        r = await http.get("/admin/keys", params={"q": "sk-nope…abcd"})
+        assert r.status_code == 200 and "No account matches" in r.text
+        r = await http.get("/admin/keys", params={"q": "sk"})
+        assert r.status_code == 200 and "at least 4 characters" in r.text
+
+
+async def test_activity_page_shows_rates_latency_holds_streams_and_keys(
+    node: AdminNode, make_token: Any
+) -> None:
+    key = await node.funded_key(20, make_token, charges=2)
+    node.metrics.record_request("http", TEST_MODEL, 200, 0.3, 1060)
+    node.metrics.record_request("http", TEST_MODEL, 402, 0.01)
+    node.metrics.record_request("http", TEST_MODEL, 502, 2.0)
+    node.metrics.record_request("nostr", TEST_MODEL, 200, 4.0, 1060)
+    node.metrics.stream_started()
+    async with node.core.payments.job(Payer("api_key", key), TEST_MODEL, CHAT) as running:
+        async with client(node) as http:
+            await login(http)
+            page = (await http.get("/admin/activity")).text
+        await running.settle(USAGE)
+    node.metrics.stream_ended()
+    rates = page.split('id="rates"')[1].split("</table>")[0]
+    # http: 3 requests, 1 ok, 1 unpaid, 0 other 4xx, 1 5xx: 33.3 % failed on the node's side
+    assert '<td class="num">3</td><td class="num">1</td><td class="num">1</td>' in rates
+    assert "33.3 %" in rates and "0.0 %" in rates
+    latency = page.split('id="latency"')[1].split("</table>")[0]
+    assert '<td>http</td><td class="num">3</td>' in latency and "2.5 s" in latency
+    holds = page.split('id="holds-table"')[1].split("</table>")[0]
+    assert api_key_account(key) in holds and TEST_MODEL in holds
+    assert 'id="streams-now">1<' in page
+    usage = page.split('id="keys-usage"')[1].split("</table>")[0]
+    assert api_key_account(key) in usage and "2.120 sat" in usage

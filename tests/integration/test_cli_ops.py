@@ -51,6 +51,29 @@ def one_error_line(result: Result, code: int = 1) -> str:
     return result.stderr
 
 
+async def test_keys_show_finds_a_key_by_the_users_full_or_masked_key(
+    runner: CliRunner, tmp_path: Path, mint: MintHandle, make_token: Any
+) -> None:
+    config = write_config(tmp_path, mint.url)
+    core = await make_core(config)
+    try:
+        key, account = await core.payments.create_key(await make_token(9, mint=mint))
+        await core.payments.create_key(await make_token(3, mint=mint))
+    finally:
+        await core.close()
+    masked = key[:7] + "…" + key[-4:]  # as GET /v1/wallet/balance shows it
+    for name in (key, masked, key[:7] + "..." + key[-4:]):
+        shown = await cli(runner, tmp_path, "keys", "show", name, "--json")
+        assert shown.exit_code == 0, shown.output
+        view = json.loads(shown.stdout)
+        assert view["id"] == account.id and view["key_hint"] == masked
+    text = await cli(runner, tmp_path, "keys", "show", key)
+    assert f"{'key:':<22}{masked}\n" in text.stdout
+    assert "no account matches 'sk-unknown'" in one_error_line(
+        await cli(runner, tmp_path, "keys", "show", "sk-unknown")
+    )
+
+
 async def test_keys_list_show_revoke(
     runner: CliRunner, tmp_path: Path, mint: MintHandle, make_token: Any
 ) -> None:

@@ -47,7 +47,8 @@ async def test_no_payment_is_402_with_a_nut18_request(node: Node) -> None:
     assert error["type"] == "insufficient_quota"
     max_msat = node.core.pricer.max_cost("fake-chat", CHAT, "chat").total_msat
     assert error["message"] == (
-        f"Insufficient balance. Current: 0 sats, Required: {math.ceil(max_msat / 1000)} sats"
+        f"Insufficient balance. Current: 0 sats, Required: {math.ceil(max_msat / 1000)} sats "
+        f"(0 msat available, {max_msat} msat required)"
     )
     request = decode_payment_request(r.headers["x-cashu"])
     assert request.amount == math.ceil(max_msat / 1000) and request.unit == "sat"

@@ -187,3 +187,22 @@ async def test_a_withdrawal_in_a_unit_the_node_holds_too_little_of_says_so(
     assert error["code"] == "withdrawal_too_large"
     assert re.search(r"at most \d+ msat in msat", error["message"]), error["message"]
     assert balance == 20_000
+
+
+async def test_balance_keeps_the_masked_key_the_operator_finds_the_key_by(
+    node: Node, make_token
+) -> None:
+    from nodeprov.core.accounts_admin import find_account
+
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        key = (await http.post("/wallet/create", json={"cashu_token": await make_token(3)})).json()[
+            "api_key"
+        ]
+        # A key from before masked forms were kept (or funded over Lightning) has none yet.
+        async with node.core.ledger.db.write() as conn:
+            await conn.execute("UPDATE accounts SET key_hint = NULL")
+        shown = await http.get("/wallet/balance", headers={"Authorization": f"Bearer {key}"})
+    masked = shown.json()["api_key"]
+    assert masked == key[:7] + "…" + key[-4:]
+    found = await find_account(node.core.ledger, masked)
+    assert found.id == api_key_account(key) and found.key_hint == masked

@@ -111,6 +111,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0009_hold_ids_never_reused",
             "0100_nostr_dm_jobs",
             "0100_test_extra",
+            "0101_request_channel_and_key_hint",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
         await fund(first, "key:m", 5000)
@@ -321,7 +322,8 @@ async def test_insufficient_balance_message(
     error = info.value
     assert error.status == 402
     assert (
-        error.message == f"Insufficient balance. Current: {current} sats, Required: {required} sats"
+        error.message == f"Insufficient balance. Current: {current} sats, Required: {required} "
+        f"sats ({funded - held} msat available, {asked} msat required)"
     )
     assert error.details == {"available_msat": funded - held, "required_msat": asked}
     assert error.to_openai()["error"]["code"] == "insufficient_balance"

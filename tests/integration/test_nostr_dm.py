@@ -158,6 +158,29 @@ async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClie
     assert await balance(node, client.pubkey) == 0
 
 
+async def test_a_refused_dm_job_says_msat_and_the_max_tokens_that_fit_and_is_recorded_as_nostr(
+    node: DmNode, client: SdkClient, make_token: TokenMaker
+) -> None:
+    deposit = json.dumps({"type": "deposit", "id": "d", "cashu": await make_token(2)})
+    assert (await client.ask(deposit)).json["balance_msat"] == 2_000
+    body = {**chat_body(), "max_tokens": 1000}
+    data = (await client.ask(request(body, "big"))).json
+    assert data["type"] == "error" and data["error"]["code"] == "insufficient_balance"
+    fits = node.core.pricer.fitting_max_tokens(CHAT_MODEL, body, "chat", 2_000)
+    assert fits is not None
+    message = data["error"]["message"]
+    need = node.core.pricer.max_cost(CHAT_MODEL, body, "chat").total_msat
+    assert f"(2000 msat available, {need} msat required)" in message
+    assert message.endswith(f" With max_tokens at most {fits} the request would fit.")
+    data = (await client.ask(request({**body, "max_tokens": fits}, "fits"))).json
+    assert data["type"] == "response", data
+    rows = await node.core.ledger.db.fetchall(
+        "SELECT channel, model FROM transactions WHERE kind = 'charge'"
+    )
+    assert [tuple(r) for r in rows] == [("nostr", CHAT_MODEL)]
+    await idle(node)
+
+
 async def test_bad_input_gets_error_or_nothing(node: DmNode, client: SdkClient) -> None:
     data = (await client.ask('{"type": "request", "id": "x", "endpoint": "/v1/nope"}')).json
     assert data["type"] == "error" and data["error"]["code"] == "invalid_job_message"

@@ -15,12 +15,15 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse as PlainText
 
 from nodeprov.core.node import Core
+from nodeprov.http.app import Guard
 from nodeprov.observability import LATENCY_BUCKETS, HealthProbes, Metrics, build_ops_app
 from tests.support.daemon_core import make_core, write_config
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import dead_url
+from tests.support.waiting import until
 
 SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
@@ -245,3 +248,45 @@ async def test_health_503_when_the_ledger_is_unusable(tmp_path: Path, mint: Mint
     finally:
         await core.upstreams.aclose()
         await core.client.aclose()
+
+
+async def test_streams_being_sent_are_counted_until_they_end_or_the_client_leaves() -> None:
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    release = asyncio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await release.wait()
+        yield b"data: [DONE]\n\n"
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    metrics = Metrics()
+    inner = Starlette(routes=[Route("/v1/stream", stream)])
+    ops = Starlette(routes=[Route("/metrics", lambda r: PlainText(metrics.render()))])
+    app = Starlette()
+    app.mount("/ops", ops)
+    app.mount("/", Guard(inner, 1024, metrics))
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        async with http.stream("GET", "/v1/stream") as first:
+            lines = first.aiter_lines()
+            await anext(lines)
+            assert metrics.streams_open == 1
+            samples, types = parse((await http.get("/ops/metrics")).text)
+            assert types["nodeprov_open_streams"] == "gauge"
+            assert value(samples, "nodeprov_open_streams") == 1
+            release.set()
+            assert [line async for line in lines if line] == ["data: [DONE]"]
+        await until(lambda: metrics.streams_open == 0, what="the finished stream uncounted")
+        release.clear()
+        async with http.stream("GET", "/v1/stream") as second:
+            await anext(second.aiter_lines())
+            assert metrics.streams_open == 1
+        # The client left mid-stream: the stream ends when its next write finds it gone (or
+        # the server notices the disconnect), and is uncounted then.
+        release.set()
+        await until(lambda: metrics.streams_open == 0, what="the abandoned stream uncounted")

@@ -109,9 +109,34 @@ async def test_api_key_insufficient_balance(core: Core, make_token, mint: MintHa
         await core.payments.run(Payer("api_key", api_key), TEST_MODEL, BODY, job())
     assert info.value.status == 402
     assert info.value.message == (
-        f"Insufficient balance. Current: 1 sats, Required: {-(-max_cost // 1000)} sats"
-    )
+        f"Insufficient balance. Current: 1 sats, Required: {-(-max_cost // 1000)} sats "
+        f"(1000 msat available, {max_cost} msat required)"
+    )  # the request's fee alone takes the 1000 msat: no max_tokens would fit
     assert await balance(core, account.id) == 1_000
+
+
+async def test_a_refusal_suggests_the_max_tokens_that_would_fit(
+    core: Core, make_token, mint: MintHandle
+) -> None:
+    api_key, account = await core.payments.create_key(await make_token(2, mint=mint))
+    payer = Payer("api_key", api_key)
+    big = {**BODY, "max_tokens": 1000}
+    with pytest.raises(InsufficientBalance) as info:
+        await core.payments.run(payer, TEST_MODEL, big, job())
+    fits = core.pricer.fitting_max_tokens(TEST_MODEL, big, "chat", 2_000)
+    assert fits is not None and 0 < fits < 1000
+    assert info.value.message.endswith(f" With max_tokens at most {fits} the request would fit.")
+    assert info.value.details["max_tokens"] == fits
+    with pytest.raises(InsufficientBalance):
+        await core.payments.run(payer, TEST_MODEL, {**big, "max_tokens": fits + 1}, job())
+    _, settled = await core.payments.run(payer, TEST_MODEL, {**big, "max_tokens": fits}, job())
+    assert settled.charged_msat == COST and await balance(core, account.id) == 2_000 - COST
+    # A token too small for the request is told the same, and stays the sender's.
+    with pytest.raises(PaymentTooSmall) as small:
+        await core.payments.run(
+            Payer("request_token", await make_token(2, mint=mint)), TEST_MODEL, big, job()
+        )
+    assert small.value.message.endswith(f" With max_tokens at most {fits} the request would fit.")
 
 
 async def test_create_key_with_a_spent_token_leaves_no_account(

@@ -501,3 +501,32 @@ def test_actual_never_exceeds_hold_within_bounds(
     assert_ints(hold)
     assert_ints(settled)
     assert settled.total_msat <= hold.total_msat
+
+
+# --- what would fit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", None])
+@pytest.mark.parametrize("budget", [7, 1_000, 2_345, 10_000, 10**9])
+def test_fitting_max_tokens_is_the_largest_whose_hold_fits(key: str | None, budget: int) -> None:
+    p = pricer()
+    body = chat("a longer prompt to count", **({key: 1000} if key else {}))
+    fits = p.fitting_max_tokens("small", body, "chat", budget)
+    name = key or "max_tokens"
+
+    def hold(m: int) -> int:
+        trial = {k: v for k, v in body.items() if k != "max_completion_tokens"}
+        return p.max_cost("small", {**trial, name: m}, "chat").total_msat
+
+    if hold(1) > budget:
+        assert fits is None
+    else:
+        assert fits is not None and 1 <= fits <= SMALL.max_output_tokens
+        assert hold(fits) <= budget
+        assert fits == SMALL.max_output_tokens or hold(fits + 1) > budget
+
+
+def test_fitting_max_tokens_only_for_token_priced_outputs() -> None:
+    p = pricer()
+    assert p.fitting_max_tokens("small", {"input": "x"}, "embeddings", 10**9) is None
+    assert p.fitting_max_tokens("images", {"prompt": "x"}, "images", 10**9) is None

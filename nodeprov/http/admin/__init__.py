@@ -9,6 +9,7 @@ from starlette.middleware import Middleware
 
 from nodeprov.admin_password import load_or_create
 from nodeprov.config import Config
+from nodeprov.core.metrics import Metrics
 from nodeprov.http.admin.app import AdminCore, SecurityHeaders
 from nodeprov.http.admin.pages import Pages
 
@@ -16,9 +17,14 @@ __all__ = ["AdminCore", "build_admin_app"]
 
 
 def build_admin_app(
-    core: AdminCore, config: Config, *, password_hash: str | None = None
+    core: AdminCore,
+    config: Config,
+    *,
+    password_hash: str | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
-    """The dashboard as an ASGI app to mount at ``/admin``.
+    """The dashboard as an ASGI app to mount at ``/admin``; ``metrics``: the channels'
+    counters its activity page shows.
 
     Without ``password_hash`` the hash comes from :func:`load_or_create`; a password
     generated on first start is printed once to stderr.
@@ -32,7 +38,7 @@ def build_admin_app(
                 file=sys.stderr,
                 flush=True,
             )
-    pages = Pages(core, config, password_hash)
+    pages = Pages(core, config, password_hash, metrics)
     app = Starlette(routes=pages.routes(), middleware=[Middleware(SecurityHeaders)])
     app.state.admin = pages  # its throttle and sessions, for tests and diagnostics
     return app

@@ -22,9 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nodeprov.admin_password import verify_password
 from nodeprov.config import Config
 from nodeprov.core.ledger import Ledger
+from nodeprov.core.metrics import Metrics
 from nodeprov.core.payments import Payments
 from nodeprov.core.wallet import Wallet
-from nodeprov.http.admin.format import sat_text, when
+from nodeprov.http.admin.format import sat_text, when, when_short
 from nodeprov.http.admin.security import (
     DEVICE_COOKIE,
     LOGIN_COOKIE,
@@ -50,6 +51,7 @@ SECURITY_HEADERS = [
         b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
 ]
+ASSET_TYPES = {"css": "text/css", "js": "text/javascript", "ico": "image/x-icon"}
 Form = dict[str, str]
 Handler = Callable[[Request, Session, Form], Awaitable[Response]]
 
@@ -109,9 +111,12 @@ async def read_form(request: Request) -> Form:
 class AdminBase:
     """Shared state and plumbing; the pages live in :class:`nodeprov.http.admin.pages.Pages`."""
 
-    def __init__(self, core: AdminCore, config: Config, password_hash: str) -> None:
+    def __init__(
+        self, core: AdminCore, config: Config, password_hash: str, metrics: Metrics | None = None
+    ) -> None:
         self.core = core
         self.config = config
+        self.metrics = metrics  # the channels' counters (None: the activity page says so)
         self.password_hash = password_hash
         self.sessions = Sessions(config.admin.session_seconds)
         self.throttle = Throttle()
@@ -124,9 +129,13 @@ class AdminBase:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.env.filters.update(sat=sat_text, when=when, q=lambda s: quote(str(s), safe=""))
+        self.env.filters.update(
+            sat=sat_text, when=when, short=when_short, q=lambda s: quote(str(s), safe="")
+        )
         assets = resources.files("nodeprov.http.admin") / "static"
-        self.assets = {name: (assets / name).read_bytes() for name in ("admin.css", "admin.js")}
+        self.assets = {
+            name: (assets / name).read_bytes() for name in ("admin.css", "admin.js", "favicon.ico")
+        }
 
     # --- rendering ------------------------------------------------------------------
 
@@ -268,7 +277,7 @@ class AdminBase:
         name = request.path_params["name"]
         if name not in self.assets:
             return Response("not found", status_code=404, media_type="text/plain")
-        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        kind = ASSET_TYPES[name.rpartition(".")[2]]
         return Response(self.assets[name], media_type=kind)
 
 

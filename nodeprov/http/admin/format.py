@@ -34,3 +34,10 @@ def when(ts: int | None) -> str:
     if ts is None:
         return "—"
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def when_short(ts: int | None) -> str:
+    """A unix time as ``MM-DD HH:MM`` (UTC) for narrow table cells (``—`` for never)."""
+    if ts is None:
+        return "—"
+    return time.strftime("%m-%d %H:%M", time.gmtime(ts))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,8 +19,8 @@ from nodeprov.core.ledger import OPERATOR, Account
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.wallet import Sent
 from nodeprov.errors import NodeprovError
-from nodeprov.http.admin.app import AdminBase, Form, routes_of
-from nodeprov.http.admin.charts import revenue_svg
+from nodeprov.http.admin.app import Form, routes_of
+from nodeprov.http.admin.dashboards import Dashboards
 from nodeprov.http.admin.format import parse_sat
 from nodeprov.http.admin.security import Session
 
@@ -41,7 +42,7 @@ def _bolt11(text: str) -> str:
     return invoice
 
 
-class Pages(AdminBase):
+class Pages(Dashboards):
     """Every page handler; ``routes()`` lists them."""
 
     def routes(self) -> list[Route]:
@@ -53,6 +54,7 @@ class Pages(AdminBase):
                 ("POST", "/logout", "logout"),
                 ("GET", "/static/{name}", "asset"),
                 ("GET", "/", "overview"),
+                ("GET", "/activity", "activity"),
                 ("GET", "/keys", "keys"),
                 ("GET", "/keys/{account_id}", "key"),
                 ("POST", "/keys/{account_id}/withdraw", "key_withdraw"),
@@ -65,36 +67,32 @@ class Pages(AdminBase):
             ],
         )
 
-    # --- overview -------------------------------------------------------------------
-
-    async def overview(self, request: Request, session: Session, form: Form) -> Response:
-        ledger = self.core.ledger
-        operator = await ledger.account(OPERATOR)
-        return self.render(
-            request,
-            "overview.html",
-            session,
-            nav="overview",
-            earnings=operator.balance_msat if operator else 0,
-            totals=await queries.totals(ledger),
-            pools=await queries.proof_pools(ledger),
-            usage=await queries.usage_by_model(ledger),
-            chart=revenue_svg(await queries.revenue_by_day(ledger)),
-            audit=await ledger.audit(),
-        )
-
     # --- keys -----------------------------------------------------------------------
 
     async def keys(self, request: Request, session: Session, form: Form) -> Response:
         kind = request.query_params.get("kind", "")
-        kinds = (kind,) if kind in queries.USER_KINDS else queries.USER_KINDS
-        accounts: list[Account] = []
-        for k in kinds:
-            accounts += await self.core.ledger.accounts(k)
-        accounts.sort(key=lambda a: (-(a.last_used_at or a.created_at), a.id))
+        query = request.query_params.get("q", "").strip()[:200]
+        error = None
+        if query:
+            # A key (full or masked as /v1/wallet/balance shows it), a token, an npub, an id.
+            try:
+                accounts = await accounts_admin.search_accounts(self.core.ledger, query)
+            except NodeprovError as exc:
+                accounts, error = [], exc.message
+            accounts = [a for a in accounts if a.kind in queries.USER_KINDS]
+            if len(accounts) == 1:
+                return self.redirect(request, f"/keys/{quote(accounts[0].id, safe='')}")
+            if not accounts and error is None:
+                error = f"No account matches {query!r}."
+        else:
+            kinds = (kind,) if kind in queries.USER_KINDS else queries.USER_KINDS
+            accounts = []
+            for k in kinds:
+                accounts += await self.core.ledger.accounts(k)
+            accounts.sort(key=lambda a: (-(a.last_used_at or a.created_at), a.id))
         return self.render(
             request, "keys.html", session, nav="keys", accounts=accounts, kind=kind,
-            kinds=KIND_LABELS,
+            kinds=KIND_LABELS, query=query, error=error,
         )  # fmt: skip
 
     async def _user_account(self, request: Request) -> Account | None:
@@ -147,8 +145,9 @@ class Pages(AdminBase):
             account_id=account,
         )
         return self.render(
-            request, "transactions.html", session, nav="transactions", rows=rows,
-            next_before=next_before, account=account or "", first=not before.isdigit(),
+            request, "transactions.html", session, nav="transactions",
+            groups=queries.group_requests(rows), next_before=next_before,
+            account=account or "", first=not before.isdigit(),
             total=await queries.count_transactions(self.core.ledger),
         )  # fmt: skip
 
