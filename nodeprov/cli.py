@@ -22,7 +22,6 @@ from nodeprov.cli_client import client
 from nodeprov.cli_common import (
     DEFAULT_CONFIG,
     DEV_CONFIG,
-    REPO,
     USAGE_EXIT,
     Options,
     emit_json,
@@ -43,7 +42,8 @@ from nodeprov.daemon import books, run
 from nodeprov.event_loop import LOOP_CHOICES, LoopChoice
 from nodeprov.logging_setup import setup_logging
 
-EXAMPLE_CONFIG = REPO / "config" / "nodeprov.example.toml"
+# Package data, so that `init` works wherever nodeprov is installed (config/ links to it).
+EXAMPLE_CONFIG = Path(__file__).resolve().parent / "nodeprov.example.toml"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +95,7 @@ def init(ctx: click.Context, path: Path | None) -> None:
     try:
         example = EXAMPLE_CONFIG.read_bytes()
     except OSError:
-        fail(f"the example config {EXAMPLE_CONFIG} is missing; init needs a source checkout")
+        fail(f"the example config {EXAMPLE_CONFIG} is missing; reinstall nodeprov")
     try:
         # O_EXCL: refusing to overwrite is decided by the OS, not by a racy exists() check.
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -386,3 +386,14 @@ def test_every_model_the_dev_upstream_lists_is_priced_in_dev_toml() -> None:
     config = load_config(ROOT / "config" / "dev.toml")
     (upstream,) = config.upstreams
     assert set(DemoUpstream(upstream.models).models) == set(upstream.models) == set(config.models)
+
+
+def test_the_example_config_ships_inside_the_package() -> None:
+    import tomllib
+
+    package = ROOT / "nodeprov"
+    assert package / "nodeprov.example.toml" == EXAMPLE_CONFIG and EXAMPLE_CONFIG.is_file()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "nodeprov.example.toml" in data["package-data"]["nodeprov"]
+    # The checkout's config/ shows the same file.
+    assert (ROOT / "config" / "nodeprov.example.toml").resolve() == EXAMPLE_CONFIG
