@@ -123,6 +123,7 @@ class ResponseReader:
         self._parser = httptools.HttpResponseParser(self)
         self._max = max_head_bytes
         self._size = 0
+        self._fed = 0  # bytes fed before the final head was complete
         self._reason = b""
         self._names: list[bytes] = []
         self._values: list[bytes] = []
@@ -132,12 +133,20 @@ class ResponseReader:
         self.started = True
         if self.complete:
             raise WireError("bytes after the end of the response")
+        if self.head is None:
+            # Counted as fed, not per parsed header: the parser buffers a header until its
+            # line ends, and each interim (1xx) response would start a per-head count again.
+            self._fed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             raise WireError(str(exc.__context__ or exc)) from None
         except httptools.HttpParserError as exc:
             raise WireError(f"malformed response: {exc}") from None
+        except httptools.HttpParserUpgrade:
+            raise WireError("the upstream switched protocols (101)") from None
+        if self.head is None and self._fed > self._max:
+            raise WireError(f"the response head is larger than {self._max} bytes")
 
     def eof(self) -> bool:
         """The peer closed: True if that ends the response (a body that runs until close)."""
@@ -161,6 +170,11 @@ class ResponseReader:
         self._size += size
         if self._size > self._max:
             raise WireError(f"the response head is larger than {self._max} bytes")
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Another response after the one asked for: the connection is out of step.
+            raise WireError("bytes after the end of the response")
 
     def on_status(self, status: bytes) -> None:
         self._grow(len(status))
