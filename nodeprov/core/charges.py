@@ -256,7 +256,13 @@ class Job:
             if await _drop(upstream, discard) and swap_failed:
                 pending.cancelled()
             raise
-        return await upstream  # an upstream error now cancels the held job (a refund)
+        try:
+            return await upstream  # an upstream error now cancels the held job (a refund)
+        except asyncio.CancelledError:
+            # Cancelled as the answer landed: the task holds a result nobody will take (a
+            # stream's pooled connection), so it is released here, not leaked.
+            await _drop(upstream, discard)
+            raise
 
     async def _confirm(self, pending: Pending) -> None:
         self._hold(await pending.confirm())
