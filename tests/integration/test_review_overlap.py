@@ -7,12 +7,15 @@ ledger; what happens when is decided by events, never by a stopwatch.
 from __future__ import annotations
 
 import asyncio
+import secrets
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from nodeprov.core.payments import Payer
+from nodeprov.protocol.cashu_token import Token, parse_token, serialize_token
 from nodeprov.upstream_http import Response as UpstreamResponse
 from tests.integration.test_xcashu_overlap import (
     CHAT,
@@ -104,3 +107,40 @@ async def test_a_caller_cancelled_as_its_streamed_answer_arrives_gives_the_conne
         await node.core.assert_books_balance()
     finally:
         await node.stop()
+
+
+def forged(token: str, secret: str) -> str:
+    """``token``'s first proof under another secret, its DLEQ dropped: a proof the mint never
+    signed, that only the mint can tell apart (anyone can make any number of these)."""
+    parsed = parse_token(token)
+    proof = replace(parsed.proofs[0], secret=secret, dleq=None)
+    return serialize_token(Token(parsed.mint, parsed.unit, (proof,)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: each forged proof (free, new secrets, no DLEQ) starts one upstream call; "
+    "only the per-client concurrency bounds it, not the rate (see the review report)",
+)
+async def test_forged_proofs_cost_the_operator_no_upstream_calls(
+    slow: SlowMint,  # noqa: F811
+    upstream: FakeUpstream,
+    make_token,
+) -> None:
+    """Forged proofs cost nothing to make and each has new secrets, so neither the ledger nor
+    the memory of failed swaps knows them: one client sending them one after another gets
+    an upstream call started (then cancelled) for every one, at the operator's expense.
+    They get the same error as without the overlap and are never charged."""
+    node = slow.node
+    real = await make_token(8)
+    before = len(upstream.requests)
+    operator = await node.operator_msat()
+    codes = set()
+    for _ in range(3):
+        r = await post(node, forged(real, secrets.token_hex(32)))
+        assert r.status_code == 400, r.text
+        codes.add(r.json()["error"]["code"])
+    assert len(codes) == 1
+    assert await node.operator_msat() == operator
+    assert overlap(node).started <= 1, f"{overlap(node).started} upstream calls started"
+    assert len(upstream.requests) <= before + 1
