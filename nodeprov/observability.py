@@ -71,6 +71,10 @@ def overlap_counters(overlap: SwapOverlap) -> dict[str, tuple[str, int]]:
             "Tokens known as spent or refused: swapped first, no upstream call started.",
             overlap.known_spent,
         ),
+        "nodeprov_swap_overlap_trips": (
+            "Times failed swaps turned the overlap off node-wide for a cool-down.",
+            overlap.trips,
+        ),
     }
 
 

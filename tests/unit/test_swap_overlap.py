@@ -55,3 +55,29 @@ def test_the_client_is_its_address_and_an_ipv6_one_its_64(host: str, client: str
 def test_no_address_no_overlap() -> None:
     request: Any = SimpleNamespace(client=None)
     assert client_of(request) is None
+
+
+def test_failed_swaps_trip_the_overlap_off_node_wide_for_a_while() -> None:
+    now = [1000.0]
+    gate = SwapOverlap(
+        per_client=2, trip_after=3, window=60.0, cooldown=120.0, clock=lambda: now[0]
+    )
+    assert gate.take("a")
+    gate.give_back("a")
+    for i in range(3):
+        gate.failed([f"p{i}"])
+    assert gate.tripped
+    assert not gate.take("b")  # nobody overlaps while tripped: they swap first
+    now[0] += 119.0
+    assert not gate.take("b")
+    now[0] += 2.0
+    assert not gate.tripped and gate.take("b")
+
+
+def test_failures_spread_wider_than_the_window_never_trip() -> None:
+    now = [0.0]
+    gate = SwapOverlap(trip_after=3, window=60.0, cooldown=120.0, clock=lambda: now[0])
+    for i in range(10):
+        gate.failed([f"p{i}"])
+        now[0] += 31.0
+    assert not gate.tripped
