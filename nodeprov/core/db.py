@@ -8,12 +8,19 @@ connection and see the last committed state (WAL).
 SQLite runs with ``synchronous=NORMAL`` in WAL mode: a committed transaction survives a
 crash of the process (kill -9); only an OS crash or power loss can lose the newest
 commits. ``durable=True`` selects ``synchronous=FULL`` for operators who want that too.
+
+Checkpoints (copying the WAL back into the file, with an fsync) run on a third connection
+every :data:`CHECKPOINT_SECONDS` after writes, not inside a commit: SQLite's automatic
+checkpoint would make every few hundredth request wait for the fsync (the p99 at one client
+was 5 ms over the p50 because of it). The automatic one stays as a backstop at
+:data:`BACKSTOP_PAGES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -27,6 +34,10 @@ import aiosqlite
 from nodeprov.core.datadir import private_dir, private_file
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SECONDS = 1.0
+BACKSTOP_PAGES = 10_000  # about 40 MiB of WAL before a commit checkpoints by itself
 
 
 @dataclass(frozen=True)
@@ -40,10 +51,19 @@ class Migration:
 class Database:
     """One SQLite file shared by the ledger and the wallet journal."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        checkpointer: aiosqlite.Connection | None = None,
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._checkpointer = checkpointer
         self._lock = asyncio.Lock()
+        self._writes = 0  # commits so far; the checkpointer runs only after new ones
+        self.checkpoints = 0  # background checkpoints run
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -59,19 +79,37 @@ class Database:
                 path.with_name(path.name + suffix).chmod(0o600)
         writer = await _connect(path)
         reader = await _connect(path)
-        for conn in (writer, reader):
+        checkpointer = await _connect(path)
+        for conn in (writer, reader, checkpointer):
             conn.row_factory = aiosqlite.Row
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA busy_timeout=5000")
-        db = cls(writer, reader)
+            await conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        db = cls(writer, reader, checkpointer)
         try:
             await db._migrate(migrations)
         except BaseException:
             await db.close()  # aiosqlite threads would otherwise keep the process alive
             raise
+        db._checkpoint_task = asyncio.create_task(db._checkpoint_loop(), name="wal-checkpoint")
         return db
+
+    async def _checkpoint_loop(self) -> None:
+        """Checkpoint the WAL beside the writer (PASSIVE: it never blocks a reader or writer)."""
+        assert self._checkpointer is not None
+        done = self._writes
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            if self._writes == done:
+                continue
+            done = self._writes
+            try:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoints += 1
+            except sqlite3.Error as exc:  # the backstop still checkpoints; try again later
+                log.warning("WAL checkpoint failed: %s", exc)
 
     async def _migrate(self, migrations: Iterable[Migration]) -> None:
         async with self.write() as conn:
@@ -104,6 +142,7 @@ class Database:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
                 await self._writer.execute("COMMIT")
+                self._writes += 1
             except BaseException:
                 await asyncio.shield(self._rollback())
                 raise
@@ -133,7 +172,9 @@ class Database:
 
         async with self._lock:
             # aiosqlite runs queued callables in its thread; pinned at 0.20 by the cashu package.
-            return await self._writer._execute(run)  # type: ignore[no-untyped-call,no-any-return]
+            result: T = await self._writer._execute(run)  # type: ignore[no-untyped-call]
+            self._writes += 1
+            return result
 
     async def snapshot(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run read-only ``work`` on one consistent snapshot (a WAL read transaction)."""
@@ -171,9 +212,16 @@ class Database:
         return rows[0] if rows else None
 
     async def close(self) -> None:
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+            self._checkpoint_task = None
         async with self._lock:
             await self._writer.close()
         await self._reader.close()
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
