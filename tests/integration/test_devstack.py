@@ -10,11 +10,9 @@ import asyncio
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,11 +25,11 @@ from nodeprov.core.ledger import open_ledger
 from nodeprov.core.node import Core
 from nodeprov.core.wallet import Wallet
 from nodeprov.devstack.processes import DevStack, StackError, StackPlan
-from nodeprov.devstack.runner import READY, run_dev
+from nodeprov.devstack.runner import run_dev
 from nodeprov.devstack.tokens import mint_token
 from nodeprov.protocol.cashu_token import parse_token
 from tests.support.cashu_client import TokenFactory
-from tests.support.devnode import dev_overrides, free_ports
+from tests.support.devnode import dev_node, dev_overrides, free_ports
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -231,31 +229,9 @@ async def test_a_crashing_daemon_still_stops_the_stack(tmp_path: Path) -> None:
 
 
 def test_start_dev_subprocess_comes_up_and_stops_on_sigterm(tmp_path: Path) -> None:
-    ports = free_ports()
-    env = {**os.environ, **dev_overrides(tmp_path, ports), "PYTHONUNBUFFERED": "1"}
-    env.pop("NODEPROV_CONFIG", None)
-    env["PATH"] = "/usr/bin:/bin"  # as after `make run`: the venv's bin is not on PATH
-    proc = subprocess.Popen(
-        [str(NODEPROV), "start", "--dev"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out: list[str] = []
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out.append(line)
-            if line.startswith(READY):
-                break
-        text = "".join(out)
-        assert any(line.startswith(READY) for line in out), text
+    # As after `make run`: the venv's bin is not on PATH.
+    with dev_node(tmp_path, path="/usr/bin:/bin") as node:
+        text, ports, env = node.banner, node.ports, node.env
         assert "mint ready" in text and "relay ready" in text and "demo upstream at" in text
         token = re.search(r"export TOKEN=(cashuB\S+)", text)
         assert token is not None, text
@@ -277,15 +253,10 @@ def test_start_dev_subprocess_comes_up_and_stops_on_sigterm(tmp_path: Path) -> N
             assert demo.returncode == 0, demo.stdout + demo.stderr
             assert "0 step(s) failed" in demo.stdout
             assert "books balance" in demo.stdout
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, text + rest
+    rest = node.rest
+    assert node.returncode == 0, text + rest
     assert "Traceback" not in text + rest
     assert "nodeprov stopped." in rest
     assert all(gone(pid) for pid in pids)
-    ours = {os.getpid(), proc.pid, *pids}
+    ours = {os.getpid(), node.pid, *pids}
     assert not any(listening_in(ours, f"http://127.0.0.1:{p}") for p in ports.values())

@@ -41,6 +41,9 @@ class DevNode:
     ports: dict[str, int]
     env: dict[str, str]
     banner: str
+    pid: int
+    rest: str = ""  # what it printed after the banner, until it stopped
+    returncode: int | None = None
 
     @property
     def mint_url(self) -> str:
@@ -48,11 +51,14 @@ class DevNode:
 
 
 @contextmanager
-def dev_node(tmp_path: Path, within: float = 90.0) -> Iterator[DevNode]:
-    """Start ``nodeprov start --dev`` and yield once its banner says it is ready; SIGTERM after."""
+def dev_node(tmp_path: Path, within: float = 90.0, path: str | None = None) -> Iterator[DevNode]:
+    """Start ``nodeprov start --dev`` and yield once its banner says it is ready; SIGTERM after
+    (then ``rest`` and ``returncode`` are filled in). ``path``: its PATH, if not ours."""
     ports = free_ports()
     env = {**os.environ, **dev_overrides(tmp_path, ports), "PYTHONUNBUFFERED": "1"}
     env.pop("NODEPROV_CONFIG", None)
+    if path is not None:
+        env["PATH"] = path
     proc = subprocess.Popen(
         [str(NODEPROV), "start", "--dev"],
         env=env,
@@ -62,6 +68,7 @@ def dev_node(tmp_path: Path, within: float = 90.0) -> Iterator[DevNode]:
         text=True,
     )
     lines: list[str] = []
+    node: DevNode | None = None
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + within
@@ -74,12 +81,12 @@ def dev_node(tmp_path: Path, within: float = 90.0) -> Iterator[DevNode]:
                 break
         banner = "".join(lines)
         assert any(line.startswith(READY) for line in lines), banner
-        yield DevNode(ports, env, banner)
+        node = DevNode(ports, env, banner, proc.pid)
+        yield node
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        node.rest, node.returncode = rest, proc.returncode
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            proc.kill()
+            proc.communicate()
