@@ -24,6 +24,7 @@ from nodeprov.cli_common import (
     DEV_CONFIG,
     USAGE_EXIT,
     Options,
+    accept_config_after,
     emit_json,
     fail,
     guarded,
@@ -437,33 +438,8 @@ async def _audit(config: Config) -> tuple[AuditReport, int]:
         await ledger.db.close()
 
 
-# --- -c/--config after the subcommand ---------------------------------------------------
-
-
-def _config_here(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
-    if value is not None:
-        ctx.obj = Options(value, True)  # the subcommands below this one find it first
-
-
-def _accept_config_after(command: click.Command) -> None:
-    """Give ``command`` and every command under it the group's ``-c/--config`` option."""
-    command.params.append(
-        click.Option(
-            ["-c", "--config"],
-            type=click.Path(dir_okay=False, path_type=Path),
-            expose_value=False,
-            is_eager=True,
-            callback=_config_here,
-            help="Config file (TOML); the same as `nodeprov -c FILE` before the command.",
-        )
-    )
-    if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            _accept_config_after(sub)
-
-
 # People type `nodeprov start -c FILE` as often as `nodeprov -c FILE start`. The user's
 # side (`client`) keeps its own wallet and reads no node config.
 for _command in main.commands.values():
     if _command is not client:
-        _accept_config_after(_command)
+        accept_config_after(_command)

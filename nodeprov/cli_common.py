@@ -122,3 +122,25 @@ def own_data_dir(config: Config, command: str) -> DataDirLock:
         fail(f"{exc.message}: `nodeprov {exc.command}`; try again when it ends", USAGE_EXIT)
     except OSError as exc:
         fail(f"cannot use the data dir {config.node.data_dir}: {exc.strerror}", USAGE_EXIT)
+
+
+def _config_here(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.obj = Options(value, True)  # the subcommands below this one find it first
+
+
+def accept_config_after(command: click.Command) -> None:
+    """Give ``command`` and every command under it the group's ``-c/--config`` option."""
+    command.params.append(
+        click.Option(
+            ["-c", "--config"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            expose_value=False,
+            is_eager=True,
+            callback=_config_here,
+            help="Config file (TOML); the same as `nodeprov -c FILE` before the command.",
+        )
+    )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            accept_config_after(sub)

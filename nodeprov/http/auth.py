@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from starlette.datastructures import Headers
 
 from nodeprov.core.payments import Payer
@@ -50,3 +52,16 @@ def request_payer(headers: Headers) -> Payer | None:
             raise InvalidToken("X-Cashu must carry a Cashu token (cashuA… or cashuB…)")
         return Payer("request_token", token)
     return key_payer(headers)
+
+
+def address_key(host: str) -> str:
+    """The unit an address is throttled by: an IPv4 address, an IPv6 /64 (one site's LAN)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -11,7 +11,6 @@ before the swap is confirmed, and a failed swap cancels the call.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,7 @@ from nodeprov.core.charges import Job
 from nodeprov.core.payments import Payer
 from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, UpstreamError
-from nodeprov.http.auth import request_payer
+from nodeprov.http.auth import address_key, request_payer
 from nodeprov.http.billing import cost_headers, payment_required
 from nodeprov.http.context import HttpContext, context, read_body, read_json
 from nodeprov.http.streaming import SSERelay, with_usage
@@ -71,18 +70,7 @@ def paid_job(
 def client_of(request: Request) -> str | None:
     """Who asks, for the per-client overlap limit: the address, an IPv6 one by its /64 (one
     host usually has a whole /64, and must not get a limit per address in it)."""
-    if request.client is None:
-        return None
-    host = request.client.host
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return host
+    return address_key(request.client.host) if request.client is not None else None
 
 
 async def send(

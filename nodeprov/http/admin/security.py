@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from nodeprov.http.auth import address_key
 
 SESSION_COOKIE = "nodeprov_admin"
 LOGIN_COOKIE = "nodeprov_admin_login"
@@ -74,19 +75,6 @@ class Sessions:
 class _Failures:
     count: int = 0
     last: float = 0.0
-
-
-def address_key(host: str) -> str:
-    """The unit an address is throttled by: an IPv4 address, an IPv6 /64 (one site's LAN)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 class Throttle:
