@@ -25,6 +25,10 @@ DAY = 86_400
 MULTI = ("upstreams", "models")  # the two top-level keys that are not a single section
 
 
+SQLITE_URL_PREFIX = "sqlite:///"
+POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
+
+
 @dataclass(frozen=True)
 class Rate:
     """A price in msat or in USD; exact (``Fraction``), converted at pricing time."""
@@ -121,6 +125,11 @@ class PaymentsSection:
 @dataclass(frozen=True)
 class LedgerSection:
     hold_timeout_seconds: int = 120
+    # Where the books live: "" is the SQLite file in data_dir; "sqlite:///path" names
+    # another file; "postgresql://user@host:port/db" shares one database between workers
+    # and machines (README "Scale out").
+    url: str = ""
+    pool_size: int = 8  # PostgreSQL connections per process
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,22 @@ class Config:
 
     @property
     def ledger_path(self) -> Path:
+        """The SQLite ledger file: ``ledger.url``'s path (``sqlite:////abs`` or relative to
+        the data dir, as ``sqlite:///ledger.db``), else ``ledger.sqlite3`` in the data dir."""
+        if self.ledger.url.startswith(SQLITE_URL_PREFIX):
+            return self.node.data_dir / Path(self.ledger.url[len(SQLITE_URL_PREFIX) :]).expanduser()
         return self.node.data_dir / "ledger.sqlite3"
+
+    @property
+    def ledger_url(self) -> str:
+        """The ledger database as a URL: ``sqlite:///...`` or ``postgresql://...``."""
+        if self.ledger_on_postgres:
+            return self.ledger.url
+        return SQLITE_URL_PREFIX + str(self.ledger_path)
+
+    @property
+    def ledger_on_postgres(self) -> bool:
+        return self.ledger.url.startswith(POSTGRES_URL_PREFIXES)
 
     @property
     def api_key_secret_path(self) -> Path:

@@ -28,6 +28,8 @@ from nodeprov.config import (
     DAY,
     ENV_PREFIX,
     MULTI,
+    POSTGRES_URL_PREFIXES,
+    SQLITE_URL_PREFIX,
     AdminSection,
     Config,
     Currency,
@@ -77,6 +79,7 @@ RANGES: dict[tuple[type[Any], str], tuple[Any, Any, bool]] = {
     (WalletSection, "lightning_max_sat"): (1, 21_000_000 * 100_000_000, False),
     (WalletSection, "lightning_max_open_quotes"): (1, 1_000_000, False),
     (LedgerSection, "hold_timeout_seconds"): (1, 7 * DAY, False),
+    (LedgerSection, "pool_size"): (1, 1000, False),
     (PaymentsSection, "overlap_per_client"): (1, 64, False),
     (PricingSection, "fee_multiplier"): (0, 100, True),
     (PricingSection, "btc_usd_fallback"): (0, 10**9, False),
@@ -335,6 +338,17 @@ def _check_url(url: str, where: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{where}: {url!r} is not a valid {'/'.join(schemes)} URL")
 
 
+def _validate_ledger_url(url: str) -> None:
+    if not url or url.startswith(POSTGRES_URL_PREFIXES):
+        if url and not urlsplit(url).path.strip("/"):
+            raise ConfigError(f"ledger.url: {url!r} names no database (postgresql://host/DB)")
+        return
+    if not url.startswith(SQLITE_URL_PREFIX) or len(url) == len(SQLITE_URL_PREFIX):
+        raise ConfigError(
+            f"ledger.url: {url!r} is neither sqlite:///PATH nor postgresql://user@host:port/db"
+        )
+
+
 def validate(config: Config, *, require_upstream: bool = True) -> None:
     """Check cross-field rules; raises :class:`ConfigError` naming the first bad key."""
     if not config.node.name.strip():
@@ -355,6 +369,7 @@ def validate(config: Config, *, require_upstream: bool = True) -> None:
             raise ConfigError(
                 f"http.forwarded_allow_ips[{i}]: {proxy!r} is not an IP address or network"
             ) from None
+    _validate_ledger_url(config.ledger.url)
     if not config.wallet.mints:
         raise ConfigError("wallet.mints: at least one trusted mint is required")
     for i, mint in enumerate(config.wallet.mints):
