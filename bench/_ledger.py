@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench._common import die_with_parent, percentile, run
-from nodeprov.core.db import Database, Migration
+from nodeprov.core.db import Migration, open_database
 from nodeprov.core.ledger import add_asset, credit, ensure_account, open_ledger
 
 
@@ -42,7 +42,7 @@ async def ledger_round(path: Path, requests: int, concurrency: int) -> tuple[lis
 
 
 async def baseline_round(path: Path, requests: int, concurrency: int) -> tuple[list[float], float]:
-    db = await Database.open(
+    db = await open_database(
         path, [Migration("t", "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)")]
     )
     async with db.write() as conn:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from nodeprov.config import ENV_PREFIX, Config
 from nodeprov.config_load import load_config
 from nodeprov.config_placeholders import placeholders
 from nodeprov.core.datadir import DataDirBusy, DataDirLock
+from nodeprov.core.db import DATABASE_ERRORS
 from nodeprov.errors import ConfigError, NodeprovError
 from nodeprov.event_loop import LoopChoice, run
 
@@ -53,7 +53,9 @@ def guarded(coro: Coroutine[Any, Any, T], loop: LoopChoice = "auto") -> T:
         fail(exc.message, USAGE_EXIT)
     except NodeprovError as exc:
         fail(exc.message)
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
+        fail(str(exc))
+    except DATABASE_ERRORS as exc:
         fail(str(exc))
     except KeyboardInterrupt:  # Ctrl+C before the daemon's own handler is installed
         raise click.exceptions.Exit(130) from None

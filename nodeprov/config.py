@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from nodeprov.core.db_base import POSTGRES_URL_PREFIXES, SQLITE_URL_PREFIX
 from nodeprov.core.key_secret import SECRET_FILE
 from nodeprov.core.money import Unit
 
@@ -23,10 +24,6 @@ Currency = Literal["msat", "usd"]
 CURRENCIES: tuple[Currency, ...] = ("msat", "usd")
 DAY = 86_400
 MULTI = ("upstreams", "models")  # the two top-level keys that are not a single section
-
-
-SQLITE_URL_PREFIX = "sqlite:///"
-POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)

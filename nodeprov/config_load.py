@@ -28,8 +28,6 @@ from nodeprov.config import (
     DAY,
     ENV_PREFIX,
     MULTI,
-    POSTGRES_URL_PREFIXES,
-    SQLITE_URL_PREFIX,
     AdminSection,
     Config,
     Currency,
@@ -46,6 +44,7 @@ from nodeprov.config import (
     Upstream,
     WalletSection,
 )
+from nodeprov.core.db_base import POSTGRES_URL_PREFIXES, SQLITE_URL_PREFIX
 from nodeprov.core.money import MSAT_PER_BTC
 from nodeprov.errors import ConfigError
 

@@ -132,10 +132,10 @@ async def payout_now(
         async with db.write() as conn:
             cursor = await conn.execute(
                 "INSERT INTO payouts (created_at, updated_at, address, budget_msat, state) "
-                "VALUES (?, ?, ?, ?, 'started')",
+                "VALUES (?, ?, ?, ?, 'started') RETURNING id",
                 (now(), now(), address, budget),
             )
-            payout_id = int(cursor.lastrowid or 0)
+            (payout_id,) = await cursor.fetchone()
         try:
             return await _pay(core, payout_id, address, budget, mint_url)
         except BaseException as exc:

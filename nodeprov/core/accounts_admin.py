@@ -104,7 +104,7 @@ async def search_accounts(ledger: Ledger, text: str, limit: int = 6) -> list[Acc
     return await _ids(
         ledger,
         "SELECT id FROM accounts WHERE id LIKE ? ESCAPE '\\' "
-        "OR substr(id, instr(id, ':') + 1) LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+        "OR id LIKE '%:' || ? ESCAPE '\\' ORDER BY id LIMIT ?",
         (pattern, pattern, limit),
     )
 

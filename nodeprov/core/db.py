@@ -1,246 +1,61 @@
-"""The ledger's SQLite file: one writer, WAL readers, named migrations.
+"""The ledger's database: one API over two engines, named migrations applied once.
 
-All writes go through :meth:`Database.write`, which serialises writers on one connection
-and wraps each unit of work in ``BEGIN IMMEDIATE`` … ``COMMIT``: short transactions,
-never a lost update, never a half-applied money movement. Reads use a second
-connection and see the last committed state (WAL).
-
-SQLite runs with ``synchronous=NORMAL`` in WAL mode: a committed transaction survives a
-crash of the process (kill -9); only an OS crash or power loss can lose the newest
-commits. ``durable=True`` selects ``synchronous=FULL`` for operators who want that too.
-
-Checkpoints (copying the WAL back into the file, with an fsync) run on a third connection
-every :data:`CHECKPOINT_SECONDS` after writes, not inside a commit: SQLite's automatic
-checkpoint would make every few hundredth request wait for the fsync (the p99 at one client
-was 5 ms over the p50 because of it). The automatic one stays as a backstop at
-:data:`BACKSTOP_PAGES`.
+:func:`open_database` takes a SQLite file (a path or ``sqlite:///…``) or a PostgreSQL URL
+(``postgresql://…``) and returns that engine's :class:`Database`
+(:mod:`nodeprov.core.db_sqlite`, :mod:`nodeprov.core.db_postgres`); the API, the rules the
+money code keeps on it and the migrations are in :mod:`nodeprov.core.db_base`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
 
-import aiosqlite
+from nodeprov.core.db_base import (
+    DATABASE_ERRORS,
+    POSTGRES_URL_PREFIXES,
+    SQLITE_URL_PREFIX,
+    AsyncCursor,
+    Conn,
+    Cursor,
+    Database,
+    Migration,
+    SyncConn,
+    fetchall,
+    fetchone,
+)
+from nodeprov.core.db_postgres import PostgresDatabase
+from nodeprov.core.db_sqlite import SqliteDatabase
 
-from nodeprov.core.datadir import private_dir, private_file
-
-T = TypeVar("T")
-log = logging.getLogger(__name__)
-
-CHECKPOINT_SECONDS = 1.0
-BACKSTOP_PAGES = 10_000  # about 40 MiB of WAL before a commit checkpoints by itself
-
-
-@dataclass(frozen=True)
-class Migration:
-    """A named schema change; applied once, in order, and recorded in ``migrations``."""
-
-    name: str
-    sql: str
-
-
-class Database:
-    """One SQLite file shared by the ledger and the wallet journal."""
-
-    def __init__(
-        self,
-        writer: aiosqlite.Connection,
-        reader: aiosqlite.Connection,
-        checkpointer: aiosqlite.Connection | None = None,
-    ) -> None:
-        self._writer = writer
-        self._reader = reader
-        self._checkpointer = checkpointer
-        self._lock = asyncio.Lock()
-        self._writes = 0  # commits so far; the checkpointer runs only after new ones
-        self.checkpoints = 0  # background checkpoints run
-        self._checkpoint_task: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def open(
-        cls, path: Path, migrations: Iterable[Migration], *, durable: bool = False
-    ) -> Database:
-        """Open (creating if needed) the file at ``path`` and apply pending migrations."""
-        # Private from creation: SQLite gives -wal and -shm the main file's mode, so the
-        # main file is made 0600 before SQLite opens it (a chmod afterwards leaves a window).
-        private_dir(path.parent)
-        private_file(path)
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):  # left by an earlier run
-                path.with_name(path.name + suffix).chmod(0o600)
-        writer = await _connect(path)
-        reader = await _connect(path)
-        checkpointer = await _connect(path)
-        for conn in (writer, reader, checkpointer):
-            conn.row_factory = aiosqlite.Row
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            await conn.execute("PRAGMA foreign_keys=ON")
-            await conn.execute("PRAGMA busy_timeout=5000")
-            await conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
-        db = cls(writer, reader, checkpointer)
-        try:
-            await db._migrate(migrations)
-        except BaseException:
-            await db.close()  # aiosqlite threads would otherwise keep the process alive
-            raise
-        db._checkpoint_task = asyncio.create_task(db._checkpoint_loop(), name="wal-checkpoint")
-        return db
-
-    async def _checkpoint_loop(self) -> None:
-        """Checkpoint the WAL beside the writer (PASSIVE: it never blocks a reader or writer)."""
-        assert self._checkpointer is not None
-        done = self._writes
-        while True:
-            await asyncio.sleep(CHECKPOINT_SECONDS)
-            if self._writes == done:
-                continue
-            done = self._writes
-            try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self.checkpoints += 1
-            except sqlite3.Error as exc:  # the backstop still checkpoints; try again later
-                log.warning("WAL checkpoint failed: %s", exc)
-
-    async def _migrate(self, migrations: Iterable[Migration]) -> None:
-        async with self.write() as conn:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS migrations "
-                "(name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)"
-            )
-            cursor = await conn.execute("SELECT name FROM migrations")
-            done = {row[0] for row in await cursor.fetchall()}
-            for migration in migrations:
-                if migration.name in done:
-                    continue
-                for statement in _statements(migration.sql):
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
-                    (migration.name, int(time.time())),
-                )
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction: commits when the block ends, rolls back if it raises.
-
-        Also when the task is cancelled at any await inside: the writer runs statements in
-        order, so a rollback queued after a cancelled ``BEGIN``/``COMMIT`` still lands after
-        it, and the next writer never finds a transaction left open.
-        """
-        async with self._lock:
-            try:
-                await self._writer.execute("BEGIN IMMEDIATE")
-                yield self._writer
-                await self._writer.execute("COMMIT")
-                self._writes += 1
-            except BaseException:
-                await asyncio.shield(self._rollback())
-                raise
-
-    async def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.OperationalError):  # nothing was begun, or committed
-            await self._writer.execute("ROLLBACK")
-
-    async def transact(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` as one write transaction inside the writer's thread.
-
-        One thread hop for the whole ``BEGIN IMMEDIATE`` … ``COMMIT`` instead of one per
-        statement: this is what keeps the per-request ledger work well under a millisecond.
-        ``work`` is plain synchronous sqlite3 code and must not block on anything else.
-        """
-
-        def run() -> T:
-            raw = self._writer._conn  # aiosqlite's own sqlite3 connection, in its thread
-            raw.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(raw)
-            except BaseException:
-                raw.execute("ROLLBACK")
-                raise
-            raw.execute("COMMIT")
-            return result
-
-        async with self._lock:
-            # aiosqlite runs queued callables in its thread; pinned at 0.20 by the cashu package.
-            result: T = await self._writer._execute(run)  # type: ignore[no-untyped-call]
-            self._writes += 1
-            return result
-
-    async def snapshot(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run read-only ``work`` on one consistent snapshot (a WAL read transaction)."""
-
-        def run() -> T:
-            raw = self._reader._conn
-            raw.execute("BEGIN")
-            try:
-                return work(raw)
-            finally:
-                raw.execute("COMMIT")
-
-        return await self._reader._execute(run)  # type: ignore[no-untyped-call,no-any-return]
-
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        """Rows of a read-only query on the reader connection, read in one thread hop.
-
-        Executing, fetching and closing as separate hops would let another task's read run
-        while this statement is open, inside its read transaction: that read would see the
-        snapshot this one began with, not what was committed since (a refund would read a
-        released hold as still reserved).
-        """
-
-        def run() -> list[aiosqlite.Row]:
-            cursor = self._reader._conn.execute(sql, params)
-            try:
-                return cursor.fetchall()
-            finally:
-                cursor.close()
-
-        return await self._reader._execute(run)  # type: ignore[no-untyped-call,no-any-return]
-
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
-
-    async def close(self) -> None:
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoint_task
-            self._checkpoint_task = None
-        async with self._lock:
-            await self._writer.close()
-        await self._reader.close()
-        if self._checkpointer is not None:
-            await self._checkpointer.close()
+__all__ = [
+    "DATABASE_ERRORS",
+    "AsyncCursor",
+    "Conn",
+    "Cursor",
+    "Database",
+    "Migration",
+    "PostgresDatabase",
+    "SqliteDatabase",
+    "SyncConn",
+    "fetchall",
+    "fetchone",
+    "open_database",
+]
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    connection = aiosqlite.connect(path, isolation_level=None)
-    # A connection someone forgot to close must not keep the process alive at exit;
-    # every commit is already durable when it returns.
-    connection.daemon = True
-    return await connection
+async def open_database(
+    target: Path | str,
+    migrations: Iterable[Migration],
+    *,
+    durable: bool = False,
+    pool_size: int = 8,
+) -> Database:
+    """Open ``target`` (a SQLite path or URL, or a PostgreSQL URL), apply pending migrations.
 
-
-def _statements(script: str) -> list[str]:
-    return [part.strip() for part in script.split(";") if part.strip()]
-
-
-async def fetchone(
-    conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
-) -> aiosqlite.Row | None:
-    """One row from ``conn`` inside a write transaction (reads see the transaction's writes)."""
-    cursor = await conn.execute(sql, params)
-    row = await cursor.fetchone()
-    await cursor.close()
-    return row
+    ``durable`` asks SQLite to fsync every commit; ``pool_size`` is how many PostgreSQL
+    connections this process keeps for writes.
+    """
+    if isinstance(target, str) and target.startswith(POSTGRES_URL_PREFIXES):
+        return await PostgresDatabase.connect(target, migrations, pool_size=pool_size)
+    path = Path(target.removeprefix(SQLITE_URL_PREFIX)) if isinstance(target, str) else target
+    return await SqliteDatabase.connect(path, migrations, durable=durable)

@@ -7,9 +7,9 @@ thread hops in all. The rules are documented on :mod:`nodeprov.core.ledger`.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
+from nodeprov.core.db import SyncConn
 from nodeprov.errors import (
     AccountExpired,
     InsufficientBalance,
@@ -52,7 +52,7 @@ class Outcome:
 
 
 def hold(
-    raw: sqlite3.Connection,
+    raw: SyncConn,
     at: int,
     account_id: str,
     amount: int,
@@ -69,16 +69,15 @@ def hold(
     )
     if cursor.rowcount != 1:
         raise refusal(raw, at, account_id, amount)
-    cursor = raw.execute(
+    (hold_id,) = raw.execute(
         "INSERT INTO holds (account_id, amount_msat, purpose, created_at, lease_expires_at, ref)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (account_id, amount, purpose, at, at + lease, ref),
-    )
-    assert cursor.lastrowid is not None
-    return Hold(cursor.lastrowid, account_id, amount)
+    ).fetchone()
+    return Hold(int(hold_id), account_id, amount)
 
 
-def renew(raw: sqlite3.Connection, at: int, held: Hold, lease: int) -> bool:
+def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
     """Extend a running job's lease to ``at + lease``; False if the hold no longer reserves.
 
     A hold whose lease lapsed (the sweeper released it) reserves its amount again if the
@@ -106,7 +105,7 @@ def renew(raw: sqlite3.Connection, at: int, held: Hold, lease: int) -> bool:
     return True
 
 
-def refusal(raw: sqlite3.Connection, at: int, account_id: str, amount: int) -> NodeprovError:
+def refusal(raw: SyncConn, at: int, account_id: str, amount: int) -> NodeprovError:
     """Why a hold was refused, as the error the client should see."""
     row = raw.execute(
         "SELECT balance_msat, reserved_msat, expires_at, revoked FROM accounts WHERE id = ?",
@@ -120,7 +119,7 @@ def refusal(raw: sqlite3.Connection, at: int, account_id: str, amount: int) -> N
     return InsufficientBalance.of(available, amount)
 
 
-def outcome(raw: sqlite3.Connection, ref: str) -> Outcome | None:
+def outcome(raw: SyncConn, ref: str) -> Outcome | None:
     """The recorded outcome of the job settled under ``ref``, if any."""
     row = raw.execute(
         "SELECT ref, account_id, charged_msat, cost_msat, input_msat, output_msat, result "
@@ -139,7 +138,7 @@ def request_of(held: Hold, record: Outcome | None) -> str:
 
 
 def settle(
-    raw: sqlite3.Connection,
+    raw: SyncConn,
     at: int,
     held: Hold,
     actual: int,
@@ -209,14 +208,14 @@ def settle(
     return Settlement(charged, written_off, _available(raw, held.account_id))
 
 
-def _available(raw: sqlite3.Connection, account_id: str) -> int:
+def _available(raw: SyncConn, account_id: str) -> int:
     (after,) = raw.execute(
         "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?", (account_id,)
     ).fetchone()
     return int(after)
 
 
-def release(raw: sqlite3.Connection, hold_id: int) -> None:
+def release(raw: SyncConn, hold_id: int) -> None:
     """Close a hold without charging; a hold already gone is a no-op."""
     row = raw.execute(
         "SELECT account_id, amount_msat, state FROM holds WHERE id = ?", (hold_id,)
@@ -230,7 +229,7 @@ def release(raw: sqlite3.Connection, hold_id: int) -> None:
         )
 
 
-def release_ref(raw: sqlite3.Connection, ref: str) -> int:
+def release_ref(raw: SyncConn, ref: str) -> int:
     """Release every hold taken under ``ref`` (left by an interrupted run of that job)."""
     ids = [row[0] for row in raw.execute("SELECT id FROM holds WHERE ref = ?", (ref,))]
     for hold_id in ids:
@@ -238,7 +237,7 @@ def release_ref(raw: sqlite3.Connection, ref: str) -> int:
     return len(ids)
 
 
-def release_lapsed(raw: sqlite3.Connection, at: int) -> int:
+def release_lapsed(raw: SyncConn, at: int) -> int:
     """Stop reserving for every open hold whose lease lapsed at ``at``; how many there were.
 
     Only a lapsed lease is released: a running job renews its own, whichever process runs it,

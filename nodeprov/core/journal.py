@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
-from nodeprov.core.db import Database, fetchone
+from nodeprov.core.db import Conn, Database, fetchone
 from nodeprov.core.ledger import now
 from nodeprov.protocol.cashu_token import Proof
 
@@ -62,7 +60,7 @@ class Op:
     ref: str | None
 
 
-def _op(row: aiosqlite.Row) -> Op:
+def _op(row: Any) -> Op:
     return Op(
         id=row["id"],
         kind=row["kind"],
@@ -83,7 +81,7 @@ def _op(row: aiosqlite.Row) -> Op:
 
 
 async def insert_op(
-    conn: aiosqlite.Connection,
+    conn: Conn,
     *,
     kind: str,
     mint_url: str,
@@ -104,7 +102,7 @@ async def insert_op(
     cursor = await conn.execute(
         "INSERT INTO wallet_ops (kind, state, mint_url, unit, account_id, amount, debit_msat, "
         "fee, fingerprint, token, inputs, outputs, quote, ref, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             kind,
             state,
@@ -124,12 +122,12 @@ async def insert_op(
             t,
         ),
     )
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid
+    (op_id,) = await cursor.fetchone()
+    return int(op_id)
 
 
 async def set_op_state(
-    conn: aiosqlite.Connection,
+    conn: Conn,
     op_id: int,
     state: str,
     *,
@@ -144,19 +142,19 @@ async def set_op_state(
     )
 
 
-async def get_op(conn: aiosqlite.Connection, op_id: int) -> Op:
+async def get_op(conn: Conn, op_id: int) -> Op:
     row = await fetchone(conn, "SELECT * FROM wallet_ops WHERE id = ?", (op_id,))
     if row is None:
         raise KeyError(op_id)
     return _op(row)
 
 
-def ops_from_rows(rows: list[aiosqlite.Row]) -> list[Op]:
+def ops_from_rows(rows: list[Any]) -> list[Op]:
     return [_op(r) for r in rows]
 
 
 async def store_proofs(
-    conn: aiosqlite.Connection,
+    conn: Conn,
     mint_url: str,
     unit: str,
     proofs: list[Proof],
@@ -188,7 +186,7 @@ async def store_proofs(
 
 
 async def set_proof_state(
-    conn: aiosqlite.Connection, secrets: list[str], state: str, op_id: int | None = None
+    conn: Conn, secrets: list[str], state: str, op_id: int | None = None
 ) -> None:
     await conn.executemany(
         "UPDATE proofs SET state = ?, op_id = COALESCE(?, op_id) WHERE secret = ?",
@@ -196,7 +194,7 @@ async def set_proof_state(
     )
 
 
-async def pool_counts(conn: aiosqlite.Connection, mint_url: str, unit: str) -> dict[int, int]:
+async def pool_counts(conn: Conn, mint_url: str, unit: str) -> dict[int, int]:
     """How many unspent proofs of each denomination the pool holds."""
     cursor = await conn.execute(
         "SELECT amount, COUNT(*) FROM proofs WHERE mint_url = ? AND unit = ? AND state = 'unspent' "
@@ -206,9 +204,7 @@ async def pool_counts(conn: aiosqlite.Connection, mint_url: str, unit: str) -> d
     return {row[0]: row[1] for row in await cursor.fetchall()}
 
 
-async def take_proofs(
-    conn: aiosqlite.Connection, mint_url: str, unit: str, amounts: dict[int, int]
-) -> list[Proof]:
+async def take_proofs(conn: Conn, mint_url: str, unit: str, amounts: dict[int, int]) -> list[Proof]:
     """Fetch ``count`` unspent proofs of each denomination (the caller changes their state)."""
     taken: list[Proof] = []
     for amount, count in amounts.items():
@@ -278,7 +274,7 @@ async def sent_tokens(db: Database, account_id: str) -> list[str]:
 # --- proofs taken in: what the node knows is spent (before any mint call) ------------------
 
 
-async def mark_taken(conn: aiosqlite.Connection, ids: Sequence[str], *, taken: bool) -> None:
+async def mark_taken(conn: Conn, ids: Sequence[str], *, taken: bool) -> None:
     """Record (``taken=False``: forget) proof ids a receive handed to the mint.
 
     Kept in ``processed`` (kind ``proof``) next to the token fingerprints, so a token reusing
@@ -287,7 +283,7 @@ async def mark_taken(conn: aiosqlite.Connection, ids: Sequence[str], *, taken: b
     if taken:
         at = now()
         await conn.executemany(
-            "INSERT OR IGNORE INTO processed (kind, id, at) VALUES ('proof', ?, ?)",
+            "INSERT INTO processed (kind, id, at) VALUES ('proof', ?, ?) ON CONFLICT DO NOTHING",
             [(i, at) for i in ids],
         )
     else:

@@ -35,7 +35,6 @@ and the single ``operator`` account that collects earnings.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,10 +42,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from nodeprov.core import holds
-from nodeprov.core.db import Database, Migration, fetchone
+from nodeprov.core.db import Conn, Database, Migration, SyncConn, fetchone, open_database
 from nodeprov.core.holds import OPERATOR as OPERATOR
 from nodeprov.core.holds import Hold as Hold
 from nodeprov.core.holds import Outcome as Outcome
@@ -117,7 +114,7 @@ def now() -> int:
 
 
 async def ensure_account(
-    conn: aiosqlite.Connection,
+    conn: Conn,
     account_id: str,
     kind: str,
     *,
@@ -126,15 +123,13 @@ async def ensure_account(
     key_hint: str | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT OR IGNORE INTO accounts (id, kind, created_at, expires_at, refund_address, "
-        "key_hint) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO accounts (id, kind, created_at, expires_at, refund_address, key_hint) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (account_id, kind, now(), expires_at, refund_address, key_hint),
     )
 
 
-async def credit(
-    conn: aiosqlite.Connection, account_id: str, amount: int, kind: str, ref: str = ""
-) -> None:
+async def credit(conn: Conn, account_id: str, amount: int, kind: str, ref: str = "") -> None:
     """Add ``amount`` msat to an existing account and log it."""
     msat(amount)
     deposited = amount if kind == "deposit" else 0
@@ -148,9 +143,7 @@ async def credit(
     await log(conn, account_id, kind, amount, ref)
 
 
-async def debit(
-    conn: aiosqlite.Connection, account_id: str, amount: int, kind: str, ref: str = ""
-) -> None:
+async def debit(conn: Conn, account_id: str, amount: int, kind: str, ref: str = "") -> None:
     """Take ``amount`` msat from an account's available balance, or raise InsufficientBalance."""
     msat(amount)
     cursor = await conn.execute(
@@ -164,7 +157,7 @@ async def debit(
 
 
 async def log(
-    conn: aiosqlite.Connection,
+    conn: Conn,
     account_id: str,
     kind: str,
     delta: int,
@@ -178,28 +171,30 @@ async def log(
     )
 
 
-async def add_asset(conn: aiosqlite.Connection, mint_url: str, unit: str, delta: int) -> None:
+async def add_asset(conn: Conn, mint_url: str, unit: str, delta: int) -> None:
     """Move the books' record of what the node holds at ``mint_url`` in ``unit``."""
     await conn.execute(
         "INSERT INTO assets (mint_url, unit, value_msat) VALUES (?, ?, ?) "
-        "ON CONFLICT (mint_url, unit) DO UPDATE SET value_msat = value_msat + excluded.value_msat",
+        "ON CONFLICT (mint_url, unit) DO UPDATE SET "
+        "value_msat = assets.value_msat + excluded.value_msat",
         (mint_url, unit, delta),
     )
 
 
-async def mark_processed(conn: aiosqlite.Connection, kind: str, item_id: str) -> bool:
+async def mark_processed(conn: Conn, kind: str, item_id: str) -> bool:
     """Record ``item_id`` as processed; False if it already was (exactly-once gate)."""
     cursor = await conn.execute(
-        "INSERT OR IGNORE INTO processed (kind, id, at) VALUES (?, ?, ?)", (kind, item_id, now())
+        "INSERT INTO processed (kind, id, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        (kind, item_id, now()),
     )
-    return cursor.rowcount == 1
+    return bool(cursor.rowcount == 1)
 
 
-async def unmark_processed(conn: aiosqlite.Connection, kind: str, item_id: str) -> None:
+async def unmark_processed(conn: Conn, kind: str, item_id: str) -> None:
     await conn.execute("DELETE FROM processed WHERE kind = ? AND id = ?", (kind, item_id))
 
 
-def _account(row: aiosqlite.Row) -> Account:
+def _account(row: Any) -> Account:
     return Account(
         id=row["id"],
         kind=row["kind"],
@@ -369,7 +364,7 @@ class Ledger:
         return await self.db.snapshot(_audit)
 
 
-def _audit(raw: sqlite3.Connection) -> AuditReport:
+def _audit(raw: SyncConn) -> AuditReport:
     """The audit's queries, all on one snapshot so concurrent writes cannot fake a mismatch."""
     books = {(m, u): v for m, u, v in raw.execute("SELECT mint_url, unit, value_msat FROM assets")}
     proofs = {
@@ -411,7 +406,9 @@ def _audit(raw: sqlite3.Connection) -> AuditReport:
     )
 
 
-async def open_ledger(path: Path, extra: Sequence[Migration] = (), **kwargs: Any) -> Ledger:
-    """Open the database file with every table's migrations (and ``extra``) applied."""
-    db = await Database.open(path, [*MIGRATIONS, *extra])
+async def open_ledger(
+    target: Path | str, extra: Sequence[Migration] = (), *, pool_size: int = 8, **kwargs: Any
+) -> Ledger:
+    """Open the books (a SQLite path or URL, a PostgreSQL URL) with every migration applied."""
+    db = await open_database(target, [*MIGRATIONS, *extra], pool_size=pool_size)
     return Ledger(db, **kwargs)

@@ -25,9 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import aiosqlite
-
-from nodeprov.core.db import Database
+from nodeprov.core.db import Conn, Database
 from nodeprov.core.ledger import OPERATOR
 from nodeprov.errors import InsufficientBalance
 
@@ -64,7 +62,7 @@ async def headroom(fetch: Fetch, mint_url: str, unit: str, account_id: str) -> i
     return pool - owed
 
 
-def in_transaction(conn: aiosqlite.Connection) -> Fetch:
+def in_transaction(conn: Conn) -> Fetch:
     """A ``fetch`` reading inside the open write transaction (it sees its own writes)."""
 
     async def fetch(sql: str, params: Sequence[Any]) -> Any:
@@ -81,7 +79,7 @@ def committed(db: Database) -> Fetch:
     return db.fetchone
 
 
-async def check_move(conn: aiosqlite.Connection, mint_url: str, unit: str, account_id: str) -> None:
+async def check_move(conn: Conn, mint_url: str, unit: str, account_id: str) -> None:
     """Raise unless the pool still covers what is owed at it, after this transaction's move.
 
     Called inside the write transaction that debits the account and takes the proofs, so

@@ -22,10 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiosqlite
-
 from nodeprov.core import journal
-from nodeprov.core.db import fetchone
+from nodeprov.core.db import Conn, fetchone
 from nodeprov.core.denominations import complete_split
 from nodeprov.core.journal import Op
 from nodeprov.core.ledger import add_asset, credit, ensure_account, now
@@ -161,7 +159,7 @@ class LightningFunding:
             public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url, new_key
         )
 
-    async def _check_open(self, conn: aiosqlite.Connection | None) -> None:
+    async def _check_open(self, conn: Conn | None) -> None:
         """Refuse a new quote while ``max_open`` unpaid, unexpired quotes wait for payment."""
         if self.max_open is None:
             return
@@ -331,7 +329,7 @@ class LightningFunding:
             await credit(conn, op.account_id, value_msat, "deposit", op.ref or "")
             await journal.set_op_state(conn, op.id, "done")
 
-    async def _open_account(self, conn: aiosqlite.Connection, op: Op) -> None:
+    async def _open_account(self, conn: Conn, op: Op) -> None:
         row = await fetchone(
             conn,
             "SELECT key_expires_at, refund_address FROM lightning_funding WHERE op_id = ?",

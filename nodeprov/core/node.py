@@ -60,7 +60,9 @@ def needs_rates(config: Config) -> bool:
 async def open_books(config: Config) -> tuple[Ledger, Wallet, httpx.AsyncClient]:
     """The ledger and an offline wallet over it, for commands that only read the books."""
     ledger = await open_ledger(
-        config.ledger_path, hold_timeout_seconds=config.ledger.hold_timeout_seconds
+        config.ledger_url,
+        pool_size=config.ledger.pool_size,
+        hold_timeout_seconds=config.ledger.hold_timeout_seconds,
     )
     client = httpx.AsyncClient(
         timeout=float(config.wallet.mint_timeout_seconds),

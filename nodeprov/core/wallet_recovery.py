@@ -12,10 +12,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from nodeprov.core import journal
 from nodeprov.core.bdhke import hash_to_curve_hex
+from nodeprov.core.db import Conn
 from nodeprov.core.journal import Op
 from nodeprov.core.ledger import add_asset, credit, debit, log, unmark_processed
 from nodeprov.core.mint_access import MintAccess
@@ -102,9 +101,7 @@ class WalletRecovery(MintAccess):
                     conn, op.account_id, op.debit_msat - fee_msat, "reversal", op.ref or ""
                 )
 
-    async def _keep_late_swap(
-        self, conn: aiosqlite.Connection, op: Op, signatures: Sequence[Any]
-    ) -> None:
+    async def _keep_late_swap(self, conn: Conn, op: Op, signatures: Sequence[Any]) -> None:
         """A send reversed elsewhere whose swap landed after all: its outputs are the node's.
 
         The reversal gave the account its money back and returned the inputs to the pool;

@@ -35,7 +35,7 @@ def _now() -> int:
 
 
 def _row(r: object) -> JobRow:
-    row = r  # aiosqlite.Row
+    row = r  # Any
     replies = json.loads(row["replies"]) if row["replies"] else []  # type: ignore[index]
     return JobRow(
         row["event_id"],  # type: ignore[index]
@@ -58,8 +58,8 @@ class DmStore:
         """Record a new event as accepted; None if new, else the existing row (seen before)."""
         async with self.db.write() as conn:
             cur = await conn.execute(
-                "INSERT OR IGNORE INTO nostr_dm_jobs (event_id, sender, nip, state, reply_to,"
-                " created_at, updated_at) VALUES (?, ?, ?, 'accepted', ?, ?, ?)",
+                "INSERT INTO nostr_dm_jobs (event_id, sender, nip, state, reply_to, created_at,"
+                " updated_at) VALUES (?, ?, ?, 'accepted', ?, ?, ?) ON CONFLICT DO NOTHING",
                 (event_id, sender, nip, reply_to, _now(), _now()),
             )
             if cur.rowcount == 1:

@@ -6,14 +6,15 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from nodeprov.core.db import BACKSTOP_PAGES, Database, Migration
+from nodeprov.core.db import Migration
+from nodeprov.core.db_sqlite import BACKSTOP_PAGES, SqliteDatabase
 from tests.support.waiting import until
 
 TABLE = Migration("t", "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
 
 
 async def test_commits_do_not_checkpoint_the_background_does(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "db.sqlite3", [TABLE])
+    db = await SqliteDatabase.connect(tmp_path / "db.sqlite3", [TABLE])
     try:
         # A commit checkpoints by itself only past the backstop, far above SQLite's 1,000.
         row = await db.fetchone("PRAGMA wal_autocheckpoint")
@@ -35,7 +36,7 @@ async def test_commits_do_not_checkpoint_the_background_does(tmp_path: Path) -> 
 
 
 async def test_no_writes_no_checkpoints_and_close_stops_the_loop(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "db.sqlite3", [TABLE])
+    db = await SqliteDatabase.connect(tmp_path / "db.sqlite3", [TABLE])
     await asyncio.sleep(0)
     task = db._checkpoint_task
     assert task is not None and not task.done()
