@@ -276,6 +276,14 @@ class LedgerError(NodeprovError):
     code = "ledger_error"
 
 
+class ProofsBusy(NodeprovError):
+    """Other processes took the proofs a payment out of the pool needed, again and again."""
+
+    status = 503
+    code = "proofs_busy"
+    retryable = True
+
+
 # --- Nostr protocol (sans-I/O codecs in nodeprov.protocol) ------------------------------
 
 

@@ -89,16 +89,18 @@ def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
     )
     if cursor.rowcount == 1:
         return True
-    row = raw.execute("SELECT state FROM holds WHERE id = ?", (held.id,)).fetchone()
+    # Locked: the sweeper must not forget this lapsed hold while it reserves again.
+    row = raw.execute("SELECT state FROM holds WHERE id = ? FOR UPDATE", (held.id,)).fetchone()
     if row is None:
         return False
-    cursor = raw.execute(
-        "UPDATE accounts SET reserved_msat = reserved_msat + ? "
-        "WHERE id = ? AND balance_msat - reserved_msat >= ?",
-        (held.amount_msat, held.account_id, held.amount_msat),
-    )
-    if cursor.rowcount != 1:
-        return False
+    if row[0] != "open":
+        cursor = raw.execute(
+            "UPDATE accounts SET reserved_msat = reserved_msat + ? "
+            "WHERE id = ? AND balance_msat - reserved_msat >= ?",
+            (held.amount_msat, held.account_id, held.amount_msat),
+        )
+        if cursor.rowcount != 1:
+            return False
     raw.execute(
         "UPDATE holds SET state = 'open', lease_expires_at = ? WHERE id = ?", (at + lease, held.id)
     )
@@ -161,7 +163,7 @@ def settle(
             return Settlement(earlier.charged_msat, 0, _available(raw, held.account_id), True)
     row = raw.execute(
         "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat, h.purpose "
-        "FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.id = ?",
+        "FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.id = ? FOR UPDATE",
         (held.id,),
     ).fetchone()
     if row is None:
@@ -218,11 +220,10 @@ def _available(raw: SyncConn, account_id: str) -> int:
 def release(raw: SyncConn, hold_id: int) -> None:
     """Close a hold without charging; a hold already gone is a no-op."""
     row = raw.execute(
-        "SELECT account_id, amount_msat, state FROM holds WHERE id = ?", (hold_id,)
+        "DELETE FROM holds WHERE id = ? RETURNING account_id, amount_msat, state", (hold_id,)
     ).fetchone()
-    if row is None:
+    if row is None:  # gone already (settled, released): only one closer gets the row
         return
-    raw.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
     if row[2] == "open":
         raw.execute(
             "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?", (row[1], row[0])
@@ -244,13 +245,14 @@ def release_lapsed(raw: SyncConn, at: int) -> int:
     so a live hold is never taken from under its job. A lapsed hold is kept for a day so a job
     that still finishes settles what it owes (:func:`settle`); old outcomes are forgotten.
     """
+    # One conditional UPDATE: a hold settled or renewed meanwhile (by another process) is
+    # not lapsed any more when this reaches its row, and is left alone.
     lapsed = raw.execute(
-        "SELECT id, account_id, amount_msat FROM holds WHERE state = 'open' "
-        "AND lease_expires_at <= ?",
+        "UPDATE holds SET state = 'expired' WHERE state = 'open' AND lease_expires_at <= ? "
+        "RETURNING account_id, amount_msat",
         (at,),
     ).fetchall()
-    for hold_id, account_id, amount in lapsed:
-        raw.execute("UPDATE holds SET state = 'expired' WHERE id = ?", (hold_id,))
+    for account_id, amount in lapsed:
         raw.execute(
             "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?",
             (amount, account_id),

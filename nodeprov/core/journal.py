@@ -12,14 +12,19 @@ melt), ``sent`` (given to a user in a token), ``spent`` (swapped or melted away)
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nodeprov.core.db import Conn, Database, fetchone
 from nodeprov.core.ledger import now
+from nodeprov.errors import ProofsBusy
 from nodeprov.protocol.cashu_token import Proof
+
+T = TypeVar("T")
 
 # The error of an op that recovery marked failed because the mint refused to settle it
 # (a 4xx: a quote it no longer knows, a keyset it dropped) starts with this.
@@ -205,15 +210,23 @@ async def pool_counts(conn: Conn, mint_url: str, unit: str) -> dict[int, int]:
 
 
 async def take_proofs(conn: Conn, mint_url: str, unit: str, amounts: dict[int, int]) -> list[Proof]:
-    """Fetch ``count`` unspent proofs of each denomination (the caller changes their state)."""
+    """Lock ``count`` unspent proofs of each denomination (the caller changes their state).
+
+    Several writers (workers, machines) take from one pool: rows another transaction has
+    locked are skipped, and if that leaves too few, :class:`ProofsBusy` rolls this one back
+    so the caller can choose again (:func:`retry_busy`). One writer never sees it.
+    """
     taken: list[Proof] = []
     for amount, count in amounts.items():
         cursor = await conn.execute(
             "SELECT keyset_id, secret, C, dleq FROM proofs WHERE mint_url = ? AND unit = ? "
-            "AND state = 'unspent' AND amount = ? LIMIT ?",
+            "AND state = 'unspent' AND amount = ? LIMIT ? FOR UPDATE SKIP LOCKED",
             (mint_url, unit, amount, count),
         )
-        for row in await cursor.fetchall():
+        rows = list(await cursor.fetchall())
+        if len(rows) < count:
+            raise ProofsBusy("the node's proofs are in use by other payments; try again")
+        for row in rows:
             dleq = json.loads(row["dleq"]) if row["dleq"] else None
             taken.append(
                 Proof.from_wire(
@@ -227,6 +240,16 @@ async def take_proofs(conn: Conn, mint_url: str, unit: str, amounts: dict[int, i
                 )
             )
     return taken
+
+
+async def retry_busy(attempt: Callable[[], Awaitable[T]], tries: int = 8) -> T:
+    """Run ``attempt`` (a whole pool transaction) again while others hold its proofs."""
+    for n in range(tries - 1):
+        try:
+            return await attempt()
+        except ProofsBusy:
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**n))  # let the other one commit
+    return await attempt()
 
 
 async def recovery_failures(db: Database, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:

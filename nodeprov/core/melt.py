@@ -90,12 +90,12 @@ class Melter:
     async def pay(self, account_id: str, quote: MeltQuote, *, ref: str = "") -> Melted:
         """Pay a quote from ``account_id``: journal, melt, then settle the change."""
         try:
-            return await self._pay(account_id, quote, ref)
+            return await journal.retry_busy(lambda: self._pay(account_id, quote, ref))
         # Only the input fee inside the first write raises it (rolled back, before any mint
         # call); the later steps load their keyset before their own write.
         except KeysetNotLoaded as exc:
             await self.wallet.keyset(exc.mint_url, exc.keyset_id)
-            return await self._pay(account_id, quote, ref)
+            return await journal.retry_busy(lambda: self._pay(account_id, quote, ref))
 
     async def _pay(self, account_id: str, quote: MeltQuote, ref: str) -> Melted:
         mint_url, unit_, amount, reserve = quote.mint_url, quote.unit, quote.amount, quote.reserve

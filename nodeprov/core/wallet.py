@@ -224,12 +224,12 @@ class Wallet(WalletRecovery):
         """
         args = (account_id, amount_msat, mint_url, unit, kind, ref)
         try:
-            return await self._send(*args)
+            return await journal.retry_busy(lambda: self._send(*args))
         # Only the input fee inside the first write raises it (rolled back, before any mint
         # call); the later steps load their keyset before their own write.
         except KeysetNotLoaded as exc:
             await self.keyset(exc.mint_url, exc.keyset_id)
-            return await self._send(*args)
+            return await journal.retry_busy(lambda: self._send(*args))
 
     async def _send(
         self,
