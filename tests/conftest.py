@@ -12,6 +12,10 @@ not pay for them) and always stop it at the end of the session, also when tests 
 - ``token_factory``  ``token_factory(mint=None, unit="sat") -> TokenFactory`` (a private wallet)
 - ``relay_factory`` / ``mint_factory``  private servers for tests that kill or break them
 - ``tcp_proxy``  ``tcp_proxy(url, delay=0.0, connect_delay=0.0) -> TcpProxy`` (started)
+- ``postgres_server``  a throwaway PostgreSQL (tests/support/postgres.py) for the session;
+                skips without the binaries unless ``NODEPROV_REQUIRE_POSTGRES=1``
+- ``postgres_url``  a fresh empty database on it for one test (dropped afterwards)
+- ``ledger_url``  parametrized ``sqlite`` / ``postgresql``: a ledger URL for either backend
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
 from tests.support.cashu_client import TokenFactory, import_cashu
+from tests.support.postgres import (
+    MISSING_MESSAGE,
+    PostgresServer,
+    find_bin_dir,
+    postgres_required,
+)
 from tests.support.services import MintHandle, RelayHandle, start_mint, start_relay
 from tests.support.tcp_proxy import TcpProxy
 
@@ -143,6 +153,49 @@ def tcp_proxy() -> Iterator[Callable[..., TcpProxy]]:
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_bin_dir() -> Path:
+    """Where initdb/postgres live; skips without them (fails if NODEPROV_REQUIRE_POSTGRES=1)."""
+    found = find_bin_dir()
+    if found is None:
+        if postgres_required():
+            pytest.fail(f"NODEPROV_REQUIRE_POSTGRES=1 but {MISSING_MESSAGE}", pytrace=False)
+        pytest.skip(MISSING_MESSAGE)
+    return found
+
+
+@pytest.fixture(scope="session")
+def postgres_server(
+    postgres_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL for the session (fsync off), always stopped at the end."""
+    server = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """``postgresql://postgres@127.0.0.1:PORT/NAME``: a fresh empty database for one test."""
+    url = postgres_server.create_database()
+    try:
+        yield url
+    finally:
+        # Keeps the session's disk use flat; a test's leftover sessions are ended first.
+        postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ledger URL for each backend: a SQLite file in tmp_path, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "ledger.sqlite3")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 # -------------------------------------------------------------------------------- tokens
