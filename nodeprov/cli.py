@@ -194,7 +194,7 @@ def _start(config: Config, dev: bool, loop: LoopChoice) -> None:
         pid = os.getpid()
         models = len(core.config.models)
         click.echo(
-            f"{config.node.name} running (pid {pid}): ledger {config.ledger_path},"
+            f"{config.node.name} running (pid {pid}): ledger {config.ledger_shown},"
             f" {len(core.wallet.mints)} mint(s), {models} priced model(s)."
         )
         for line in _where(core):
@@ -281,7 +281,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "fee_multiplier": str(config.pricing.fee_multiplier),
         "ledger": None,
     }
-    if config.ledger_path.exists():
+    if config.ledger_on_postgres or config.ledger_path.exists():
         summary["ledger"] = guarded(_ledger_status(config))
     if as_json:
         emit_json(summary)
@@ -293,9 +293,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'fee:':<15}x{summary['fee_multiplier']}")
     ledger = summary["ledger"]
     if ledger is None:
-        click.echo(f"{'ledger:':<15}not created yet ({config.ledger_path})")
+        click.echo(f"{'ledger:':<15}not created yet ({config.ledger_shown})")
         return
-    click.echo(f"{'ledger:':<15}{config.ledger_path}")
+    click.echo(f"{'ledger:':<15}{config.ledger_shown}")
     accounts = ", ".join(f"{k} {n}" for k, n in ledger["accounts"].items()) or "none"
     click.echo(f"{'accounts:':<15}{accounts}")
     click.echo(f"{'users:':<15}{ledger['users_msat']} msat ({ledger['held_msat']} msat held)")

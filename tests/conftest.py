@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
+from tests.support import ledger_backends
 from tests.support.cashu_client import TokenFactory, import_cashu
 from tests.support.postgres import (
     MISSING_MESSAGE,
@@ -196,6 +197,23 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return "sqlite:///" + str(tmp_path / "ledger.sqlite3")
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test once per engine: ledgers named by a file path (``ledger_target``) live in
+    that file, or each in a fresh PostgreSQL database (see ``tests/support/ledger_backends``).
+    A suite opts in with ``pytestmark = pytest.mark.usefixtures("ledger_backend")``."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    targets = ledger_backends.PostgresTargets(request.getfixturevalue("postgres_server"))
+    ledger_backends.use(targets)
+    try:
+        yield "postgresql"
+    finally:
+        ledger_backends.use(None)
+        targets.drop_all()
 
 
 # -------------------------------------------------------------------------------- tokens

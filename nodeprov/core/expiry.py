@@ -179,9 +179,9 @@ class ExpiryRefunder:
                 "address = excluded.address, state = excluded.state, "
                 "failures = excluded.failures, next_at = excluded.next_at, "
                 "balance_msat = excluded.balance_msat, "
-                "refunded_msat = refunded_msat + excluded.refunded_msat, "
-                "fees_msat = fees_msat + excluded.fees_msat, "
-                "quote = COALESCE(excluded.quote, quote), error = excluded.error, "
+                "refunded_msat = key_refunds.refunded_msat + excluded.refunded_msat, "
+                "fees_msat = key_refunds.fees_msat + excluded.fees_msat, "
+                "quote = COALESCE(excluded.quote, key_refunds.quote), error = excluded.error, "
                 "updated_at = excluded.updated_at",
                 (
                     result.account_id, result.address, result.state, failures,

@@ -21,6 +21,8 @@ from nodeprov.daemon import recover
 from tests.support.core import TEST_MODEL, Core, build_core
 from tests.support.services import MintHandle
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
 USAGE = {"prompt_tokens": 10, "completion_tokens": 20}
 COST = 1000 + 2 * 10 + 5 * 20  # TEST_MODEL: 1000/request + 2/input token + 5/output token

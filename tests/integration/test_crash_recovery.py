@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,10 +31,12 @@ from nodeprov.core.wallet import hash_to_curve_hex
 from nodeprov.errors import TokenAlreadySpent
 from nodeprov.protocol.cashu_token import parse_token
 from tests.support.core import Core, build_core
+from tests.support.ledger_backends import env_for, query
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 
 class Worker:
@@ -44,6 +45,7 @@ class Worker:
             [sys.executable, "-m", "tests.support.crash_worker", *args],
             cwd=ROOT,
             stdin=subprocess.PIPE,
+            env=env_for(Path(args[0])),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -78,18 +80,12 @@ def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def pending_ops(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(
-            conn.execute("SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'").fetchone()[0]
-        )
+    return int(query(db, "SELECT COUNT(*) FROM wallet_ops WHERE state = 'pending'")[0][0])
 
 
 async def wait_inputs_spent(db: Path, mint: MintHandle) -> None:
     """Until the mint reports the pending op's input proofs spent (it did the swap)."""
-    with sqlite3.connect(db) as conn:
-        inputs = json.loads(
-            conn.execute("SELECT inputs FROM wallet_ops WHERE state = 'pending'").fetchone()[0]
-        )
+    inputs = json.loads(query(db, "SELECT inputs FROM wallet_ops WHERE state = 'pending'")[0][0])
     ys = [hash_to_curve_hex(p["secret"]) for p in inputs]
     async with httpx.AsyncClient() as client:
         api = MintApi(mint.url, client)
@@ -182,9 +178,7 @@ async def test_receive_survives_kill_at_each_step(
 
 
 def receive_op_account(db: Path) -> str:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT account_id FROM wallet_ops WHERE kind = 'receive'").fetchone()
-    return str(row[0])
+    return str(query(db, "SELECT account_id FROM wallet_ops WHERE kind = 'receive'")[0][0])
 
 
 @pytest.mark.parametrize("step", ["journalled", "at_mint", "committed"])
@@ -422,8 +416,7 @@ async def test_dm_job_killed_mid_upstream_call_resumes_without_waiting_for_its_l
 
 
 def open_holds(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0])
+    return int(query(db, "SELECT COUNT(*) FROM holds")[0][0])
 
 
 @pytest.mark.parametrize("step", ["journalled", "at_mint"])

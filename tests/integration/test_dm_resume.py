@@ -11,12 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from nodeprov.core.payments import Payer
 from nodeprov.nostr.dm_handlers import DmContext
 from tests.support.core import Core
 from tests.support.crash_worker import dm_context, dm_reply
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import MintHandle
+
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 SENDER, EVENT = "ab" * 32, "cd" * 32
 BODY = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

@@ -35,6 +35,8 @@ from tests.support.services import MintHandle
 from tests.support.tcp_proxy import dead_port
 from tests.support.waiting import expires_soon, until, until_past
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 
 @dataclass
 class LnurlServer:

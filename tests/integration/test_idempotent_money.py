@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import httpx
+import pytest
 
 from nodeprov.core.key_secret import SECRET_FILE
 from nodeprov.core.payments import api_key_account
@@ -21,6 +22,8 @@ from tests.support.http_node import (  # noqa: F401  (fixtures)
     node_fixture,
     upstream_fixture,
 )
+
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 CHAT_BODY = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 

@@ -31,13 +31,15 @@ from nodeprov.core.ledger import (
 from nodeprov.daemon import books
 from nodeprov.errors import AccountExpired, InsufficientBalance, LedgerError, Unauthorized
 from nodeprov.protocol.cashu_token import Proof
+from tests.support.ledger_backends import ledger_target
 
 MINT = "http://mint.invalid"
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 
 @pytest.fixture
 async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    opened = await open_ledger(tmp_path / "ledger.sqlite3")
+    opened = await open_ledger(ledger_target(tmp_path / "ledger.sqlite3"))
     try:
         yield opened
         await assert_audit_ok(opened)
@@ -95,7 +97,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
     extra = [
         Migration("0100_test_extra", "CREATE TABLE extra (a INTEGER); INSERT INTO extra VALUES (1)")
     ]
-    first = await open_ledger(path, extra)
+    first = await open_ledger(ledger_target(path), extra)
     try:
         rows = await first.db.fetchall("SELECT name, applied_at FROM migrations ORDER BY name")
         names = [r["name"] for r in rows]
@@ -118,7 +120,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
     finally:
         await first.db.close()
 
-    again = await open_ledger(path, extra)
+    again = await open_ledger(ledger_target(path), extra)
     try:
         rows = await again.db.fetchall("SELECT name, applied_at FROM migrations ORDER BY name")
         assert {r["name"]: r["applied_at"] for r in rows} == applied
@@ -134,9 +136,11 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
 
 async def test_new_migration_is_applied_on_reopen(tmp_path: Path) -> None:
     path = tmp_path / "m.sqlite3"
-    first = await open_ledger(path)
+    first = await open_ledger(ledger_target(path))
     await first.db.close()
-    later = await open_ledger(path, [Migration("0100_later", "CREATE TABLE later (a INTEGER)")])
+    later = await open_ledger(
+        ledger_target(path), [Migration("0100_later", "CREATE TABLE later (a INTEGER)")]
+    )
     try:
         rows = await later.db.fetchall("SELECT name FROM migrations WHERE name = '0100_later'")
         assert len(rows) == 1
@@ -149,8 +153,10 @@ async def test_failed_migration_applies_nothing(tmp_path: Path) -> None:
     path = tmp_path / "m.sqlite3"
     broken = Migration("0100_broken", "CREATE TABLE half (a INTEGER); NOT SQL AT ALL")
     with pytest.raises(Exception, match="syntax"):
-        await open_ledger(path, [broken])
-    fixed = await open_ledger(path, [Migration("0100_broken", "CREATE TABLE half (a INTEGER)")])
+        await open_ledger(ledger_target(path), [broken])
+    fixed = await open_ledger(
+        ledger_target(path), [Migration("0100_broken", "CREATE TABLE half (a INTEGER)")]
+    )
     try:
         rows = await fixed.db.fetchall("SELECT name FROM migrations ORDER BY name")
         assert [r[0] for r in rows].count("0100_broken") == 1
@@ -420,8 +426,8 @@ async def test_concurrent_holds_never_overdraw(ledger: Ledger) -> None:
 async def test_two_ledgers_on_one_file_never_overdraw(tmp_path: Path) -> None:
     """Two connections (as two processes would have) race through SQLite's own locking."""
     path = tmp_path / "shared.sqlite3"
-    one = await open_ledger(path)
-    two = await open_ledger(path)
+    one = await open_ledger(ledger_target(path))
+    two = await open_ledger(ledger_target(path))
     try:
         await fund(one, "key:p", 30 * 1_000)
         results = await asyncio.gather(
@@ -519,7 +525,7 @@ async def test_audit_detects_tampered_hold(ledger: Ledger) -> None:
 
 
 async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "c.sqlite3")
+    ledger = await open_ledger(ledger_target(tmp_path / "c.sqlite3"))
     try:
         for delay in (0, 0.0001, 0.001):
 

@@ -17,6 +17,8 @@ from tests.support.core import Core, build_core
 from tests.support.invoices import make_invoice
 from tests.support.services import MintHandle
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 
 @pytest.fixture
 async def core(tmp_path: Path, mint: MintHandle) -> AsyncIterator[Core]:

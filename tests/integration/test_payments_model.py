@@ -59,6 +59,8 @@ from tests.support.payments_model import (
 )
 from tests.support.services import MintHandle
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 DEPOSIT_REFS = ("dm:d1", "dm:d2", "dm:d3")
 WITHDRAW_REFS = ("dm:w1", "dm:w2")
 JOB_REFS = ("dm:j1", "dm:j2")

@@ -24,6 +24,8 @@ from tests.support.lnurl_server import LnurlServer
 from tests.support.services import MintHandle
 from tests.support.waiting import until
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 
 class MeltAnswerLost(httpx.AsyncBaseTransport):
     """Sends every request; for melts it then drops the answer, as a cut connection would."""

@@ -8,7 +8,6 @@ marked failed, logged, counted by ``nodeprov status`` and the admin page, and th
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import httpx
@@ -25,22 +24,23 @@ from nodeprov.daemon import Core, books, run
 from nodeprov.errors import MintUnavailable
 from tests.support.core import Rerouting, build_core
 from tests.support.daemon_core import make_core, write_config
+from tests.support.ledger_backends import query
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 
 def forget_quote(db: Path, op_kind: str) -> None:
     """The mint lost the quote (or its database was reset): point the op at an unknown id."""
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE wallet_ops SET quote = 'no-such-quote' WHERE kind = ?", (op_kind,))
+    query(db, "UPDATE wallet_ops SET quote = 'no-such-quote' WHERE kind = ?", (op_kind,))
 
 
 def op_row(db: Path, op_kind: str) -> tuple[str, str | None]:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute(
-            "SELECT state, error FROM wallet_ops WHERE kind = ? ORDER BY id DESC", (op_kind,)
-        ).fetchone()
-    return str(row[0]), row[1]
+    row = query(
+        db, "SELECT state, error FROM wallet_ops WHERE kind = ? ORDER BY id DESC", (op_kind,)
+    )
+    return str(row[0][0]), row[0][1]
 
 
 async def start_and_stop(config: Config) -> Core:

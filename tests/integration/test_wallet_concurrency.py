@@ -7,7 +7,6 @@ what finished first), never through timing.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,11 @@ import pytest
 from nodeprov.core.melt import Melter
 from nodeprov.errors import MintError
 from tests.support.core import Core, build_core
+from tests.support.ledger_backends import query
 from tests.support.services import MintHandle
 from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.usefixtures("ledger_backend")
 
 # How long a step that must not wait for the mint may take before the test calls it stuck.
 STUCK_SECONDS = 30.0
@@ -98,8 +100,7 @@ async def test_keyset_lookup_at_a_stalled_mint_does_not_block_holds_on_other_acc
 
 
 def op_states(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        return [row[0] for row in conn.execute("SELECT state FROM wallet_ops ORDER BY id")]
+    return [row[0] for row in query(db, "SELECT state FROM wallet_ops ORDER BY id")]
 
 
 async def stalled_at_the_proxy(proxy: TcpProxy, task: asyncio.Task[Any], db: Path) -> None:

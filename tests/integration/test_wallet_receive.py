@@ -20,6 +20,8 @@ from nodeprov.protocol.cashu_token import parse_token
 from tests.support.core import Core, build_core
 from tests.support.services import MintHandle
 
+pytestmark = pytest.mark.usefixtures("ledger_backend")
+
 
 @pytest.fixture
 async def core(tmp_path: Path, mint: MintHandle, fee_mint: MintHandle) -> AsyncIterator[Core]:

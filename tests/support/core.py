@@ -18,6 +18,7 @@ from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.wallet import Wallet
+from tests.support.ledger_backends import ledger_target
 
 # A model priced in whole msat so expected costs are easy to compute in tests:
 # 1000 msat per request, 2000 msat per 1M input tokens... scaled up: 2 msat/token in,
@@ -98,7 +99,7 @@ async def build_core(
     ``overlap_swap``/``overlap_per_client``: the ``[payments]`` settings.
     """
     options: dict[str, Any] = {"clock": clock} if clock is not None else {}
-    ledger = await open_ledger(path, hold_timeout_seconds=lease_seconds, **options)
+    ledger = await open_ledger(ledger_target(path), hold_timeout_seconds=lease_seconds, **options)
     if transport is None and routes:
         transport = Rerouting(routes)
     client = httpx.AsyncClient(timeout=mint_timeout, transport=transport)

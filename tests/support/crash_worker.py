@@ -28,6 +28,7 @@ from nodeprov.protocol import dm_jobs
 from nodeprov.protocol.nostr_event import Keys
 from nodeprov.upstream import Upstreams
 from tests.support.core import Core, build_core
+from tests.support.ledger_backends import use_from_env
 
 
 async def dm_context(
@@ -73,6 +74,7 @@ async def dm_job(db: Path, mint_url: str, proxy_url: str, args: list[str]) -> No
 
 async def main(argv: list[str]) -> None:
     db, mint_url, proxy_url, action, *args = argv
+    use_from_env()
     if action == "dm":
         await dm_job(Path(db), mint_url, proxy_url, args)
         return

@@ -16,11 +16,12 @@ from nodeprov.core.payments import Payments
 from nodeprov.core.pricing import Pricer
 from nodeprov.core.wallet import Wallet
 from nodeprov.upstream import Upstreams
+from tests.support.ledger_backends import ledger_target
 
 
 async def make_core(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Core:
     """Like ``build_core`` (no rates, upstreams not started); ``transport`` fronts mints."""
-    ledger = await open_ledger(config.ledger_path)
+    ledger = await open_ledger(config.ledger_url)
     client = httpx.AsyncClient(timeout=5.0, transport=transport)
     wallet = Wallet(ledger, config.wallet.mints, config.wallet.units, client)
     await wallet.start()
@@ -37,6 +38,8 @@ def write_config(
     """A node config in ``tmp_path`` trusting ``mints``; ``payouts`` is the [payouts] body."""
     urls = [mints] if isinstance(mints, str) else list(mints)
     path = tmp_path / "nodeprov.toml"
+    target = ledger_target(tmp_path / "data" / "ledger.sqlite3")
+    ledger = f'[ledger]\nurl = "{target}"' if isinstance(target, str) else ""
     path.write_text(
         f"""
 [node]
@@ -56,6 +59,7 @@ input_per_1m_msat = 1000
 
 [payouts]
 {payouts}
+{ledger}
 {extra}
 """
     )
