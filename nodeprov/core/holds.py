@@ -19,6 +19,15 @@ from nodeprov.errors import (
 )
 
 OPERATOR = "operator"
+# The operator's balance is its account row plus these shards' unfolded earnings (see
+# migration 0102): a charge credits shard ``hold id % EARNING_SHARDS``, not the one hot row.
+EARNING_SHARDS = 32
+CREDIT_EARNINGS = "UPDATE operator_earnings SET unfolded_msat = unfolded_msat + ? WHERE shard = ?"
+UNFOLDED_EARNINGS = "SELECT COALESCE(SUM(unfolded_msat), 0) FROM operator_earnings"
+# Folding (the same statements in a write block: ledger.fold_earnings).
+FOLD_TAKE = "SELECT shard, unfolded_msat FROM operator_earnings WHERE unfolded_msat > 0 FOR UPDATE"
+FOLD_SHARD = "UPDATE operator_earnings SET unfolded_msat = unfolded_msat - ? WHERE shard = ?"
+FOLD_INTO = "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = 'operator'"
 LAPSED_KEEP = 86_400  # seconds a lapsed hold stays settleable by a job that still finishes
 OUTCOME_KEEP = 7 * 86_400  # seconds a settled job's outcome answers a resumed request
 
@@ -180,9 +189,8 @@ def settle(
     )
     detail = f"writeoff={written_off}" if written_off else ""
     request = request_of(held, record)
-    raw.execute(
-        "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?", (charged, OPERATOR)
-    )
+    if charged:
+        raw.execute(CREDIT_EARNINGS, (charged, held.id % EARNING_SHARDS))
     raw.executemany(
         "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail, request, "
         "channel, model, held_msat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -238,6 +246,16 @@ def release_ref(raw: SyncConn, ref: str) -> int:
     return len(ids)
 
 
+def fold_earnings(raw: SyncConn) -> int:
+    """Move the shards' unfolded earnings into the operator's account row; how much moved."""
+    shards = raw.execute(FOLD_TAKE).fetchall()
+    raw.executemany(FOLD_SHARD, [(amount, shard) for shard, amount in shards])
+    total = sum(int(amount) for _, amount in shards)
+    if total:
+        raw.execute(FOLD_INTO, (total,))
+    return total
+
+
 def release_lapsed(raw: SyncConn, at: int) -> int:
     """Stop reserving for every open hold whose lease lapsed at ``at``; how many there were.
 
@@ -261,4 +279,5 @@ def release_lapsed(raw: SyncConn, at: int) -> int:
         "DELETE FROM holds WHERE state = 'expired' AND lease_expires_at <= ?", (at - LAPSED_KEEP,)
     )
     raw.execute("DELETE FROM job_outcomes WHERE at <= ?", (at - OUTCOME_KEEP,))
+    fold_earnings(raw)  # the sweeper's round keeps the operator's account row current too
     return len(lapsed)

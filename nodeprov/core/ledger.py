@@ -35,6 +35,7 @@ and the single ``operator`` account that collects earnings.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,11 @@ async def credit(conn: Conn, account_id: str, amount: int, kind: str, ref: str =
     """Add ``amount`` msat to an existing account and log it."""
     msat(amount)
     deposited = amount if kind == "deposit" else 0
+    if account_id == OPERATOR and not deposited:  # into a shard: see holds.EARNING_SHARDS
+        shard = secrets.randbelow(holds.EARNING_SHARDS)
+        await conn.execute(holds.CREDIT_EARNINGS, (amount, shard))
+        await log(conn, account_id, kind, amount, ref)
+        return
     cursor = await conn.execute(
         "UPDATE accounts SET balance_msat = balance_msat + ?, "
         "total_deposited_msat = total_deposited_msat + ? WHERE id = ?",
@@ -146,6 +152,8 @@ async def credit(conn: Conn, account_id: str, amount: int, kind: str, ref: str =
 async def debit(conn: Conn, account_id: str, amount: int, kind: str, ref: str = "") -> None:
     """Take ``amount`` msat from an account's available balance, or raise InsufficientBalance."""
     msat(amount)
+    if account_id == OPERATOR:
+        await fold_earnings(conn)
     cursor = await conn.execute(
         "UPDATE accounts SET balance_msat = balance_msat - ? "
         "WHERE id = ? AND balance_msat - reserved_msat >= ?",
@@ -154,6 +162,16 @@ async def debit(conn: Conn, account_id: str, amount: int, kind: str, ref: str = 
     if cursor.rowcount != 1:
         raise InsufficientBalance(f"Insufficient balance for {amount} msat")
     await log(conn, account_id, kind, -amount, ref)
+
+
+async def fold_earnings(conn: Conn) -> int:
+    """:func:`holds.fold_earnings` inside a write block."""
+    shards = list(await (await conn.execute(holds.FOLD_TAKE)).fetchall())
+    await conn.executemany(holds.FOLD_SHARD, [(amount, shard) for shard, amount in shards])
+    total = sum(int(amount) for _, amount in shards)
+    if total:
+        await conn.execute(holds.FOLD_INTO, (total,))
+    return total
 
 
 async def log(
@@ -194,6 +212,15 @@ async def unmark_processed(conn: Conn, kind: str, item_id: str) -> None:
     await conn.execute("DELETE FROM processed WHERE kind = ? AND id = ?", (kind, item_id))
 
 
+# An account row as Account reads it: the operator's balance includes its unfolded earnings.
+ACCOUNT_ROW = (
+    "SELECT id, kind, balance_msat + CASE WHEN id = 'operator' THEN "
+    f"({holds.UNFOLDED_EARNINGS}) ELSE 0 END AS balance_msat, reserved_msat, "
+    "total_deposited_msat, total_spent_msat, created_at, last_used_at, expires_at, "
+    "refund_address, revoked, key_hint FROM accounts"
+)
+
+
 def _account(row: Any) -> Account:
     return Account(
         id=row["id"],
@@ -226,15 +253,15 @@ class Ledger:
         self.clock = clock
 
     async def account(self, account_id: str) -> Account | None:
-        row = await self.db.fetchone("SELECT * FROM accounts WHERE id = ?", (account_id,))
+        row = await self.db.fetchone(f"{ACCOUNT_ROW} WHERE id = ?", (account_id,))
         return _account(row) if row else None
 
     async def accounts(self, kind: str | None = None, limit: int = 1000) -> list[Account]:
         if kind is None:
-            rows = await self.db.fetchall("SELECT * FROM accounts ORDER BY id LIMIT ?", (limit,))
+            rows = await self.db.fetchall(f"{ACCOUNT_ROW} ORDER BY id LIMIT ?", (limit,))
         else:
             rows = await self.db.fetchall(
-                "SELECT * FROM accounts WHERE kind = ? ORDER BY id LIMIT ?", (kind, limit)
+                f"{ACCOUNT_ROW} WHERE kind = ? ORDER BY id LIMIT ?", (kind, limit)
             )
         return [_account(r) for r in rows]
 
@@ -252,7 +279,7 @@ class Ledger:
                 conn, account_id, kind, expires_at=expires_at, refund_address=refund_address,
                 key_hint=key_hint,
             )  # fmt: skip
-            row = await fetchone(conn, "SELECT * FROM accounts WHERE id = ?", (account_id,))
+            row = await fetchone(conn, f"{ACCOUNT_ROW} WHERE id = ?", (account_id,))
         if row is None:  # pragma: no cover - the insert above guarantees it
             raise LedgerError(f"account {account_id} vanished")
         return _account(row)
@@ -378,7 +405,9 @@ def _audit(raw: SyncConn) -> AuditReport:
         AuditLine(mint, unit, books.get((mint, unit), 0), proofs.get((mint, unit), 0))
         for mint, unit in sorted(set(books) | set(proofs))
     )
-    (balances,) = raw.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM accounts").fetchone()
+    (balances,) = raw.execute(
+        f"SELECT COALESCE(SUM(balance_msat), 0) + ({holds.UNFOLDED_EARNINGS}) FROM accounts"
+    ).fetchone()
     # A payout under way has left the account but not yet the node's proofs.
     (in_flight,) = raw.execute(
         "SELECT COALESCE(SUM(debit_msat), 0) FROM wallet_ops "
@@ -389,7 +418,8 @@ def _audit(raw: SyncConn) -> AuditReport:
         for (account_id,) in raw.execute(
             "SELECT a.id FROM accounts a LEFT JOIN "
             "(SELECT account_id, SUM(delta_msat) AS s FROM transactions GROUP BY account_id) t "
-            "ON t.account_id = a.id WHERE a.balance_msat != COALESCE(t.s, 0)"
+            "ON t.account_id = a.id WHERE a.balance_msat + CASE WHEN a.id = 'operator' THEN "
+            f"({holds.UNFOLDED_EARNINGS}) ELSE 0 END != COALESCE(t.s, 0)"
         )
     ]
     (held,) = raw.execute(

@@ -250,4 +250,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX accounts_key_hint ON accounts (key_hint)
         """,
     ),
+    # The operator's earnings accumulate in shards (nodeprov.core.holds): every paid request
+    # credits the operator, and one row for all of them would serialise the commits of every
+    # writer on PostgreSQL. The sweeper folds them into the operator's balance.
+    Migration(
+        "0102_operator_earnings_shards",
+        """
+        CREATE TABLE operator_earnings (
+            shard INTEGER PRIMARY KEY,
+            unfolded_msat INTEGER NOT NULL DEFAULT 0 CHECK (unfolded_msat >= 0)
+        );
+        INSERT INTO operator_earnings (shard) VALUES
+            (0), (1), (2), (3), (4), (5), (6), (7), (8), (9), (10), (11), (12), (13), (14), (15),
+            (16), (17), (18), (19), (20), (21), (22), (23), (24), (25), (26), (27), (28), (29),
+            (30), (31)
+        """,
+    ),
 )

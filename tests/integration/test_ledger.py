@@ -24,6 +24,7 @@ from nodeprov.core.ledger import (
     Ledger,
     add_asset,
     credit,
+    debit,
     ensure_account,
     now,
     open_ledger,
@@ -114,6 +115,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0100_nostr_dm_jobs",
             "0100_test_extra",
             "0101_request_channel_and_key_hint",
+            "0102_operator_earnings_shards",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
         await fund(first, "key:m", 5000)
@@ -166,6 +168,33 @@ async def test_failed_migration_applies_nothing(tmp_path: Path) -> None:
 
 
 # --- holds and settlement -------------------------------------------------------------
+
+
+async def test_earnings_gather_in_shards_count_at_once_and_fold_into_the_operator_row(
+    ledger: Ledger,
+) -> None:
+    """Charges credit shards, not the operator's one row (a hot row every writer would queue
+    on); the operator's balance, the audit and a payout see them before and after a fold."""
+    await fund(ledger, "key:a", 10_000)
+    for amount in (100, 200, 300):
+        await ledger.settle(await ledger.hold("key:a", amount), amount, ref="m")
+    row = await ledger.db.fetchone("SELECT balance_msat FROM accounts WHERE id = 'operator'")
+    assert row[0] == 0  # nothing touched the operator's row
+    assert await balances(ledger, OPERATOR) == (600, 0)
+    await assert_audit_ok(ledger)
+
+    async with ledger.db.write() as conn:  # a debit (a payout's) folds what it pays from
+        await debit(conn, OPERATOR, 550, "transfer", "p")
+        await ensure_account(conn, "key:b", "api_key")
+        await credit(conn, "key:b", 550, "transfer", "p")
+    assert await balances(ledger, OPERATOR) == (50, 0)
+    row = await ledger.db.fetchone("SELECT balance_msat FROM accounts WHERE id = 'operator'")
+    assert row[0] == 50
+    await ledger.settle(await ledger.hold("key:a", 7), 7, ref="m")
+    await ledger.release_stale_holds()  # the sweeper's round folds too
+    row = await ledger.db.fetchone("SELECT balance_msat FROM accounts WHERE id = 'operator'")
+    assert row[0] == 57
+    assert (await ledger.db.fetchone("SELECT SUM(unfolded_msat) FROM operator_earnings"))[0] == 0
 
 
 async def test_hold_settle_release_arithmetic(ledger: Ledger) -> None:

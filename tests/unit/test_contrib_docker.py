@@ -19,12 +19,14 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from nodeprov.cli import main
+from nodeprov.config import Config, LedgerSection
 from nodeprov.config_load import load_config
 from nodeprov.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.support.contrib import CONTRIB, MINIMAL_CONFIG, ROOT, env_file_values
@@ -220,7 +222,7 @@ def test_compose_builds_this_dockerfile_and_mounts_what_the_image_expects() -> N
     (published,) = service["ports"]
     host, _, container_port = published.split(":")
     assert container_port == exposed and host == "127.0.0.1"  # the TLS proxy is the way in
-    assert [e["path"] for e in service["env_file"]] == ["./nodeprov.env"]
+    assert service["env_file"][0]["path"] == "./nodeprov.env"
 
 
 def test_compose_gives_streams_time_to_finish_before_the_container_is_killed() -> None:
@@ -229,10 +231,24 @@ def test_compose_gives_streams_time_to_finish_before_the_container_is_killed() -
     assert args_of("STOPSIGNAL") == ["SIGTERM"]
 
 
-def test_compose_runs_only_the_node_until_the_postgres_ledger_lands() -> None:
-    assert set(compose()["services"]) == {"node"}
-    text = COMPOSE.read_text()
-    assert "# db:" in text and "issue 13" in text and "NOT landed" in text
+def test_compose_runs_the_node_on_its_postgres_with_two_workers() -> None:
+    services = compose()["services"]
+    assert set(services) == {"node", "db"}
+    node, db = services["node"], services["db"]
+    url = node["environment"]["NODEPROV_LEDGER__URL"]
+    assert Config(ledger=LedgerSection(url=url)).ledger_on_postgres
+    parts, env = urlsplit(url), db["environment"]
+    assert (parts.hostname, parts.username) == ("db", env["POSTGRES_USER"])
+    assert parts.path == "/" + env["POSTGRES_DB"]
+    assert node["command"][:3] == ["start", "--workers", "2"]
+    assert node["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "ports" not in db  # only the node reaches the database
+    assert any(m.endswith(":/var/lib/postgresql/data") for m in db["volumes"])
+    # One password for both: the server's POSTGRES_PASSWORD, the client's PGPASSWORD.
+    values = env_file_values((COMPOSE.parent / "db.env.example").read_text())
+    assert values["POSTGRES_PASSWORD"] == values["PGPASSWORD"]
+    assert [e["path"] for e in db["env_file"]] == ["./db.env"]
+    assert "./db.env" in [e["path"] for e in node["env_file"]]
 
 
 def test_the_image_command_serves_a_node_the_healthcheck_passes_and_sigterm_stops(
