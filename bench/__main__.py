@@ -1,14 +1,17 @@
 """``make bench``: what the node costs, each measure against a baseline in the same run.
 
-    python -m bench [--quick] [--only latency,throughput,streaming,streams,ledger,dm]
-    (or BENCH_QUICK=1, BENCH_ONLY=...)
+    python -m bench [--quick] [--only latency,throughput,streaming,streams,ledger,dm,scale]
+                    [--workers N]
+    (or BENCH_QUICK=1, BENCH_ONLY=..., BENCH_WORKERS=N)
 
 Starts a real nutshell mint, the fast upstream (``bench/_upstream.py``) and ``nodeprov start``
 as a subprocess pinned to one core; the mint, the upstream, the load generators
 (``bench/_load.py``) and this harness run on another. Each measure runs the same load against
 the upstream directly and through the node. Prints the table and writes it, with the machine,
 versions, commit and command, to ``bench/results/<date>.md`` (``<date>-quick.md`` for a quick
-run). Every process it starts is stopped at the end, also on failure or Ctrl-C.
+run). Every process it starts is stopped at the end, also on failure or Ctrl-C. ``scale`` runs
+the node on PostgreSQL with one worker and with ``--workers N`` (default 2) beside SQLite
+(``bench/_scale.py``).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from bench import _measures as m
 from bench._load import raise_fd_limit
 from bench._procs import Cores, Node, Procs, start_upstream
 from bench._report import RunInfo, table, write
+from bench._scale import scale
 from tests.support.cashu_client import TokenFactory, import_cashu
 from tests.support.services import free_port, start_mint, start_relay
 
-MEASURES = ("latency", "throughput", "streaming", "dm", "ledger", "streams")
+MEASURES = ("latency", "throughput", "streaming", "dm", "ledger", "streams", "scale")
 
 
 def options() -> argparse.Namespace:
@@ -49,6 +53,12 @@ def options() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")))
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("BENCH_WORKERS", "2")),
+        help="worker processes of the scale measure's PostgreSQL node (default 2)",
+    )
     parser.add_argument(
         "--note",
         default=os.environ.get("BENCH_NOTE", ""),
@@ -100,6 +110,9 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs, runner: asyncio.R
             "dm": lambda: m.dm(b, relay.url if relay else "", runner.run(factory.token(10_000))),
             "ledger": lambda: m.ledger(b),
             "streams": lambda: m.open_streams(b, api_key, lambda: node.restart(free_port)),
+            "scale": lambda: scale(
+                b, mint.url, lambda: runner.run(factory.token(100_000)), args.workers
+            ),
         }
         for name in args.measures:
             print(f"bench: {name} ...", flush=True)

@@ -130,7 +130,13 @@ def start_upstream(
 
 
 def node_config(
-    workdir: Path, port: int, name: str, mint: str, upstream: str, relay: str | None
+    workdir: Path,
+    port: int,
+    name: str,
+    mint: str,
+    upstream: str,
+    relay: str | None,
+    ledger_url: str = "",
 ) -> str:
     """The node's TOML: the bench models, cheap prices, Nostr only if a relay is given."""
     nostr = (
@@ -163,6 +169,9 @@ mints = ["{mint}"]
 [admin]
 password_hash = ""
 
+[ledger]
+url = "{ledger_url}"
+
 [[upstreams]]
 name = "bench"
 base_url = "{upstream}"
@@ -172,12 +181,18 @@ models = [{models}]
 
 
 class Node:
-    """``nodeprov -c CONFIG start`` as a subprocess pinned to one core."""
+    """``nodeprov -c CONFIG start`` as a subprocess pinned to one core (``cpu``, unless None).
+
+    ``ledger_url`` puts the books elsewhere (PostgreSQL); ``workers`` > 1 runs that many
+    worker processes behind one port (``start --workers``).
+    """
 
     def __init__(
         self, procs: Procs, workdir: Path, cpu: int | None, mint: str, upstream: str,
-        relay: str | None,
+        relay: str | None, *, ledger_url: str = "", workers: int = 1,
     ) -> None:  # fmt: skip
+        self.ledger_url = ledger_url
+        self.workers = workers
         self.mint = mint
         self.upstream = upstream
         self.relay = relay
@@ -207,12 +222,15 @@ class Node:
         name = f"bench-node-{secrets.token_hex(4)}"
         config = self.workdir / "nodeprov.toml"
         config.write_text(
-            node_config(self.workdir, port, name, self.mint, self.upstream, self.relay)
+            node_config(
+                self.workdir, port, name, self.mint, self.upstream, self.relay, self.ledger_url
+            )
         )
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as log:
             self.proc = self.procs.spawn(
-                [str(NODEPROV), "-c", str(config), "start"], cpu=self.cpu, stdout=log,
+                [str(NODEPROV), "-c", str(config), "start", *workers], cpu=self.cpu, stdout=log,
                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
         deadline = time.monotonic() + 90

@@ -1,0 +1,75 @@
+"""(7) Scaling out: the ledger on PostgreSQL, one worker against two, SQLite beside them.
+
+Three nodes in turn, each on its own data dir and ledger: SQLite with one process (today's
+default), PostgreSQL with one worker, PostgreSQL with two (``start --workers 2``). PostgreSQL
+runs from Debian's binaries (``tests/support/postgres.py``) with fsync and synchronous commit
+on, as in production. The node's processes are not pinned here: two workers need both cores,
+which they share with the load generator, the upstream and PostgreSQL itself, so the two-worker
+figure is what this whole machine does, not what a second core alone adds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import httpx
+
+from bench._measures import Bench, Load, Row, ms, signed
+from bench._procs import Node
+from tests.support.postgres import PostgresServer, find_bin_dir
+from tests.support.services import free_port
+
+CLIENTS = 32
+
+
+def _key(node: Node, token: str) -> str:
+    response = httpx.post(node.url + "/v1/wallet/create", json={"cashu_token": token}, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["api_key"])
+
+
+def scale(b: Bench, mint: str, token: Callable[[], str], workers: int = 2) -> None:
+    """Paid requests/s at 32 clients and the added p50 at one, per ledger and worker count."""
+    if find_bin_dir() is None:
+        b.rows.append(Row("scale-out (PostgreSQL)", "-", "skipped: PostgreSQL not installed",
+                          "-"))  # fmt: skip
+        return
+    server = PostgresServer.start(b.workdir / "pg", durable=True)
+    results: dict[str, tuple[Load, Load]] = {}
+    try:
+        direct = b.load(b.direct_chat)
+        for label, count, url in (
+            ("SQLite, 1 process", 1, ""),
+            ("PostgreSQL, 1 worker", 1, server.create_database()),
+            (f"PostgreSQL, {workers} workers", workers, server.create_database()),
+        ):
+            workdir = b.workdir / f"scale-{secrets.token_hex(3)}"
+            workdir.mkdir()
+            node = Node(b.procs, workdir, None, mint, b.upstream, None, ledger_url=url,
+                        workers=count)  # fmt: skip
+            node.start(free_port)
+            try:
+                auth = (f"Authorization: Bearer {_key(node, token())}",)
+                chat = node.url + "/v1/chat/completions"
+                one = b.load(chat, headers=auth)
+                many = b.load(chat, clients=CLIENTS, headers=auth)
+                results[label] = (one, many)
+            finally:
+                node.stop()
+    finally:
+        server.stop()
+    base = results["PostgreSQL, 1 worker"][1].rate
+    for label, (one, many) in results.items():
+        a50 = one.p(0.5) - direct.p(0.5)
+        ratio = f"{many.rate / base:.2f}x PostgreSQL 1 worker" if base else "-"
+        target, met = "-", None
+        if workers == 2 and label == "PostgreSQL, 2 workers":
+            target, met = ">= 1.6x one worker", bool(base) and many.rate >= 1.6 * base
+        b.rows.append(Row(
+            f"scale: {label}: paid requests/s at {CLIENTS} clients; added p50 at 1",
+            f"{direct.rate:,.0f}/s at 1 client direct",
+            f"{many.rate:,.0f}/s, p99 {ms(many.p(0.99))} ms, {many.error_text()}; "
+            f"{signed(a50)} ms",
+            ratio, target, met,
+        ))  # fmt: skip
