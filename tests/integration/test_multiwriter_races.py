@@ -22,14 +22,19 @@ import pytest
 from nodeprov.core import journal, liabilities
 from nodeprov.core.db import Conn
 from nodeprov.core.denominations import complete_split
-from nodeprov.core.ledger import debit
+from nodeprov.core.ledger import OPERATOR, debit
 from nodeprov.core.lightning_funding import LightningFunding
-from nodeprov.core.wallet import Wallet
+from nodeprov.core.melt import Melter
+from nodeprov.core.wallet import Received, Wallet
 from nodeprov.errors import InsufficientBalance
+from nodeprov.payouts import reconcile
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
-from tests.support.core import Core, build_core
+from tests.integration.test_melt import invoice
+from tests.support.core import Core, Rerouting, build_core
+from tests.support.daemon_core import make_core, write_config
 from tests.support.ledger_backends import ledger_target, query
 from tests.support.services import MintHandle
+from tests.support.tcp_proxy import TcpProxy
 
 # PostgreSQL only: with SQLite a second writer cannot start before the first commits.
 pytestmark = pytest.mark.parametrize("ledger_backend", ["postgresql"], indirect=True)
@@ -267,3 +272,61 @@ async def test_a_late_swap_keeps_nothing_when_another_payout_took_its_inputs_mea
     assert await balance(one, "key:a") == 64_000
     # The other payout, whose mint call now fails, puts its inputs back: the books still hold.
     query(db, "UPDATE proofs SET state = 'unspent', op_id = ?", (op_id,))
+
+
+async def test_change_paid_out_by_two_processes_at_once_is_paid_once_with_its_rest_once(
+    two_cores: tuple[Core, Core, Path], mint: MintHandle, make_token: Any
+) -> None:
+    """A job's settle in one worker and its client's claim in another pay the same change:
+    one token, the msat rest to the operator once, and neither answer is an error."""
+    one, two, db = two_cores
+    token = await make_token(10, mint=mint)
+    fingerprint = token_fingerprint(parse_token(token))
+    account = "req:" + fingerprint
+    await one.wallet.receive(token, account, "request")
+    await one.ledger.settle(await one.ledger.hold(account, 500), 500)  # 9,500 msat left
+    earned = await balance(one, OPERATOR)
+    received = Received(0, mint.url, "sat", 10, 0, fingerprint)
+    results = await both_at_once(
+        db,
+        mint.url,
+        lambda: one.payments._refund(account, received),
+        lambda: two.payments._refund(account, received),
+        held=rows_held(db, "SELECT id FROM accounts WHERE id = %s", (account,)),
+    )
+    assert not any(isinstance(r, BaseException) for r in results), results
+    (sent,) = [r for r in results if r is not None]
+    assert await make_token.redeem(sent.token) == 9
+    assert await balance(one, OPERATOR) == earned + 500
+    assert await balance(one, account) == 0
+
+
+async def test_a_new_leaders_payout_service_leaves_a_melt_another_worker_is_paying_alone(
+    ledger_backend: str, tmp_path: Path, mint: MintHandle, fee_mint: MintHandle,
+    make_token: Any, tcp_proxy: Callable[..., TcpProxy],
+) -> None:  # fmt: skip
+    """The payout service settles melts an earlier run left; with workers on one database a
+    young pending melt is another worker's live one, and the mint has not seen it yet."""
+    config = write_config(tmp_path, mint.url)
+    proxy = tcp_proxy(mint.url)
+    leader = await make_core(config)
+    worker = await make_core(config, transport=Rerouting({mint.url: proxy.url}))
+    try:
+        await leader.wallet.receive(await make_token(100, mint=mint), OPERATOR, "operator")
+        quote = await Melter(worker.wallet).quote(await invoice(fee_mint, 10), unit="sat")
+        await worker.wallet.pool_keysets(mint.url, "sat")
+        proxy.drop_connections()
+        proxy.pause()  # the worker's melt is journalled, then waits on its way to the mint
+        paying = asyncio.ensure_future(Melter(worker.wallet).pay(OPERATOR, quote))
+        pending = "SELECT COUNT(*) FROM wallet_ops WHERE kind = 'melt' AND state = 'pending'"
+        await until(lambda: query(tmp_path / "data" / "ledger.sqlite3", pending) == [(1,)])
+        await reconcile(leader)  # what PayoutService.run does first, in the new leader
+        proxy.resume()
+        melted = await paying
+        assert melted.state == "paid" and melted.cost_msat >= 10_000
+        operator = await leader.ledger.account(OPERATOR)
+        assert operator is not None and operator.balance_msat == 100_000 - melted.cost_msat
+        assert (await leader.ledger.audit()).ok
+    finally:
+        await worker.close()
+        await leader.close()
