@@ -145,12 +145,13 @@ class WalletRecovery(MintAccess):
                 conn, [p.secret for p in op.inputs], "spent" if inputs_spent else "unspent"
             )
             await journal.set_op_state(conn, op.id, "failed", error=error)
-            assert op.account_id is not None
-            await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
             if inputs_spent:
+                # The pool's row before the account's, the order every payout locks them in.
                 lost = to_msat(sum(p.amount for p in op.inputs), check_unit(op.unit))
                 await add_asset(conn, op.mint_url, op.unit, -lost)
                 await log(conn, "operator", "loss", 0, op.ref or "", f"inputs spent: {lost}")
+            assert op.account_id is not None
+            await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
 
     async def recover(self, *, older_than: int | None = None) -> dict[str, int]:
         """Finish or undo pending swaps; counts by outcome.
