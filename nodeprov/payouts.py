@@ -188,12 +188,17 @@ async def reconcile(core: Core, *, recover: bool = True) -> dict[str, int]:
     """Settle melts left pending by an earlier run, then bring payout rows up to date; counts.
 
     ``recover`` asks the mint about melts last touched before now (:meth:`Melter.recover`);
-    only safe when no melt of this process is in flight, i.e. at start-up.
+    only safe when no melt of this process is in flight, i.e. at start-up. On a shared
+    (PostgreSQL) ledger only melts old enough to be abandoned: a younger one may be another
+    worker's, journalled but not yet at the mint, which would report it unpaid.
     """
     db = core.ledger.db
     outcome: dict[str, int] = {}
     if recover:
-        settled = await Melter(core.wallet).recover(older_than=now())
+        before = now()
+        if core.config.ledger_on_postgres:
+            before -= 2 * int(core.config.wallet.mint_timeout_seconds) + 60
+        settled = await Melter(core.wallet).recover(older_than=before)
         outcome = {f"melt_{k}": v for k, v in settled.items()}
     rows = await db.fetchall(
         "SELECT id, state, created_at FROM payouts WHERE state IN ('started', 'pending')"

@@ -19,7 +19,10 @@ many (PostgreSQL, several processes and machines): a balance moves only through 
 conditional ``UPDATE`` (``… WHERE balance_msat - reserved_msat >= ?``) or an increment; a
 row whose state decides what to do next is read ``FOR UPDATE`` (dropped for SQLite, whose
 one writer makes it moot) or changed by a conditional ``UPDATE``/``DELETE … RETURNING``
-that only one transaction can win.
+that only one transaction can win. So that writers wait for each other rather than
+deadlock, a pool's ``assets`` row is locked before any account's row (a move out of a pool
+takes it first, :func:`~nodeprov.core.liabilities.lock_pool`; a receive adds to the pool
+before it credits), and a wallet op's row before its proofs.
 """
 
 from __future__ import annotations

@@ -148,7 +148,12 @@ async def set_op_state(
 
 
 async def get_op(conn: Conn, op_id: int) -> Op:
-    row = await fetchone(conn, "SELECT * FROM wallet_ops WHERE id = ?", (op_id,))
+    """The op, locked until the transaction ends: its state decides what the caller writes.
+
+    Two processes may finish one op at once (a live request and recovery elsewhere); the
+    second waits here and then reads the first's outcome, so it is applied once.
+    """
+    row = await fetchone(conn, "SELECT * FROM wallet_ops WHERE id = ? FOR UPDATE", (op_id,))
     if row is None:
         raise KeyError(op_id)
     return _op(row)

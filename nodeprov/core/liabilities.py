@@ -79,12 +79,28 @@ def committed(db: Database) -> Fetch:
     return db.fetchone
 
 
+async def lock_pool(conn: Conn, mint_url: str, unit: str) -> None:
+    """Hold the pool's ``assets`` row until the transaction ends: moves out of it go one by one.
+
+    Taken first in a transaction that moves money out of the pool (before its debit, the
+    order a receive's ``add_asset`` then ``credit`` keeps too), so two processes' checks
+    cannot both pass on what only one of them may take.
+    """
+    await conn.execute(
+        "SELECT value_msat FROM assets WHERE mint_url = ? AND unit = ? FOR UPDATE",
+        (mint_url, unit),
+    )
+
+
 async def check_move(conn: Conn, mint_url: str, unit: str, account_id: str) -> None:
     """Raise unless the pool still covers what is owed at it, after this transaction's move.
 
     Called inside the write transaction that debits the account and takes the proofs, so
-    the check and the move are one atomic step; raising rolls both back.
+    the check and the move are one atomic step; raising rolls both back. With several
+    writers the pool is locked first (:func:`lock_pool`) and the sums read after it: each
+    statement then sees what every move that held the lock before committed.
     """
+    await lock_pool(conn, mint_url, unit)
     left = await headroom(in_transaction(conn), mint_url, unit, account_id)
     if left >= 0:
         return

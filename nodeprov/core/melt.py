@@ -102,6 +102,7 @@ class Melter:
         api = self.wallet.api(mint_url)
         keyset = await self.wallet.pool_keysets(mint_url, unit_)
         async with self.db.write() as conn:
+            await liabilities.lock_pool(conn, mint_url, unit_)  # before the account's row
             # The account's own balance is checked first: that is the error a user can act on.
             await debit(conn, account_id, to_msat(amount + reserve, unit_), "payout", ref)
             counts = await journal.pool_counts(conn, mint_url, unit_)

@@ -49,7 +49,7 @@ from nodeprov.core.ledger import (
     debit,
     ensure_account,
 )
-from nodeprov.core.money import check_unit, from_msat_floor
+from nodeprov.core.money import check_unit, from_msat_floor, to_msat
 from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Appraisal, Received, Sent, Wallet
@@ -362,30 +362,37 @@ class Payments(AccountMoves):
             return await self._pay_change(account_id, received)
 
     async def _pay_change(self, account_id: str, received: Received) -> Sent | None:
-        account = await self.ledger.account(account_id)
-        if account is None:
+        if await self.ledger.account(account_id) is None:
             return None
         unit = check_unit(received.unit)
-        value = from_msat_floor(account.available_msat, unit)
-        dust = account.available_msat - (value * 1000 if unit == "sat" else value)
-        if dust:
-            async with self.ledger.db.write() as conn:
+        ref = "change:" + received.fingerprint
+        async with self.ledger.db.write() as conn:
+            # Locked: another process may be paying this change out too (a job's settle here,
+            # its client's claim there); the second reads what the first left.
+            row = await fetchone(
+                conn,
+                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ? FOR UPDATE",
+                (account_id,),
+            )
+            available = int(row[0]) if row else 0
+            value = from_msat_floor(available, unit)
+            dust = available - to_msat(value, unit)
+            if dust > 0:
                 # Under the change's ref: the dashboard groups them with their request.
-                await debit(conn, account_id, dust, "rounding", "change:" + received.fingerprint)
-                await credit(conn, OPERATOR, dust, "rounding", "change:" + received.fingerprint)
+                await debit(conn, account_id, dust, "rounding", ref)
+                await credit(conn, OPERATOR, dust, "rounding", ref)
         if value <= 0:
             return None
         try:
             return await self.wallet.send(
-                account_id,
-                account.available_msat - dust,
-                mint_url=received.mint_url,
-                unit=unit,
-                kind="change",
-                ref="change:" + received.fingerprint,
-            )
+                account_id, available - dust, mint_url=received.mint_url, unit=unit,
+                kind="change", ref=ref,
+            )  # fmt: skip
         except TokenTooSmall as exc:
             await self._credit_small_change(account_id, received.fingerprint, exc.message)
+            return None
+        except InsufficientBalance:
+            # Another process paid this change out between the rounding and the send.
             return None
         except MintError as exc:
             logger.warning("change kept claimable for %s: %s", account_id, exc)
@@ -402,7 +409,7 @@ class Payments(AccountMoves):
         async with self.ledger.db.write() as conn:
             row = await fetchone(
                 conn,
-                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?",
+                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ? FOR UPDATE",
                 (account_id,),
             )
             amount = int(row[0]) if row else 0

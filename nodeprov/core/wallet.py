@@ -248,6 +248,7 @@ class Wallet(WalletRecovery):
         debit_msat = to_msat(value, unit_)
         keyset = await self.pool_keysets(mint_url, unit_)
         async with self.ledger.db.write() as conn:
+            await liabilities.lock_pool(conn, mint_url, unit_)  # before the account's row
             await debit(conn, account_id, debit_msat, kind, ref)
             counts = await journal.pool_counts(conn, mint_url, unit_)
             exact = exact_subset(counts, value)

@@ -63,6 +63,8 @@ class WalletRecovery(MintAccess):
     async def _fail_receive(self, op_id: int, *, spent: bool, error: str) -> None:
         async with self.ledger.db.write() as conn:
             op = await journal.get_op(conn, op_id)
+            if op.state != "pending":  # finished (or failed) by another process meanwhile
+                return
             await journal.set_op_state(conn, op_id, "failed", error=error)
             if not spent and op.fingerprint:
                 # The mint never took the proofs: the same token may be offered again.
@@ -108,13 +110,14 @@ class WalletRecovery(MintAccess):
         now the inputs are spent and every output (``send`` and ``keep``) is ours. The
         mint's fee is the account's, as for any swap it asked for.
         """
+        # Locked, not counted: another process's payout may be taking them from the pool
+        # right now; once it commits they are no longer this op's, unspent, and stay its.
         cursor = await conn.execute(
-            "SELECT COUNT(*) FROM proofs WHERE op_id = ? AND state = 'unspent' AND secret IN "
-            f"({', '.join('?' * len(op.inputs))})",
+            "SELECT secret FROM proofs WHERE op_id = ? AND state = 'unspent' AND secret IN "
+            f"({', '.join('?' * len(op.inputs))}) FOR UPDATE",
             (op.id, *(p.secret for p in op.inputs)),
         )
-        row = await cursor.fetchone()
-        if row is None or int(row[0]) != len(op.inputs):
+        if len(list(await cursor.fetchall())) != len(op.inputs):
             logger.error("send op %s: late swap, but its inputs left the pool meanwhile", op.id)
             return
         keyset = self.known_keyset(op.mint_url, op.outputs[0].keyset_id)
@@ -142,12 +145,13 @@ class WalletRecovery(MintAccess):
                 conn, [p.secret for p in op.inputs], "spent" if inputs_spent else "unspent"
             )
             await journal.set_op_state(conn, op.id, "failed", error=error)
-            assert op.account_id is not None
-            await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
             if inputs_spent:
+                # The pool's row before the account's, the order every payout locks them in.
                 lost = to_msat(sum(p.amount for p in op.inputs), check_unit(op.unit))
                 await add_asset(conn, op.mint_url, op.unit, -lost)
                 await log(conn, "operator", "loss", 0, op.ref or "", f"inputs spent: {lost}")
+            assert op.account_id is not None
+            await credit(conn, op.account_id, op.debit_msat, "reversal", op.ref or "")
 
     async def recover(self, *, older_than: int | None = None) -> dict[str, int]:
         """Finish or undo pending swaps; counts by outcome.
