@@ -25,7 +25,10 @@ EARNING_SHARDS = 32
 CREDIT_EARNINGS = "UPDATE operator_earnings SET unfolded_msat = unfolded_msat + ? WHERE shard = ?"
 UNFOLDED_EARNINGS = "SELECT COALESCE(SUM(unfolded_msat), 0) FROM operator_earnings"
 # Folding (the same statements in a write block: ledger.fold_earnings).
-FOLD_TAKE = "SELECT shard, unfolded_msat FROM operator_earnings WHERE unfolded_msat > 0 FOR UPDATE"
+FOLD_TAKE = (
+    "SELECT shard, unfolded_msat FROM operator_earnings WHERE unfolded_msat > 0 "
+    "ORDER BY shard FOR UPDATE"  # one lock order for every fold
+)
 FOLD_SHARD = "UPDATE operator_earnings SET unfolded_msat = unfolded_msat - ? WHERE shard = ?"
 FOLD_INTO = "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = 'operator'"
 LAPSED_KEEP = 86_400  # seconds a lapsed hold stays settleable by a job that still finishes
