@@ -11,7 +11,7 @@ import click
 
 from nodeprov.admin_password import set_password
 from nodeprov.cli_common import emit_json, fail, guarded, load, refuse_placeholders
-from nodeprov.core.identity import load_or_create_keys
+from nodeprov.core.identity import node_keys
 from nodeprov.core.node import build_core
 from nodeprov.nostr.announcer import Announcer, build_listing
 from nodeprov.nostr.relay_pool import RelayPool
@@ -38,7 +38,7 @@ def announce(ctx: click.Context, as_json: bool) -> None:
 
     async def publish() -> dict[str, Any]:
         core = await build_core(config)
-        keys = load_or_create_keys(config.nostr_key_path)
+        keys = node_keys(config)
         pool = RelayPool(config.nostr.relays, sign=signer(keys))
         try:
             announcer = Announcer(

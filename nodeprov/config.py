@@ -62,6 +62,9 @@ class NodeSection:
     data_dir: Path = Path("./data")
     http_url: str = ""
     onion_url: str = ""
+    # The API-key secret as 64 hex digits, instead of data_dir/api_key.secret: machines that
+    # share the books must derive the same keys. Give it by env (NODEPROV_NODE__API_KEY_SECRET).
+    api_key_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class NostrSection:
     relays: tuple[str, ...] = ()
     dm_relays: tuple[str, ...] = ()
     key_file: str = "nostr.key"
+    # The node's secret key (nsec or hex), instead of key_file; never written to disk. Give
+    # it by env (NODEPROV_NOSTR__KEY) so that several machines answer as one npub.
+    key: str = field(default="", repr=False)
     accept_nip04: bool = True
     default_model: str = ""
     chat_history_turns: int = 6

@@ -3,6 +3,11 @@
 A *service* is ``async (core, stop) -> None`` that runs until ``stop`` is set: the core's
 housekeeping loops, payouts, the HTTP server and the Nostr pool. The :class:`Core` they
 share is built by :mod:`nodeprov.core.node`.
+
+Every worker runs the HTTP server and the rate refresh. The rest (:data:`LEADER_ONLY`:
+the Nostr channel, payouts, expiry refunds, funding polls, the hold sweeper, wallet
+recovery) runs only while this process leads (:mod:`nodeprov.leadership`): with the
+ledger on SQLite that is always, with PostgreSQL one process among all that share it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +30,7 @@ from nodeprov.core.melt import Melter
 from nodeprov.core.node import Core, Service, build_core
 from nodeprov.http import http_service, listening_http_service
 from nodeprov.http.server import bind
+from nodeprov.leadership import Leadership, LockSession, PostgresSession, SoloSession
 from nodeprov.limits import raise_open_files_limit
 from nodeprov.nostr.service import nostr_service
 from nodeprov.payouts import payout_service
@@ -36,15 +43,24 @@ RECOVER_SECONDS = 60.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
-async def recover(core: Core) -> None:
-    """Start-up recovery: settle interrupted wallet operations, release lapsed holds."""
+def abandoned_before(core: Core) -> int:
+    """Wallet ops started before this unix time are abandoned: no live request awaits them."""
+    return now() - 2 * int(core.config.wallet.mint_timeout_seconds) - 60
+
+
+async def recover(core: Core, *, older_than: int | None = None) -> None:
+    """Start-up recovery: settle interrupted wallet operations, release lapsed holds.
+
+    ``older_than`` (a unix time) limits it to ops started before then: with several
+    processes on one database, younger ones may belong to another worker's live request.
+    """
     # Mint ops first: a paid quote credits an account that a later step may pay out of.
     # Only ops that may have moved money: unpaid quotes (anyone can open one) are left to
     # the poll service, which runs as soon as the node is up.
-    minted = await LightningFunding(core.wallet).recover(unpaid=False)
+    minted = await LightningFunding(core.wallet).recover(older_than=older_than, unpaid=False)
     outcome = {f"mint_{state}": n for state, n in minted.items()}
-    outcome.update(await core.wallet.recover())
-    for state, n in (await Melter(core.wallet).recover()).items():
+    outcome.update(await core.wallet.recover(older_than=older_than))
+    for state, n in (await Melter(core.wallet).recover(older_than=older_than)).items():
         outcome[f"melt_{state}"] = n
     if outcome:
         counts = ", ".join(f"{state}={n}" for state, n in sorted(outcome.items()))
@@ -89,7 +105,7 @@ async def retry_recovery(core: Core, stop: asyncio.Event) -> None:
 
     async def step() -> None:
         # Ops younger than this may still be awaited by a live request.
-        older_than = now() - 2 * int(core.config.wallet.mint_timeout_seconds) - 60
+        older_than = abandoned_before(core)
         outcome = await core.wallet.recover(older_than=older_than)
         for state, n in (await Melter(core.wallet).recover(older_than=older_than)).items():
             outcome[f"melt_{state}"] = n
@@ -121,6 +137,46 @@ def default_services() -> tuple[Service, ...]:
     return (*CORE_SERVICES, payout_service, http_service, nostr_service)
 
 
+# Services (by name, so that a configured copy such as ``PayoutService().service()`` counts)
+# that must run in one process at a time: they answer DMs, move money on their own schedule
+# or settle what another request left behind.
+LEADER_ONLY = frozenset(
+    {
+        "nostr_service",
+        "payout_service",
+        "refund_expired_keys",
+        "poll_lightning_funding",
+        "sweep_holds",
+        "retry_recovery",
+    }
+)
+
+
+def lock_session(config: Config) -> LockSession:
+    """How this process competes for leadership: SQLite's one process always leads."""
+    if config.ledger_on_postgres:
+        return PostgresSession(config.ledger_url)
+    return SoloSession()
+
+
+def leader_service(services: Sequence[Service], leadership: Leadership) -> Service:
+    """One every-worker service that runs ``services`` whenever this process leads.
+
+    A new term on a shared database first recovers what an earlier leader left, only
+    operations old enough to be abandoned (another worker's live ones are left alone).
+    """
+
+    async def leader_services(core: Core, stop: asyncio.Event) -> None:
+        async def lead(resign: asyncio.Event) -> None:
+            if core.config.ledger_on_postgres:
+                await recover(core, older_than=abandoned_before(core))
+            await _supervise(core, resign, services)
+
+        await leadership.run(stop, lead)
+
+    return leader_services
+
+
 async def run(
     config: Config,
     stop: asyncio.Event,
@@ -128,17 +184,28 @@ async def run(
     services: Sequence[Service] | None = None,
     on_ready: Callable[[Core], None] | None = None,
     handle_signals: bool = True,
+    listen: socket.socket | None = None,
+    leadership: Leadership | None = None,
 ) -> None:
-    """Build the core, recover, run ``services`` until ``stop`` (or SIGINT/SIGTERM), close."""
+    """Build the core, recover, run ``services`` until ``stop`` (or SIGINT/SIGTERM), close.
+
+    ``listen``: the HTTP socket a supervisor bound for its workers (else bound here).
+    Services named in :data:`LEADER_ONLY` run under ``leadership`` (default: the lock
+    that fits the ledger, see :func:`lock_session`).
+    """
     chosen = list(default_services() if services is None else services)
     sock = None
     if http_service in chosen:
         raise_open_files_limit()  # two sockets per open stream
         # Bound before the ledger, the banner or a first admin password: a port in use is
         # one error line (ConfigError) and nothing else happens.
-        sock = bind(config.http.host, config.http.port)
+        sock = listen if listen is not None else bind(config.http.host, config.http.port)
         listening = listening_http_service(sock)
         chosen = [listening if s is http_service else s for s in chosen]
+    led = [s for s in chosen if s.__name__ in LEADER_ONLY]
+    if led:
+        leadership = leadership or Leadership(lock_session(config))
+        chosen = [s for s in chosen if s not in led] + [leader_service(led, leadership)]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     for sig in signals:
@@ -146,7 +213,8 @@ async def run(
     try:
         core = await build_core(config)
         try:
-            await recover(core)
+            if not config.ledger_on_postgres:
+                await recover(core)  # one process owns this ledger: every pending op is orphaned
             if on_ready is not None:
                 on_ready(core)
             await _supervise(core, stop, chosen)

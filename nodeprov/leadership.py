@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -195,7 +196,7 @@ class Leadership:
         self._said = role
         if self.leading:
             self.terms += 1
-            log.info("leader: this process runs the leader-only services")
+            log.info("leader: pid %d runs the leader-only services", os.getpid())
         else:
             log.info("standby: another process leads; trying every %.1f s", self.retry_seconds)
         changed, self.changed = self.changed, asyncio.Event()

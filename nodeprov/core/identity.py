@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from nodeprov.config import Config
 from nodeprov.core.datadir import read_or_create_secret_file
 from nodeprov.errors import ConfigError, InvalidKey
 from nodeprov.protocol.nostr_event import Keys
@@ -30,3 +31,19 @@ def load_or_create_keys(path: Path) -> Keys:
         return Keys.parse(text)
     except InvalidKey as exc:
         raise ConfigError(f"nostr key file {path} does not hold a valid key: {exc}") from None
+
+
+def node_keys(config: Config) -> Keys:
+    """The node's keys: ``nostr.key`` (e.g. NODEPROV_NOSTR__KEY) when set, else the key file.
+
+    A key given in the config is never written to disk nor shown (an error names the
+    setting, not the value): machines that share one npub get it from their environment.
+    """
+    if not config.nostr.key:
+        return load_or_create_keys(config.nostr_key_path)
+    try:
+        return Keys.parse(config.nostr.key.strip())
+    except InvalidKey:
+        raise ConfigError(
+            "nostr.key (NODEPROV_NOSTR__KEY) is not a valid Nostr secret key (nsec or 64 hex)"
+        ) from None

@@ -38,6 +38,19 @@ def load_or_create_secret(path: Path) -> bytes:
     return value
 
 
+def node_secret(given: str, path: Path) -> bytes:
+    """``given`` (hex, from ``node.api_key_secret``) when set, else the file at ``path``."""
+    if not given:
+        return load_or_create_secret(path)
+    try:
+        value = bytes.fromhex(given.strip())
+    except ValueError:
+        value = b""
+    if len(value) != _BYTES:
+        raise ConfigError(f"node.api_key_secret must be {_BYTES * 2} hex digits")
+    return value
+
+
 def derive_api_key(secret: bytes, fingerprint: str) -> str:
     """The API key a token with ``fingerprint`` is worth at this node (same format as random)."""
     mac = hmac.new(secret, b"nodeprov/api-key/v1\0" + fingerprint.encode(), hashlib.sha256)

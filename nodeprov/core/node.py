@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from nodeprov.config import Config
-from nodeprov.core.identity import load_or_create_keys
-from nodeprov.core.key_secret import load_or_create_secret
+from nodeprov.core.identity import node_keys
+from nodeprov.core.key_secret import node_secret
 from nodeprov.core.ledger import Ledger, open_ledger
 from nodeprov.core.metrics import Metrics
 from nodeprov.core.overlap import SwapOverlap
@@ -80,7 +80,7 @@ async def build_core(config: Config) -> Core:
         await upstreams.start()
         rates = ExchangeRates(config.pricing, client) if needs_rates(config) else None
         pricer = Pricer(config.models, config.pricing.fee_multiplier, rates)
-        secret = load_or_create_secret(config.api_key_secret_path)
+        secret = node_secret(config.node.api_key_secret, config.api_key_secret_path)
         overlap = SwapOverlap(
             enabled=config.payments.overlap_swap,
             per_client=config.payments.overlap_per_client,
@@ -92,5 +92,5 @@ async def build_core(config: Config) -> Core:
         await ledger.db.close()
         raise
     metrics = Metrics(models=config.models)
-    npub = load_or_create_keys(config.nostr_key_path).npub if config.nostr.relays else None
+    npub = node_keys(config).npub if config.nostr.relays else None
     return Core(config, ledger, wallet, pricer, payments, client, rates, upstreams, metrics, npub)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from nodeprov.core.identity import load_or_create_keys
+from nodeprov.core.identity import node_keys
 from nodeprov.core.node import Core
 from nodeprov.nostr.announcer import Announcer, build_listing
 from nodeprov.nostr.dm_handlers import DmContext
@@ -38,7 +38,7 @@ async def nostr_service(core: Core, stop: asyncio.Event) -> None:
         log.info("no Nostr relays configured; the Nostr channel is off")
         await stop.wait()
         return
-    keys = load_or_create_keys(config.nostr_key_path)
+    keys = node_keys(config)
     log.info("Nostr identity %s", keys.npub)
     upstreams = core.upstreams
     pool = RelayPool(config.nostr.relays, sign=signer(keys))
