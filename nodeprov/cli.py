@@ -20,6 +20,7 @@ import click
 from click.core import ParameterSource
 
 from nodeprov import __version__
+from nodeprov.admin_password import load_or_create as load_or_create_admin_password
 from nodeprov.cli_client import client
 from nodeprov.cli_common import (
     DEFAULT_CONFIG,
@@ -39,6 +40,7 @@ from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.config import Config
 from nodeprov.core.identity import load_or_create_keys, node_keys
+from nodeprov.core.key_secret import node_secret
 from nodeprov.core.ledger import AuditReport
 from nodeprov.core.node import Core, open_books
 from nodeprov.daemon import books, run
@@ -234,7 +236,11 @@ def _start_workers(ctx: click.Context, config: Config, count: int, loop: LoopCho
     except ConfigError as exc:
         fail(exc.message, USAGE_EXIT)
     try:
+        # Made here, once, before any worker runs: workers racing to create them would each
+        # show (and keep) a different first admin password or API-key secret.
         npub = node_keys(config).npub if config.nostr.relays else None
+        node_secret(config.node.api_key_secret, config.api_key_secret_path)
+        _, password = load_or_create_admin_password(config)
         pid = os.getpid()
         click.echo(
             f"{config.node.name} running (supervisor pid {pid}, {count} workers):"
@@ -244,6 +250,12 @@ def _start_workers(ctx: click.Context, config: Config, count: int, loop: LoopCho
         for line in _where(config, npub):
             click.echo(line)
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
+        if password is not None:
+            click.echo(
+                f"\n  Admin dashboard password (shown once, stored hashed): {password}\n"
+                "  Change it with `nodeprov admin set-password`.\n",
+                err=True,
+            )
         code = supervise(sock, count, worker_command(_root_args(ctx), ["--loop", loop]))
     finally:
         sock.close()
