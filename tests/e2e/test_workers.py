@@ -31,7 +31,7 @@ from tests.support.services import MintHandle, RelayHandle, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NODEPROV = str(Path(sys.executable).parent / "nodeprov")
-SLOW = "fake-chat+drip-0.5"  # a job that is still running when its worker is killed
+SLOW = "fake-chat+slow-3"  # a job that is still running when its worker is killed
 MODELS = ("fake-chat", SLOW)
 LEADER_LINE = re.compile(rb"leader: pid (\d+) runs")
 # The money tests need the ledger itself on PostgreSQL (the books shared by every worker).
@@ -70,7 +70,7 @@ def write_config(
     path.write_text(
         f'[node]\nname = "{name}"\ndata_dir = "{home / "data"}"\n'
         f'[http]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[nostr]\nrelays = ["{relay.url}"]\n'
+        f'[nostr]\nrelays = ["{relay.url}"]\nmax_concurrent_jobs_per_sender = 16\n'
         f'[wallet]\nmints = ["{mint.url}"]\n{ledger}'
         f'[[upstreams]]\nname = "fake"\nbase_url = "{upstream.url}"\n'
         f"models = [{', '.join(repr(m).replace(chr(39), chr(34)) for m in MODELS)}]\n{prices}"
@@ -112,6 +112,7 @@ class Node:
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.name = name
+        self.count = workers
         self.log_path = config.parent / "node.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -142,7 +143,9 @@ class Node:
         return self.log_path.read_bytes().decode(errors="replace")
 
     def workers(self) -> set[int]:
-        """The supervisor's live worker processes."""
+        """The supervisor's live worker processes (with one worker: the process itself)."""
+        if self.count == 1:
+            return {self.proc.pid} if alive(self.proc.pid) else set()
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         try:
             pids = {int(p) for p in path.read_text().split()}
@@ -366,9 +369,18 @@ async def test_a_killed_leader_under_load_is_replaced_and_dm_jobs_are_answered_o
                 message = {"type": "request", "id": ident, "endpoint": "/v1/chat/completions",
                            "body": body, "cashu": token}  # fmt: skip
                 await peer.send(json.dumps(message))
+
+            def running_jobs() -> int:
+                return sum(
+                    1
+                    for r in list(upstream.requests)
+                    if isinstance(r.json, dict) and r.json.get("model") == SLOW
+                )
+
             async with httpx.AsyncClient(timeout=120) as http:
                 load = asyncio.gather(*(chat(http, node.url, key) for _ in range(40)))
-                await asyncio.sleep(0.2)  # requests under way on both workers
+                # Every DM job is at the upstream (accepted, paid, running): kill its worker.
+                await asyncio.to_thread(wait_for, lambda: running_jobs() == len(jobs), "jobs")
                 os.kill(leader, signal.SIGKILL)
                 codes = await load
             # A connection the dead worker held is cut (0); no request got a 500.
@@ -378,8 +390,11 @@ async def test_a_killed_leader_under_load_is_replaced_and_dm_jobs_are_answered_o
             )
             replies = await peer.replies(len(jobs), within=120)
             assert sorted(r.json["id"] for r in replies) == jobs
-            assert all(r.json["type"] == "response" for r in replies)
+            assert all(r.json["type"] == "response" for r in replies), [
+                r.json for r in replies if r.json["type"] != "response"
+            ]
             assert await peer.quiet(3.0) == []  # nothing answered twice
+            assert node.text().count("resuming DM") == len(jobs)  # the new leader took them up
         finally:
             await peer.close()
         assert node.terminate() == 0
