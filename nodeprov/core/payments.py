@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -127,6 +128,12 @@ class Payments(AccountMoves):
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
         # SHA-256 of a token used as a key -> the account it was redeemed into.
         self._redeemed: OrderedDict[bytes, str] = OrderedDict()
+
+    def derived_secret(self, purpose: str) -> bytes:
+        """A secret for ``purpose`` derived from the node's API-key secret: the same in every
+        process and on every machine that shares that secret (and so the books)."""
+        return hmac.new(self._key_secret, b"nodeprov/derived/v1\0" + purpose.encode(),
+                        hashlib.sha256).digest()  # fmt: skip
 
     # --- accounts (create_key, topup, deposit, balance, withdraw: AccountMoves) ----------
 

@@ -209,7 +209,7 @@ def test_more_than_one_worker_on_a_sqlite_ledger_is_refused_in_one_line(
     assert not (tmp_path / "data" / "ledger.sqlite3").exists()  # refused before anything
 
 
-def test_workers_share_one_port_a_killed_worker_is_replaced_and_sigterm_stops_all(
+def test_killed_workers_are_replaced_keep_admin_logins_and_sigterm_stops_all(
     tmp_path: Path,
     mint: MintHandle,
     relay: RelayHandle,
@@ -225,12 +225,24 @@ def test_workers_share_one_port_a_killed_worker_is_replaced_and_sigterm_stops_al
         assert "postgresql://postgres@127.0.0.1" in banner
         # The first admin password is made (and shown) once, by the supervisor.
         assert banner.count("Admin dashboard password (shown once") == 1
-        first = node.workers()
-        victim = min(first)
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: victim not in node.workers() and len(node.workers()) == 2, "a new worker")
-        assert f"(pid {victim}) exited with signal 9; restarting it" in node.text()
-        # The port never closed: the survivor answered meanwhile, the new worker too now.
+        # Log in, then kill every worker: the new ones accept the session (signed, not kept
+        # in one process's memory), and the port stayed open throughout.
+        found = re.search(r"shown once, stored hashed\): (\S+)", banner)
+        assert found is not None
+        with httpx.Client(base_url=node.url + "/admin", timeout=30) as admin:
+            page = admin.get("/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf is not None
+            login = admin.post("/login", data={"csrf": csrf[1], "password": found[1]})
+            assert login.status_code == 303
+            assert admin.get("/").status_code == 200
+            first = node.workers()
+            for victim in first:
+                os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(node.workers() - first) == 2, "two new workers")
+            for victim in first:
+                assert f"(pid {victim}) exited with signal 9; restarting it" in node.text()
+            assert admin.get("/").status_code == 200
         for _ in range(20):
             assert httpx.get(node.url + "/v1/info", timeout=10).json()["name"] == name
         workers = node.workers()

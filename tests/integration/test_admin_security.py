@@ -328,6 +328,24 @@ def test_sessions_expire_and_are_bounded() -> None:
     assert same("abc", "abc") and not same("abc", "abd") and not same("", "") and not same(None, "")
 
 
+def test_a_signed_session_made_by_one_process_holds_at_another_with_the_same_key() -> None:
+    clock, wall = Clock(), Clock()
+    wall.now = 1_800_000_000.0
+    key = b"k" * 32
+    here = Sessions(60, clock=clock, key=key, wall=wall)
+    there = Sessions(60, clock=clock, key=key, wall=wall)
+    made = here.create()
+    seen = there.get(made.id)
+    assert seen is not None and seen.csrf == made.csrf  # the CSRF token holds there too
+    assert Sessions(60, clock=clock, key=b"x" * 32, wall=wall).get(made.id) is None
+    nonce, expiry, mac = made.id.split(".")
+    assert there.get(f"{nonce}.{int(expiry) + 999}.{mac}") is None  # a longer life: refused
+    there.drop(made.id)
+    assert there.get(made.id) is None  # logged out here stays logged out here
+    wall.now += 61
+    assert Sessions(60, clock=clock, key=key, wall=wall).get(made.id) is None  # expired
+
+
 def test_money_text_is_exact() -> None:
     assert sat_text(0) == "0.000 sat"
     assert sat_text(1_234_567) == "1,234.567 sat"

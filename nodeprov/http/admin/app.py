@@ -118,7 +118,14 @@ class AdminBase:
         self.config = config
         self.metrics = metrics  # the channels' counters (None: the activity page says so)
         self.password_hash = password_hash
-        self.sessions = Sessions(config.admin.session_seconds)
+        # A ledger on PostgreSQL may be served by several processes: a login made at one
+        # must hold at the others, so sessions are signed with a key they all derive.
+        shared = (
+            core.payments.derived_secret("admin-session\0" + password_hash)
+            if config.ledger_on_postgres
+            else None
+        )
+        self.sessions = Sessions(config.admin.session_seconds, key=shared)
         self.throttle = Throttle()
         self.devices = KnownDevices(password_hash)
         self._verifying = asyncio.Semaphore(2)  # the KDF is costly: bound concurrent checks

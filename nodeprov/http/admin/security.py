@@ -1,8 +1,10 @@
 """Admin sessions, CSRF tokens, the login throttle (per-address delays) and known devices.
 
 Sessions live in memory (a restart logs everyone out): the cookie carries only a random
-id. Each session has its own CSRF token, required on every POST and compared in
-constant time. Before login the form is protected by a double-submit cookie.
+id; with the ledger on PostgreSQL (several processes serve one node) the id is signed, so
+every process accepts it, and a restart keeps logins. Each session has its own CSRF
+token, required on every POST and compared in constant time. Before login the form is
+protected by a double-submit cookie.
 """
 
 from __future__ import annotations
@@ -39,26 +41,72 @@ class Session:
 
 
 class Sessions:
-    """Server-side sessions keyed by a random cookie value."""
+    """Server-side sessions keyed by a random cookie value.
 
-    def __init__(self, seconds: int, clock: Callable[[], float] = time.monotonic) -> None:
+    With ``key`` (several processes serve one node: ``start --workers``, several machines)
+    a session id is also signed: ``<nonce>.<expiry unix time>.<hmac>``, its CSRF token an
+    HMAC of it, so any process with the same key accepts a login made at another one.
+    What a session keeps (``data``, e.g. a payout quote awaiting confirmation) and a
+    logout stay in the process that saw them; the logged-out browser drops its cookie.
+    """
+
+    def __init__(
+        self,
+        seconds: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        key: bytes | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.seconds = seconds
         self.clock = clock
+        self.wall = wall
+        self._key = key
         self._by_id: dict[str, Session] = {}
+        self._dropped: dict[str, float] = {}  # signed ids logged out here -> their expiry
+
+    def _mac(self, payload: str) -> str:
+        assert self._key is not None
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def _csrf(self, session_id: str) -> str:
+        return self._mac("csrf\0" + session_id)
 
     def create(self) -> Session:
         now = self.clock()
         self._by_id = {k: s for k, s in self._by_id.items() if s.expires_at > now}
         while len(self._by_id) >= MAX_SESSIONS:  # drop the oldest (dicts keep insertion order)
             del self._by_id[next(iter(self._by_id))]
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now + self.seconds)
+        if self._key is None:
+            session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        else:
+            payload = f"{secrets.token_urlsafe(24)}.{int(self.wall()) + self.seconds}"
+            session_id = f"{payload}.{self._mac(payload)}"
+            csrf = self._csrf(session_id)
+        session = Session(session_id, csrf, now + self.seconds)
         self._by_id[session.id] = session
+        return session
+
+    def _adopt(self, session_id: str) -> Session | None:
+        """A session signed by another process with the same key (None if not valid)."""
+        if self._key is None or session_id.count(".") != 2 or session_id in self._dropped:
+            return None
+        nonce, expiry, mac = session_id.split(".")
+        if not expiry.isdigit() or not same(mac, self._mac(f"{nonce}.{expiry}")):
+            return None
+        left = int(expiry) - self.wall()
+        if left <= 0:
+            return None
+        while len(self._by_id) >= MAX_SESSIONS:
+            del self._by_id[next(iter(self._by_id))]
+        session = Session(session_id, self._csrf(session_id), self.clock() + left)
+        self._by_id[session_id] = session
         return session
 
     def get(self, session_id: str | None) -> Session | None:
         if not session_id:
             return None
-        session = self._by_id.get(session_id)
+        session = self._by_id.get(session_id) or self._adopt(session_id)
         if session is None:
             return None
         if session.expires_at <= self.clock():
@@ -68,7 +116,11 @@ class Sessions:
 
     def drop(self, session_id: str | None) -> None:
         if session_id:
-            self._by_id.pop(session_id, None)
+            session = self._by_id.pop(session_id, None)
+            if self._key is not None and session is not None:
+                now = self.clock()
+                self._dropped = {k: t for k, t in self._dropped.items() if t > now}
+                self._dropped[session_id] = session.expires_at
 
 
 @dataclass
