@@ -26,7 +26,6 @@ from nodeprov.protocol.nostr_event import Keys
 from tests.e2e.test_daemon_e2e import common_soft_limit
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.nostr_client import SdkClient
-from tests.support.pg_local import LocalPostgres, local_postgres
 from tests.support.services import MintHandle, RelayHandle, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,14 +33,6 @@ NODEPROV = str(Path(sys.executable).parent / "nodeprov")
 SLOW = "fake-chat+slow-3"  # a job that is still running when its worker is killed
 MODELS = ("fake-chat", SLOW)
 LEADER_LINE = re.compile(rb"leader: pid (\d+) runs")
-# The money tests need the ledger itself on PostgreSQL (the books shared by every worker).
-needs_postgres_ledger = pytest.mark.skip(reason="ledger on PostgreSQL not landed")
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[LocalPostgres]:
-    with local_postgres() as server:
-        yield server
 
 
 @pytest.fixture
@@ -214,10 +205,10 @@ def test_killed_workers_are_replaced_keep_admin_logins_and_sigterm_stops_all(
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
     port, name = free_port(), f"workers-{secrets.token_hex(3)}"
-    config = write_config(tmp_path, mint, relay, upstream, port, name, pg.url)
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
     node = Node(config, port, name, workers=2)
     try:
         banner = node.text()
@@ -258,10 +249,10 @@ def test_workers_end_when_the_supervisor_is_killed(
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
     port, name = free_port(), f"orphans-{secrets.token_hex(3)}"
-    config = write_config(tmp_path, mint, relay, upstream, port, name, pg.url)
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
     node = Node(config, port, name, workers=2)
     try:
         workers = node.workers()
@@ -277,10 +268,10 @@ def test_one_worker_leads_and_another_takes_over_when_it_is_killed(
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
     port, name = free_port(), f"leaders-{secrets.token_hex(3)}"
-    config = write_config(tmp_path, mint, relay, upstream, port, name, pg.url)
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
     node = Node(config, port, name, workers=2)
     try:
         leader = wait_for(lambda: current_leader([node]), "a leader")
@@ -296,7 +287,7 @@ def test_one_worker_leads_and_another_takes_over_when_it_is_killed(
         node.kill()
 
 
-# --- the books, shared (need the ledger on PostgreSQL) -------------------------------
+# --- the books, shared on PostgreSQL ---------------------------------------------
 
 
 async def create_key(url: str, token: str) -> tuple[str, int]:
@@ -322,17 +313,16 @@ async def chat(http: httpx.AsyncClient, url: str, key: str, model: str = "fake-c
     return response.status_code
 
 
-@needs_postgres_ledger
 async def test_two_workers_serve_exactly_what_a_key_holds_under_200_concurrent_requests(
     tmp_path: Path,
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
     make_token,
 ) -> None:
     port, name = free_port(), f"concurrent-{secrets.token_hex(3)}"
-    config = write_config(tmp_path, mint, relay, upstream, port, name, pg.url)
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
     node = Node(config, port, name, workers=2)
     try:
         key, balance = await create_key(node.url, await make_token(100, mint=mint))
@@ -354,17 +344,16 @@ async def test_two_workers_serve_exactly_what_a_key_holds_under_200_concurrent_r
     assert report.returncode == 0, report.stdout + report.stderr
 
 
-@needs_postgres_ledger
 async def test_a_killed_leader_under_load_is_replaced_and_dm_jobs_are_answered_once(
     tmp_path: Path,
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
     make_token,
 ) -> None:
     port, name = free_port(), f"failover-{secrets.token_hex(3)}"
-    config = write_config(tmp_path, mint, relay, upstream, port, name, pg.url)
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
     node = Node(config, port, name, workers=2)
     try:
         leader = wait_for(lambda: current_leader([node]), "a leader")
@@ -416,13 +405,12 @@ async def test_a_killed_leader_under_load_is_replaced_and_dm_jobs_are_answered_o
     assert report.returncode == 0, report.stdout + report.stderr
 
 
-@needs_postgres_ledger
 async def test_two_hosts_on_one_database_answer_alternately_as_one_node(
     tmp_path: Path,
     mint: MintHandle,
     relay: RelayHandle,
     upstream: FakeUpstream,
-    pg: LocalPostgres,
+    postgres_url: str,
     make_token,
 ) -> None:
     keys = Keys.generate()
@@ -436,7 +424,7 @@ async def test_two_hosts_on_one_database_answer_alternately_as_one_node(
     try:
         for host in ("a", "b"):
             port = free_port()
-            config = write_config(tmp_path / host, mint, relay, upstream, port, name, pg.url)
+            config = write_config(tmp_path / host, mint, relay, upstream, port, name, postgres_url)
             configs.append(config)
             hosts.append(Node(config, port, name, workers=1, env=shared))
         async with httpx.AsyncClient(timeout=10) as http:

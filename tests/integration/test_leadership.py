@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -23,16 +23,9 @@ from nodeprov.leadership import (
     advisory_key,
     lock_conninfo,
 )
-from tests.support.pg_local import LocalPostgres, local_postgres
 from tests.support.waiting import until
 
 FAST = {"retry_seconds": 0.05, "check_seconds": 0.05, "grace": 5.0}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[LocalPostgres]:
-    with local_postgres() as server:
-        yield server
 
 
 @dataclass
@@ -101,12 +94,12 @@ async def terminate(url: str, pid: int) -> None:
         await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-async def test_of_two_sessions_on_one_database_exactly_one_leads(pg: LocalPostgres) -> None:
-    async with workers(pg.url, 2, advisory_key("test/one-of-two")) as crew:
+async def test_of_two_sessions_on_one_database_exactly_one_leads(postgres_url: str) -> None:
+    async with workers(postgres_url, 2, advisory_key("test/one-of-two")) as crew:
         leader = await settled(crew)
         standby = next(w for w in crew if w is not leader)
         # A third session (another process) cannot take the lock either.
-        outsider = PostgresSession(pg.url, advisory_key("test/one-of-two"))
+        outsider = PostgresSession(postgres_url, advisory_key("test/one-of-two"))
         try:
             assert await outsider.acquire() is False
         finally:
@@ -117,13 +110,13 @@ async def test_of_two_sessions_on_one_database_exactly_one_leads(pg: LocalPostgr
 
 
 async def test_when_the_leaders_session_is_killed_the_other_leads_and_the_old_steps_down(
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
-    async with workers(pg.url, 2, advisory_key("test/failover")) as crew:
+    async with workers(postgres_url, 2, advisory_key("test/failover")) as crew:
         first = await settled(crew)
         second = next(w for w in crew if w is not first)
         assert first.session.backend_pid is not None
-        await terminate(pg.url, first.session.backend_pid)
+        await terminate(postgres_url, first.session.backend_pid)
         # The old leader notices on its next check and stops its duties; the standby takes over.
         await until(lambda: first.terms_ended == 1, what="the old leader stepped down")
         await until(lambda: second.leadership.leading, what="the standby took over")
@@ -133,9 +126,9 @@ async def test_when_the_leaders_session_is_killed_the_other_leads_and_the_old_st
     assert [w.terms_started == w.terms_ended for w in crew] == [True, True]
 
 
-async def test_a_leader_that_stops_frees_the_lock_for_the_next(pg: LocalPostgres) -> None:
+async def test_a_leader_that_stops_frees_the_lock_for_the_next(postgres_url: str) -> None:
     key = advisory_key("test/handover")
-    async with workers(pg.url, 3, key) as crew:
+    async with workers(postgres_url, 3, key) as crew:
         first = await settled(crew)
         await first.halt()
         rest = [w for w in crew if w is not first]
@@ -145,7 +138,7 @@ async def test_a_leader_that_stops_frees_the_lock_for_the_next(pg: LocalPostgres
 
 
 async def test_a_standby_keeps_trying_while_the_database_is_unreachable(
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
     # Nothing listens on port 1: the contender stands by, then leads once the URL works.
     down = Worker(Leadership(PostgresSession("postgresql://postgres@127.0.0.1:1/x"), **FAST))
@@ -157,11 +150,11 @@ async def test_a_standby_keeps_trying_while_the_database_is_unreachable(
         await down.halt()
 
 
-async def test_a_crash_in_the_leaders_duties_ends_the_run_with_it(pg: LocalPostgres) -> None:
+async def test_a_crash_in_the_leaders_duties_ends_the_run_with_it(postgres_url: str) -> None:
     async def crash(resign: asyncio.Event) -> None:
         raise RuntimeError("duty failed")
 
-    leadership = Leadership(PostgresSession(pg.url, advisory_key("test/crash")), **FAST)
+    leadership = Leadership(PostgresSession(postgres_url, advisory_key("test/crash")), **FAST)
     with pytest.raises(RuntimeError, match="duty failed"):
         await leadership.run(asyncio.Event(), crash)
     assert not leadership.leading
@@ -195,9 +188,9 @@ def test_the_lock_connection_asks_both_ends_for_fast_keepalives() -> None:
 
 
 async def test_the_server_applies_the_keepalive_settings_to_the_lock_session(
-    pg: LocalPostgres,
+    postgres_url: str,
 ) -> None:
-    session = PostgresSession(pg.url, advisory_key("test/keepalive"))
+    session = PostgresSession(postgres_url, advisory_key("test/keepalive"))
     try:
         assert await session.acquire()
         cur = await session.conn.execute(
