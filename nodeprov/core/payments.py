@@ -69,6 +69,10 @@ from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 REDEEMED_KEPT = 10_000  # tokens-as-keys whose account is remembered (32-byte keys)
+# How long a first use waits for another process's receive of the same token (its swap at
+# the mint) before it answers that the token was spent; and how often it looks.
+OTHER_RECEIVE_WAIT_SECONDS = 60.0
+OTHER_RECEIVE_POLL_SECONDS = 0.05
 __all__ = [
     "Charge",
     "JobOutcome",
@@ -170,10 +174,26 @@ class Payments(AccountMoves):
                 try:
                     await self.wallet.receive(payer.credential, account_id, "token")
                 except TokenAlreadySpent:
-                    # Another process redeemed it first; use the account it funded.
-                    if await self._funded(account_id) is None:
+                    # Another process redeemed it first, or is swapping it right now (another
+                    # worker on this database): use the account it funds.
+                    if await self._funded_elsewhere(account_id, fingerprint) is None:
                         raise
         return self._remember_redeemed(seen, account_id)
+
+    async def _funded_elsewhere(self, account_id: str, fingerprint: str) -> Account | None:
+        """The account once another process's receive of this token is done (None: it
+        failed, or none is running). The lock in :meth:`account_for` is per process."""
+        deadline = asyncio.get_running_loop().time() + OTHER_RECEIVE_WAIT_SECONDS
+        while True:
+            funded = await self._funded(account_id)
+            if funded is not None:
+                return funded
+            op = await journal.op_by_ref(self.ledger.db, "receive", fingerprint, account_id)
+            if op is None or op.state != "pending":
+                return await self._funded(account_id)  # it may have finished just now
+            if asyncio.get_running_loop().time() > deadline:
+                return None
+            await asyncio.sleep(OTHER_RECEIVE_POLL_SECONDS)
 
     def _remember_redeemed(self, seen: bytes, account_id: str) -> str:
         self._redeemed[seen] = account_id

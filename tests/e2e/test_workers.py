@@ -457,3 +457,37 @@ async def test_two_hosts_on_one_database_answer_alternately_as_one_node(
             h.kill()
     report = audit(configs[0])
     assert report.returncode == 0, report.stdout + report.stderr
+
+
+async def test_a_token_used_as_a_key_on_two_workers_at_once_is_redeemed_once_and_pays(
+    tmp_path: Path,
+    mint: MintHandle,
+    relay: RelayHandle,
+    upstream: FakeUpstream,
+    postgres_url: str,
+    make_token,
+) -> None:
+    port, name = free_port(), f"tokenkey-{secrets.token_hex(3)}"
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
+    node = Node(config, port, name, workers=2)
+    try:
+        token = await make_token(50, mint=mint)
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        node.url + "/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {token}"},
+                        json={"model": "fake-chat", "messages": [{"role": "user", "content": "x"}]},
+                    )
+                    for _ in range(40)
+                )
+            )
+        bad = [r.text for r in responses if r.status_code != 200]
+        assert bad == []
+        assert node.terminate() == 0
+    finally:
+        node.kill()
+    report = audit(config)
+    assert report.returncode == 0, report.stdout + report.stderr
