@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import re
-import signal
 import tomllib
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +18,6 @@ import click
 from click.core import ParameterSource
 
 from nodeprov import __version__
-from nodeprov.admin_password import load_or_create as load_or_create_admin_password
 from nodeprov.cli_client import client
 from nodeprov.cli_common import (
     DEFAULT_CONFIG,
@@ -38,25 +35,21 @@ from nodeprov.cli_common import (
 from nodeprov.cli_models import models
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
+from nodeprov.cli_workers import (
+    refuse_workers_on_sqlite,
+    run_worker,
+    shown_ledger,
+    start_workers,
+    where,
+)
 from nodeprov.config import Config
-from nodeprov.core.identity import load_or_create_keys, node_keys
-from nodeprov.core.key_secret import node_secret
+from nodeprov.core.identity import load_or_create_keys
 from nodeprov.core.ledger import AuditReport
 from nodeprov.core.node import Core, open_books
 from nodeprov.daemon import books, run
-from nodeprov.errors import ConfigError
 from nodeprov.event_loop import LOOP_CHOICES, LoopChoice
-from nodeprov.http.server import bind
-from nodeprov.limits import raise_open_files_limit
 from nodeprov.logging_setup import setup_logging
-from nodeprov.workers import (
-    LISTEN_FD_OPTION,
-    PARENT_OPTION,
-    die_with_parent,
-    inherited_socket,
-    supervise,
-    worker_command,
-)
+from nodeprov.workers import LISTEN_FD_OPTION, PARENT_OPTION
 
 # Package data, so that `init` works wherever nodeprov is installed (config/ links to it).
 EXAMPLE_CONFIG = Path(__file__).resolve().parent / "nodeprov.example.toml"
@@ -191,7 +184,7 @@ def start(
     leadership").
     """
     if listen_fd is not None:
-        _worker(ctx, listen_fd, worker_of, loop)
+        run_worker(ctx, listen_fd, worker_of, loop)
         return
     options = ctx.find_object(Options)
     path = None
@@ -210,83 +203,16 @@ def start(
         path = DEV_CONFIG
     config = load(ctx, path)
     refuse_placeholders(config)
-    if workers > 1 and not config.ledger_on_postgres:
-        fail(
-            f"--workers {workers} needs the ledger on PostgreSQL: set [ledger] url ="
-            ' "postgresql://user@host:port/db" (or NODEPROV_LEDGER__URL); a SQLite ledger'
-            " serves one process",
-            USAGE_EXIT,
-        )
+    refuse_workers_on_sqlite(config, workers)
     # Before anything else (ledger, dev-stack children, banner): one owner per data dir.
     owner = own_data_dir(config, "start")
     try:
         if workers > 1:
-            _start_workers(ctx, config, workers, loop)
+            start_workers(ctx, config, workers, loop)
         else:
             _start(config, dev, loop)
     finally:
         owner.release()
-
-
-def _start_workers(ctx: click.Context, config: Config, count: int, loop: LoopChoice) -> None:
-    """Bind the port, print the banner, run ``count`` workers until SIGTERM/SIGINT."""
-    raise_open_files_limit()
-    try:
-        sock = bind(config.http.host, config.http.port)
-    except ConfigError as exc:
-        fail(exc.message, USAGE_EXIT)
-    try:
-        # Made here, once, before any worker runs: workers racing to create them would each
-        # show (and keep) a different first admin password or API-key secret.
-        npub = node_keys(config).npub if config.nostr.relays else None
-        node_secret(config.node.api_key_secret, config.api_key_secret_path)
-        _, password = load_or_create_admin_password(config)
-        pid = os.getpid()
-        click.echo(
-            f"{config.node.name} running (supervisor pid {pid}, {count} workers):"
-            f" ledger {shown_ledger(config)}, {len(config.wallet.mints)} mint(s),"
-            f" {len(config.models)} priced model(s)."
-        )
-        for line in _where(config, npub):
-            click.echo(line)
-        click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
-        if password is not None:
-            click.echo(
-                f"\n  Admin dashboard password (shown once, stored hashed): {password}\n"
-                "  Change it with `nodeprov admin set-password`.\n",
-                err=True,
-            )
-        code = supervise(sock, count, worker_command(_root_args(ctx), ["--loop", loop]))
-    finally:
-        sock.close()
-    click.echo("nodeprov stopped.")
-    if code:
-        raise click.exceptions.Exit(code)
-
-
-def _root_args(ctx: click.Context) -> list[str]:
-    """The group's options as given, for a worker's command line."""
-    root = ctx.find_root()
-    options = ctx.find_object(Options)
-    args = ["--log-level", str(root.params.get("log_level", "info"))]
-    if root.params.get("log_json"):
-        args.append("--log-json")
-    if options and options.config_path is not None:
-        args += ["--config", str(options.config_path.resolve())]
-    return args
-
-
-def _worker(ctx: click.Context, fd: int, parent: int | None, loop: LoopChoice) -> None:
-    """One worker under ``start --workers``: serve the inherited socket until SIGTERM."""
-    if parent is not None:
-        die_with_parent(parent, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    config = load(ctx)  # the supervisor owns the data dir: no lock here
-
-    def ready(core: Core) -> None:
-        gc.collect()
-        gc.freeze()  # as in _start: collections scan only what requests allocate
-
-    guarded(run(config, asyncio.Event(), on_ready=ready, listen=inherited_socket(fd)), loop)
 
 
 def _start(config: Config, dev: bool, loop: LoopChoice) -> None:
@@ -309,38 +235,12 @@ def _start(config: Config, dev: bool, loop: LoopChoice) -> None:
             f"{config.node.name} running (pid {pid}): ledger {config.ledger_shown},"
             f" {len(core.wallet.mints)} mint(s), {models} priced model(s)."
         )
-        for line in _where(core.config, core.npub):
+        for line in where(core.config, core.npub):
             click.echo(line)
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
 
     guarded(run(config, asyncio.Event(), on_ready=ready), loop)
     click.echo("nodeprov stopped.")
-
-
-def shown_ledger(config: Config) -> str:
-    """The ledger for the banner: the SQLite file, or the PostgreSQL URL without a password."""
-    if not config.ledger_on_postgres:
-        return str(config.ledger_path)
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", config.ledger_url)
-
-
-def _where(config: Config, npub: str | None) -> list[str]:
-    """The banner's addresses: the API, the dashboard and the node's Nostr identity."""
-    http = config.http
-    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(http.host, http.host)
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    base = f"http://{host}:{http.port}"
-    public = config.node.http_url
-    lines = [
-        f"  API       {base}/v1" + (f"   (public: {public.rstrip('/')}/v1)" if public else ""),
-        f"  admin     {base}/admin/",
-    ]
-    relays = len(config.nostr.relays)
-    if npub:
-        lines.append(f"  Nostr     {npub} on {relays} relay(s)")
-    else:
-        lines.append("  Nostr     off (no relays in nostr.relays)")
-    return lines
 
 
 def _say(line: str) -> None:

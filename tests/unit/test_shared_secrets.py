@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeprov.cli_workers import shown_ledger
 from nodeprov.core.identity import node_keys
 from nodeprov.core.key_secret import derive_api_key, node_secret
 from nodeprov.errors import ConfigError
@@ -63,3 +64,11 @@ def test_a_bad_api_key_secret_is_one_clear_error(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL, {"NODEPROV_NODE__API_KEY_SECRET": "abcd"})
     with pytest.raises(ConfigError, match="64 hex digits"):
         node_secret(config.node.api_key_secret, config.api_key_secret_path)
+
+
+def test_the_banner_shows_the_postgresql_ledger_without_its_password(tmp_path: Path) -> None:
+    url = "postgresql://books:s3cret@db.internal:5432/nodeprov"
+    config = load(tmp_path, MINIMAL, {"NODEPROV_LEDGER__URL": url})
+    shown = shown_ledger(config)
+    assert shown == "postgresql://books:***@db.internal:5432/nodeprov" and "s3cret" not in shown
+    assert shown_ledger(load(tmp_path, MINIMAL)) == str(tmp_path / "data" / "ledger.sqlite3")
