@@ -49,7 +49,7 @@ from nodeprov.core.node import Core, open_books
 from nodeprov.daemon import books, run
 from nodeprov.event_loop import LOOP_CHOICES, LoopChoice
 from nodeprov.logging_setup import setup_logging
-from nodeprov.workers import LISTEN_FD_OPTION, PARENT_OPTION
+from nodeprov.workers import LISTEN_FD_OPTION, PARENT_OPTION, READY_FD_OPTION
 
 # Package data, so that `init` works wherever nodeprov is installed (config/ links to it).
 EXAMPLE_CONFIG = Path(__file__).resolve().parent / "nodeprov.example.toml"
@@ -155,6 +155,7 @@ def _key_path(config_file: Path) -> Path:
 )
 @click.option(LISTEN_FD_OPTION, "listen_fd", type=int, hidden=True)
 @click.option(PARENT_OPTION, "worker_of", type=int, hidden=True)
+@click.option(READY_FD_OPTION, "ready_fd", type=int, hidden=True)
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -163,6 +164,7 @@ def start(
     workers: int,
     listen_fd: int | None,
     worker_of: int | None,
+    ready_fd: int | None,
 ) -> None:
     """Run the daemon until Ctrl+C or SIGTERM.
 
@@ -184,7 +186,7 @@ def start(
     leadership").
     """
     if listen_fd is not None:
-        run_worker(ctx, listen_fd, worker_of, loop)
+        run_worker(ctx, listen_fd, worker_of, ready_fd, loop)
         return
     options = ctx.find_object(Options)
     path = None

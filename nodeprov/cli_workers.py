@@ -11,6 +11,7 @@ import gc
 import os
 import re
 import signal
+from dataclasses import replace
 
 import click
 
@@ -25,7 +26,13 @@ from nodeprov.errors import ConfigError
 from nodeprov.event_loop import LoopChoice
 from nodeprov.http.server import bind
 from nodeprov.limits import raise_open_files_limit
-from nodeprov.workers import die_with_parent, inherited_socket, supervise, worker_command
+from nodeprov.workers import (
+    die_with_parent,
+    inherited_socket,
+    say_ready,
+    supervise,
+    worker_command,
+)
 
 
 def shown_ledger(config: Config) -> str:
@@ -84,7 +91,9 @@ def start_workers(ctx: click.Context, config: Config, count: int, loop: LoopChoi
             f" ledger {shown_ledger(config)}, {len(config.wallet.mints)} mint(s),"
             f" {len(config.models)} priced model(s)."
         )
-        for line in where(config, npub):
+        # The port bound (http.port 0: a free one the kernel picked).
+        shown = replace(config, http=replace(config.http, port=sock.getsockname()[1]))
+        for line in where(shown, npub):
             click.echo(line)
         click.echo(f"Stop with Ctrl+C or `kill -TERM {pid}`.")
         if password is not None:
@@ -113,7 +122,9 @@ def root_args(ctx: click.Context) -> list[str]:
     return args
 
 
-def run_worker(ctx: click.Context, fd: int, parent: int | None, loop: LoopChoice) -> None:
+def run_worker(
+    ctx: click.Context, fd: int, parent: int | None, ready_fd: int | None, loop: LoopChoice
+) -> None:
     """One worker under ``start --workers``: serve the inherited socket until SIGTERM."""
     if parent is not None:
         die_with_parent(parent, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -122,5 +133,7 @@ def run_worker(ctx: click.Context, fd: int, parent: int | None, loop: LoopChoice
     def ready(core: Core) -> None:
         gc.collect()
         gc.freeze()  # as for one process: collections scan only what requests allocate
+        if ready_fd is not None:
+            say_ready(ready_fd)
 
     guarded(run(config, asyncio.Event(), on_ready=ready, listen=inherited_socket(fd)), loop)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Passed to workers on their command line (a hidden `start` option).
 LISTEN_FD_OPTION = "--listen-fd"
 PARENT_OPTION = "--worker-of"
+READY_FD_OPTION = "--ready-fd"  # a pipe a worker writes its pid to once it serves
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 # A worker that ran this long before exiting was healthy: its restart waits the first backoff.
@@ -44,6 +45,10 @@ HEALTHY_SECONDS = 30.0
 # Workers get this long after SIGTERM (the daemon's own grace plus closing), then SIGKILL.
 STOP_SECONDS = 30.0
 PR_SET_PDEATHSIG = 1
+# When no worker has ever come up and workers failed to start this many times per slot, the
+# supervisor gives up (exit 1) as one process would: a database that cannot be reached or
+# a port's socket it cannot use is not fixed by restarting.
+BOOT_TRIES = 3
 
 
 @dataclass
@@ -67,16 +72,35 @@ class Supervisor:
     command: Sequence[str]
     slots: list[_Slot] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    ready: set[int] = field(default_factory=set)  # pids of workers that came up
+    boot_failures: int = 0  # workers that exited before they came up
+    gave_up: bool = False
+    _ready_pipe: tuple[int, int] | None = None
+    _pending: bytes = b""
 
-    def _argv(self) -> list[str]:
+    def _argv(self, ready_fd: int) -> list[str]:
         fd = str(self.sock.fileno())
-        return [*self.command, LISTEN_FD_OPTION, fd, PARENT_OPTION, str(os.getpid())]
+        parent = str(os.getpid())
+        options = [LISTEN_FD_OPTION, fd, PARENT_OPTION, parent, READY_FD_OPTION, str(ready_fd)]
+        return [*self.command, *options]
 
     def _spawn(self, slot: _Slot) -> None:
+        assert self._ready_pipe is not None
+        ready_fd = self._ready_pipe[1]
         env = dict(os.environ, NODEPROV_WORKER_INDEX=str(slot.index))
-        slot.proc = subprocess.Popen(self._argv(), pass_fds=(self.sock.fileno(),), env=env)
+        slot.proc = subprocess.Popen(
+            self._argv(ready_fd), pass_fds=(self.sock.fileno(), ready_fd), env=env
+        )
         slot.started = time.monotonic()
         log.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
+
+    def _read_ready(self) -> None:
+        """Note the workers that said they serve (a pid per line on the ready pipe)."""
+        assert self._ready_pipe is not None
+        with contextlib.suppress(BlockingIOError):
+            self._pending += os.read(self._ready_pipe[0], 4096)
+        *lines, self._pending = self._pending.split(b"\n")
+        self.ready.update(int(line) for line in lines if line.strip().isdigit())
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop every worker and return (safe from a signal handler)."""
@@ -85,16 +109,25 @@ class Supervisor:
     def run(self, poll_seconds: float = 0.2) -> int:
         """Start the workers, restart any that exits, until :meth:`stop`; then stop them all.
 
-        Returns 0, or 1 when a worker had to be killed after :data:`STOP_SECONDS`.
+        Returns 0; 1 when workers never came up (see :data:`BOOT_TRIES`) or one had to be
+        killed after :data:`STOP_SECONDS`.
         """
-        self.slots = [_Slot(i) for i in range(self.count)]
-        for slot in self.slots:
-            self._spawn(slot)
-        while not self.stopping.wait(poll_seconds):
-            now = time.monotonic()
+        self._ready_pipe = os.pipe()
+        os.set_blocking(self._ready_pipe[0], False)
+        try:
+            self.slots = [_Slot(i) for i in range(self.count)]
             for slot in self.slots:
-                self._check(slot, now)
-        return self._stop_all()
+                self._spawn(slot)
+            while not self.stopping.wait(poll_seconds):
+                self._read_ready()  # before exits: a worker that came up, then died, is no
+                now = time.monotonic()  # boot failure
+                for slot in self.slots:
+                    self._check(slot, now)
+            code = self._stop_all()
+        finally:
+            for fd in self._ready_pipe:
+                os.close(fd)
+        return 1 if self.gave_up else code
 
     def _check(self, slot: _Slot, now: float) -> None:
         proc = slot.proc
@@ -105,6 +138,14 @@ class Supervisor:
             ran = now - slot.started
             slot.backoff = BACKOFF_FIRST if ran >= HEALTHY_SECONDS else slot.backoff
             how = f"signal {-code}" if code < 0 else f"code {code}"
+            if proc.pid not in self.ready:
+                self.boot_failures += 1
+                if not self.ready and self.boot_failures >= BOOT_TRIES * self.count:
+                    log.error("workers cannot start (see the errors above); stopping")
+                    self.gave_up = True
+                    self.stopping.set()
+                    slot.proc = None
+                    return
             log.warning(
                 "worker %d (pid %d) exited with %s; restarting it in %.1f s",
                 slot.index,
@@ -182,6 +223,13 @@ def die_with_parent(parent: int, on_orphaned: Callable[[], None]) -> None:
         on_orphaned()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def say_ready(fd: int) -> None:
+    """Tell the supervisor (through its pipe ``fd``) that this worker serves."""
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
 
 
 def inherited_socket(fd: int) -> socket.socket:

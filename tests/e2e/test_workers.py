@@ -200,6 +200,24 @@ def test_more_than_one_worker_on_a_sqlite_ledger_is_refused_in_one_line(
     assert not (tmp_path / "data" / "ledger.sqlite3").exists()  # refused before anything
 
 
+def test_when_no_worker_can_start_the_supervisor_gives_up_with_exit_1(
+    tmp_path: Path, mint: MintHandle, relay: RelayHandle, upstream: FakeUpstream
+) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"  # nothing listens there
+    config = write_config(tmp_path, mint, relay, upstream, 0, "no-db", dead)
+    done = subprocess.run(
+        [NODEPROV, "-c", str(config), "start", "--workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "workers cannot start (see the errors above); stopping" in done.stderr
+    assert "error: connection failed" in done.stderr  # each worker's one-line reason
+    assert "  API       http://127.0.0.1:" in done.stdout and ":0/v1" not in done.stdout
+
+
 def test_killed_workers_are_replaced_keep_admin_logins_and_sigterm_stops_all(
     tmp_path: Path,
     mint: MintHandle,
@@ -391,9 +409,18 @@ async def test_a_killed_leader_under_load_is_replaced_and_dm_jobs_are_answered_o
             )
             replies = await peer.replies(len(jobs), within=120)
             assert sorted(r.json["id"] for r in replies) == jobs
-            assert all(r.json["type"] == "response" for r in replies), [
-                r.json for r in replies if r.json["type"] != "response"
+            # A job whose token swap was still at the mint when its worker died (the swap
+            # overlaps the upstream call) finds that swap pending, owned by a process that no
+            # longer runs: it is answered "still being redeemed; retry" (the swap is settled
+            # by recovery once old enough, crediting the sender). Every other job is answered.
+            retry = {"type": "error", "code": "mint_unavailable"}
+            unexpected = [
+                r.json
+                for r in replies
+                if r.json["type"] != "response"
+                and {"type": r.json["type"], "code": r.json["error"]["code"]} != retry
             ]
+            assert unexpected == []
             assert await peer.quiet(3.0) == []  # nothing answered twice
             assert node.text().count("resuming DM") == len(jobs)  # the new leader took them up
         finally:
