@@ -38,7 +38,6 @@ from nodeprov.cli_ops import keys, payout, withdraw
 from nodeprov.cli_workers import (
     refuse_workers_on_sqlite,
     run_worker,
-    shown_ledger,
     start_workers,
     where,
 )

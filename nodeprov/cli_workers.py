@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import re
 import signal
 from dataclasses import replace
 
@@ -33,13 +32,6 @@ from nodeprov.workers import (
     supervise,
     worker_command,
 )
-
-
-def shown_ledger(config: Config) -> str:
-    """The ledger for the banner: the SQLite file, or the PostgreSQL URL without a password."""
-    if not config.ledger_on_postgres:
-        return str(config.ledger_path)
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", config.ledger_url)
 
 
 def where(config: Config, npub: str | None) -> list[str]:
@@ -88,7 +80,7 @@ def start_workers(ctx: click.Context, config: Config, count: int, loop: LoopChoi
         pid = os.getpid()
         click.echo(
             f"{config.node.name} running (supervisor pid {pid}, {count} workers):"
-            f" ledger {shown_ledger(config)}, {len(config.wallet.mints)} mint(s),"
+            f" ledger {config.ledger_shown}, {len(config.wallet.mints)} mint(s),"
             f" {len(config.models)} priced model(s)."
         )
         # The port bound (http.port 0: a free one the kernel picked).

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from nodeprov.cli_workers import shown_ledger
 from nodeprov.core.identity import node_keys
 from nodeprov.core.key_secret import derive_api_key, node_secret
 from nodeprov.errors import ConfigError
@@ -69,6 +68,6 @@ def test_a_bad_api_key_secret_is_one_clear_error(tmp_path: Path) -> None:
 def test_the_banner_shows_the_postgresql_ledger_without_its_password(tmp_path: Path) -> None:
     url = "postgresql://books:s3cret@db.internal:5432/nodeprov"
     config = load(tmp_path, MINIMAL, {"NODEPROV_LEDGER__URL": url})
-    shown = shown_ledger(config)
+    shown = config.ledger_shown
     assert shown == "postgresql://books:***@db.internal:5432/nodeprov" and "s3cret" not in shown
-    assert shown_ledger(load(tmp_path, MINIMAL)) == str(tmp_path / "data" / "ledger.sqlite3")
+    assert load(tmp_path, MINIMAL).ledger_shown == str(tmp_path / "data" / "ledger.sqlite3")
