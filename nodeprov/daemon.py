@@ -159,6 +159,19 @@ def lock_session(config: Config) -> LockSession:
     return SoloSession()
 
 
+async def recover_shared(core: Core, leadership: Leadership) -> None:
+    """A new leader's recovery on a shared database: everything when no other process
+    serves (it holds presence alone meanwhile, so none starts), else only operations old
+    enough to be abandoned. This process's own live operations are never touched."""
+    if await leadership.session.try_alone():
+        try:
+            await recover(core)
+        finally:
+            await leadership.session.release_alone()
+    else:
+        await recover(core, older_than=abandoned_before(core))
+
+
 def leader_service(services: Sequence[Service], leadership: Leadership) -> Service:
     """One every-worker service that runs ``services`` whenever this process leads.
 
@@ -169,7 +182,7 @@ def leader_service(services: Sequence[Service], leadership: Leadership) -> Servi
     async def leader_services(core: Core, stop: asyncio.Event) -> None:
         async def lead(resign: asyncio.Event) -> None:
             if core.config.ledger_on_postgres:
-                await recover(core, older_than=abandoned_before(core))
+                await recover_shared(core, leadership)
             await _supervise(core, resign, services)
 
         await leadership.run(stop, lead)
@@ -202,9 +215,9 @@ async def run(
         sock = listen if listen is not None else bind(config.http.host, config.http.port)
         listening = listening_http_service(sock)
         chosen = [listening if s is http_service else s for s in chosen]
+    leadership = leadership or Leadership(lock_session(config))
     led = [s for s in chosen if s.__name__ in LEADER_ONLY]
     if led:
-        leadership = leadership or Leadership(lock_session(config))
         chosen = [s for s in chosen if s not in led] + [leader_service(led, leadership)]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
@@ -215,10 +228,20 @@ async def run(
         try:
             if not config.ledger_on_postgres:
                 await recover(core)  # one process owns this ledger: every pending op is orphaned
+            elif await leadership.session.try_alone():
+                # Before serving: the first process on the database recovers everything, as
+                # at a SQLite start; one joining others leaves recovery to the leader.
+                try:
+                    await recover(core)
+                finally:
+                    await leadership.session.release_alone()
+            else:
+                await leadership.session.join()
             if on_ready is not None:
                 on_ready(core)
             await _supervise(core, stop, chosen)
         finally:
+            await leadership.session.close()
             await core.close()
             log.info("stopped")
     finally:

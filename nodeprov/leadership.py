@@ -35,6 +35,8 @@ CHECK_SECONDS = 1.0
 # that a leader cut off from the database has stopped before another can take the lock.
 CHECK_TIMEOUT_SECONDS = 3.0
 CONNECT_TIMEOUT_SECONDS = 5
+PRESENCE_NAME = "nodeprov/present/v1"
+LOCK_APPLICATION = "nodeprov-leader"
 STEP_DOWN_GRACE_SECONDS = 10.0
 
 
@@ -89,12 +91,27 @@ def lock_conninfo(url: str, keepalive: Keepalive = KEEPALIVE) -> dict[str, Any]:
     given = str(params.get("options") or "").strip()
     params["options"] = f"{given} {keepalive.server_options()}".strip()
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
-    params.setdefault("application_name", "nodeprov-leader")
+    params["application_name"] = LOCK_APPLICATION
     return params
 
 
 class LockSession(Protocol):
-    """One attempt at leading: a connection that may take the lock and must keep it."""
+    """One process's place among those sharing the database: present, and maybe leading.
+
+    Presence is a second advisory lock: every process that serves holds it shared; one
+    that takes it exclusively knows no other process is serving (so no other has live
+    wallet operations), and none can start serving until it lets go.
+    """
+
+    async def join(self) -> None:
+        """Be present (shared): before serving. Waits while a process holds it alone."""
+
+    async def try_alone(self) -> bool:
+        """Hold presence exclusively if no other process is present (then call
+        :meth:`release_alone`); False at once otherwise."""
+
+    async def release_alone(self) -> None:
+        """Back from alone to present (shared)."""
 
     async def acquire(self) -> bool:
         """Try to take the lock without waiting; True if this session now holds it."""
@@ -109,6 +126,15 @@ class LockSession(Protocol):
 class SoloSession:
     """The SQLite ledger's lock: the data dir's owner is the only process, so it leads."""
 
+    async def join(self) -> None:
+        return None
+
+    async def try_alone(self) -> bool:
+        return True
+
+    async def release_alone(self) -> None:
+        return None
+
     async def acquire(self) -> bool:
         return True
 
@@ -120,26 +146,48 @@ class SoloSession:
 
 
 class PostgresSession:
-    """A session-level ``pg_try_advisory_lock`` held on its own autocommit connection."""
+    """Session-level advisory locks (presence, leadership) on one autocommit connection."""
 
     def __init__(self, url: str, key: int | None = None, keepalive: Keepalive = KEEPALIVE) -> None:
         self.url, self.key, self.keepalive = url, advisory_key() if key is None else key, keepalive
+        # Presence is per lock key, so that tests with their own key are their own "node".
+        self.presence = advisory_key(f"{PRESENCE_NAME}/{self.key}")
         self.conn: Any = None  # psycopg.AsyncConnection once connected
         self.backend_pid: int | None = None
+        self._present = False
 
-    async def acquire(self) -> bool:
+    async def _connect(self) -> None:
         import psycopg
 
         if self.conn is None:
+            self._present = False
             self.conn = await psycopg.AsyncConnection.connect(
                 **lock_conninfo(self.url, self.keepalive), autocommit=True
             )
-        cur = await self.conn.execute(
-            "SELECT pg_try_advisory_lock(%s), pg_backend_pid()", (self.key,)
-        )
+
+    async def _one(self, query: str, *args: object) -> Any:
+        cur = await self.conn.execute(query, args)
         row = await cur.fetchone()
-        got = bool(row and row[0])
-        self.backend_pid = int(row[1]) if got and row else None
+        return row[0] if row else None
+
+    async def join(self) -> None:
+        await self._connect()
+        if not self._present:
+            await self._one("SELECT pg_advisory_lock_shared(%s)", self.presence)
+            self._present = True
+
+    async def try_alone(self) -> bool:
+        await self._connect()
+        return bool(await self._one("SELECT pg_try_advisory_lock(%s)", self.presence))
+
+    async def release_alone(self) -> None:
+        await self.join()  # shared first: presence is never dropped in between
+        await self._one("SELECT pg_advisory_unlock(%s)", self.presence)
+
+    async def acquire(self) -> bool:
+        await self.join()  # after a reconnect, present again before leading
+        got = bool(await self._one("SELECT pg_try_advisory_lock(%s)", self.key))
+        self.backend_pid = int(await self._one("SELECT pg_backend_pid()")) if got else None
         return got
 
     async def alive(self) -> bool:
@@ -154,6 +202,7 @@ class PostgresSession:
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None
+        self._present = False
         if conn is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):

@@ -199,3 +199,27 @@ async def test_the_server_applies_the_keepalive_settings_to_the_lock_session(
         assert await cur.fetchone() == (str(KEEPALIVE.idle), str(KEEPALIVE.count))
     finally:
         await session.close()
+
+
+async def test_a_process_is_alone_only_while_no_other_is_present_and_none_joins_meanwhile(
+    postgres_url: str,
+) -> None:
+    first = PostgresSession(postgres_url, advisory_key("test/alone"))
+    second = PostgresSession(postgres_url, advisory_key("test/alone"))
+    try:
+        # The first process on the database: alone (it recovers everything), then present.
+        assert await first.try_alone()
+        # A second process that starts meanwhile waits to join until the first lets go.
+        joining = asyncio.create_task(second.join())
+        await asyncio.sleep(0.2)  # let its request reach the server
+        assert not joining.done()
+        await first.release_alone()
+        await joining
+        # Both present: neither is alone (each one's live operations are its own).
+        assert not await first.try_alone() and not await second.try_alone()
+        await second.close()  # its server process ends (and frees its locks) a moment later
+        await until(first.try_alone, what="alone again once the other left")
+        await first.release_alone()
+    finally:
+        await first.close()
+        await second.close()
