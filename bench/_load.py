@@ -2,7 +2,7 @@
 
     python -m bench._load URL [--clients C] [--seconds D] [--warmup W] [--header 'K: V']...
                           [--body JSON] [--requests N] [--tokens FILE]
-                          [--token-header NAME] [--hold]
+                          [--token-header NAME] [--keys FILE] [--hold]
 
 Each client owns one kept-alive connection and sends the next request as soon as the answer
 to the last one is read (closed loop). Answers are parsed by hand (Content-Length or chunked),
@@ -13,9 +13,10 @@ from the first to the last ``data:`` chunk).
 
 Modes: by time (``--seconds`` after ``--warmup`` seconds), by count (``--requests`` after
 ``--warmup`` requests), a token per request (``--tokens``: one per line, sent as
-``--token-header``; stops when they run out), and ``--hold``: every client opens one stream and
-keeps it open; once each has its first chunk or its error, one JSON line says how many are
-open, and the streams stay open until stdin closes.
+``--token-header``; stops when they run out), one API key per client (``--keys``: client i
+sends ``Authorization: Bearer`` key i modulo their number), and ``--hold``: every client opens
+one stream and keeps it open; once each has its first chunk or its error, one JSON line says
+how many are open, and the streams stay open until stdin closes.
 """
 
 from __future__ import annotations
@@ -144,9 +145,18 @@ class Generator:
             with open(args.tokens) as f:
                 self.tokens = [line.strip() for line in f if line.strip()]
         self.plain = build("POST", self.path, self.netloc, args.header, self.body)
+        self.per_client: list[bytes] = []
+        if args.keys:
+            with open(args.keys) as f:
+                keys = [line.strip() for line in f if line.strip()]
+            self.per_client = [
+                build("POST", self.path, self.netloc,
+                      [*args.header, f"Authorization: Bearer {key}"], self.body)
+                for key in keys
+            ]  # fmt: skip
         self.started = 0  # requests begun (count mode)
 
-    def request(self) -> bytes | None:
+    def request(self, client: int = 0) -> bytes | None:
         """The next request to send, or None when the plan is done (count or token mode)."""
         if self.args.tokens:
             if not self.tokens:
@@ -158,6 +168,8 @@ class Generator:
             if self.started >= self.args.requests + self.args.warmup:
                 return None
             self.started += 1
+        if self.per_client:
+            return self.per_client[client % len(self.per_client)]
         return self.plain
 
     def record(self, answer: Answer, began: float, measured: bool) -> None:
@@ -173,7 +185,7 @@ class Generator:
             last = answer.last_data or answer.first_data
             self.stats.tail_us.append(int((last - answer.first_data) * 1e6))
 
-    async def client(self, window: tuple[float, float]) -> None:
+    async def client(self, window: tuple[float, float], index: int = 0) -> None:
         """One closed-loop client; by time, measures answers completed inside ``window``."""
         conn = Connection(self.host, self.port)
         by_time = not (self.args.requests or self.args.tokens)
@@ -182,7 +194,7 @@ class Generator:
             while True:
                 if by_time and time.perf_counter() >= window[1]:
                     return
-                request = self.request()
+                request = self.request(index)
                 if request is None:
                     return
                 began = time.perf_counter()
@@ -208,7 +220,7 @@ class Generator:
         start = time.perf_counter() + self.args.warmup
         window = (start, start + self.args.seconds)
         t0 = time.perf_counter()
-        await asyncio.gather(*(self.client(window) for _ in range(self.args.clients)))
+        await asyncio.gather(*(self.client(window, i) for i in range(self.args.clients)))
         by_time = not (self.args.requests or self.args.tokens)
         seconds = self.args.seconds if by_time else time.perf_counter() - t0
         return self.result(seconds)
@@ -284,6 +296,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--body", default=DEFAULT_BODY)
     parser.add_argument("--tokens", default="")
     parser.add_argument("--token-header", default="X-Cashu")
+    parser.add_argument("--keys", default="")
     parser.add_argument("--hold", action="store_true")
     args = parser.parse_args(argv)
     if args.requests or args.tokens:

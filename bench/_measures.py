@@ -116,6 +116,7 @@ class Bench:
         requests: int = 0,
         tokens: list[str] | None = None,
         warmup: float | None = None,
+        keys: list[str] | None = None,
     ) -> Load:
         """Run the load generator (on the load core) against ``url``; its merged result."""
         argv = [sys.executable, "-m", "bench._load", url, "--clients", str(clients),
@@ -129,6 +130,10 @@ class Bench:
             file = self.workdir / f"tokens-{time.monotonic_ns()}.txt"
             file.write_text("\n".join(tokens) + "\n")
             argv += ["--tokens", str(file)]
+        if keys is not None:
+            file = self.workdir / f"keys-{time.monotonic_ns()}.txt"
+            file.write_text("\n".join(keys) + "\n")
+            argv += ["--keys", str(file)]
         proc = self.procs.spawn(argv, cpu=self.cores.load)
         try:
             out, _ = proc.communicate(timeout=600)
