@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +165,33 @@ async def test_copied_books_audit_the_same_and_a_key_still_pays_on_postgres(
         assert (await core.ledger.audit()).ok
     finally:
         await core.close()
+
+
+async def test_commits_a_killed_node_left_in_the_wal_are_copied(
+    tmp_path: Path, mint: MintHandle, make_token: Any, postgres_url: str
+) -> None:
+    books = await busy_books(tmp_path, mint, make_token)
+    # A process killed before SQLite checkpointed: its last commit is only in the -wal file.
+    script = (
+        "import os, sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1])\n"
+        "conn.execute('PRAGMA wal_autocheckpoint=0')\n"
+        "conn.execute(\"INSERT INTO nostr_state (key, value) VALUES ('late', 7)\")\n"
+        "conn.commit()\n"
+        "os._exit(0)\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script, str(books.path)], check=True
+    )
+    assert done.returncode == 0
+    wal = books.path.with_name(books.path.name + "-wal")
+    assert wal.stat().st_size > 0
+    before = digest(books.path)
+
+    await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+
+    assert pg_rows(postgres_url, "SELECT value FROM nostr_state WHERE key = 'late'") == [(7,)]
+    assert digest(books.path) == before
 
 
 async def test_a_target_that_holds_books_is_refused_and_left_as_it_was(
