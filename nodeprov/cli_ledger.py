@@ -19,6 +19,7 @@ from nodeprov.core.ledger_copy import (
     url_without_password,
 )
 from nodeprov.errors import NodeprovError
+from nodeprov.event_loop import run
 
 
 @click.group()
@@ -70,7 +71,7 @@ def copy(ctx: click.Context, target: str) -> None:
         fail(f"cannot use the data dir {config.node.data_dir}: {exc.strerror}", USAGE_EXIT)
     with lock:
         try:
-            report = copy_ledger(config.ledger_path, target)
+            report = run(copy_ledger(config.ledger_path, target))
         except CopyRefused as exc:
             fail(_scrub(exc.message, target), USAGE_EXIT)
         except NodeprovError as exc:

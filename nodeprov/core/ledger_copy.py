@@ -13,13 +13,14 @@ The caller makes sure no node writes to the file meanwhile (the data dir's lock)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import graphlib
 import re
 import sqlite3
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -29,10 +30,9 @@ from psycopg import sql
 
 from nodeprov.core.db_base import POSTGRES_URL_PREFIXES, Migration
 from nodeprov.core.db_postgres import CONNECT_OPTIONS, MIGRATION_LOCK
-from nodeprov.core.ledger import ACCOUNT_ROW, OPERATOR, AuditLine, AuditReport
-from nodeprov.core.ledger import _audit as audit_books
+from nodeprov.core.ledger import ACCOUNT_ROW, OPERATOR, AuditLine, AuditReport, Ledger
+from nodeprov.core.ledger_copy_db import Joined, PgSync, off_thread
 from nodeprov.core.schema import MIGRATIONS
-from nodeprov.core.sql_dialect import schema, split_statements, statement
 from nodeprov.errors import NodeprovError
 
 BATCH_ROWS = 5_000  # rows read from SQLite and streamed into one COPY at a time
@@ -92,7 +92,7 @@ def url_password(url: str) -> str:
     return dict(parse_qsl(parts.query)).get("password", "")
 
 
-def copy_ledger(
+async def copy_ledger(
     source: Path,
     target_url: str,
     *,
@@ -109,26 +109,38 @@ def copy_ledger(
         raise CopyRefused("the target must be a PostgreSQL URL: postgresql://user@host:port/db")
     if not source.is_file():
         raise CopyRefused(f"no ledger at {source}: nothing to copy")
-    with contextlib.closing(_open_read_only(source)) as src:
-        src.execute("BEGIN")  # one snapshot of the file for the whole copy
-        _check_migrations(src, migrations)
-        tables = _tables(src)
-        counts = {table: _count(src, table) for table in tables}
-        audit = _normal(audit_books(src))
-        operator = _operator_msat(src)
-        with psycopg.connect(target_url, autocommit=True, **CONNECT_OPTIONS) as pg:
-            target = _Pg(pg)
-            with pg.transaction():  # everything below commits together, or not at all
-                _refuse_books(pg, {t.lower() for t in tables})
-                _migrate(pg, migrations)
-                for table in reversed(tables):  # the rows the migrations seed (operator...)
-                    pg.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table.lower())))
-                for table in tables:
-                    _copy_table(src, pg, table, batch_rows)
-                _move_sequences(src, pg)
-                copied = {table: _count(target, table) for table in tables}
-                _verify(counts, copied, audit, _normal(audit_books(target)), operator, target)
-        src.execute("COMMIT")
+    src = await off_thread(_open_read_only, source)
+    try:
+        await off_thread(src.execute, "BEGIN")  # one snapshot of the file for the whole copy
+        await off_thread(_check_migrations, src, migrations)
+        tables = await off_thread(_tables, src)
+        counts = {table: await off_thread(_count, src, table) for table in tables}
+        audit = _normal(await Ledger(Joined(src)).audit())
+        operator = await off_thread(_operator_msat, src)
+        pg = await off_thread(
+            partial(psycopg.connect, target_url, autocommit=True, **CONNECT_OPTIONS)
+        )
+        try:
+            target = PgSync(pg)
+            await off_thread(
+                pg.execute, "BEGIN"
+            )  # everything below commits together, or not at all
+            try:
+                await off_thread(_refuse_books, pg, {t.lower() for t in tables})
+                await Joined(target, postgres=True).migrate(migrations)
+                await off_thread(_copy_tables, src, pg, tables, batch_rows)
+                copied = {table: await off_thread(_count, target, table) for table in tables}
+                target_audit = _normal(await Ledger(Joined(target)).audit())
+                _verify(counts, copied, audit, target_audit)
+                _same_operator(operator, await off_thread(_operator_msat, target))
+                await off_thread(pg.execute, "COMMIT")
+            except BaseException:
+                await asyncio.shield(off_thread(_rollback, pg))
+                raise
+        finally:
+            await off_thread(pg.close)
+    finally:
+        await off_thread(src.close)
     return CopyReport(
         source=source,
         target=url_without_password(target_url),
@@ -138,24 +150,31 @@ def copy_ledger(
     )
 
 
-class _Pg:
-    """The target in the money code's SQL spelling (``?`` placeholders), as ``_audit`` wants."""
+def _rollback(pg: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):  # the connection is gone: the server rolled back
+        pg.execute("ROLLBACK")
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
 
-    def execute(self, text: str, parameters: Sequence[Any] = (), /) -> Any:
-        return self._conn.execute(statement(text), tuple(parameters))
-
-    def executemany(self, text: str, parameters: Iterable[Sequence[Any]], /) -> Any:
-        cursor = self._conn.cursor()
-        cursor.executemany(statement(text), [tuple(p) for p in parameters])
-        return cursor
+def _copy_tables(
+    src: sqlite3.Connection, pg: psycopg.Connection[Any], tables: list[str], batch: int
+) -> None:
+    """Replace the rows the migrations seeded (the operator...) with every row of the file."""
+    for table in reversed(tables):
+        pg.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table.lower())))
+    for table in tables:
+        _copy_table(src, pg, table, batch)
+    _move_sequences(src, pg)
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
     # mode=ro: SQLite itself refuses any write to the file, whatever runs on this connection.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    # One statement at a time, from whichever worker thread the copy is in at that moment.
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+    )
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -208,12 +227,12 @@ def _columns(src: sqlite3.Connection, table: str) -> list[str]:
     return columns
 
 
-def _count(conn: sqlite3.Connection | _Pg, table: str) -> int:
+def _count(conn: sqlite3.Connection | PgSync, table: str) -> int:
     (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
     return int(count)
 
 
-def _operator_msat(conn: sqlite3.Connection | _Pg) -> int:
+def _operator_msat(conn: sqlite3.Connection | PgSync) -> int:
     """The operator's balance as :meth:`Ledger.account` shows it (unfolded earnings in)."""
     row = conn.execute(f"{ACCOUNT_ROW} WHERE id = ?", (OPERATOR,)).fetchone()
     return int(row[2]) if row is not None else 0
@@ -244,23 +263,6 @@ def _has_rows(pg: psycopg.Connection[Any], table: str) -> bool:
         sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(table))
     ).fetchone()
     return bool(row and row[0])
-
-
-def _migrate(pg: psycopg.Connection[Any], migrations: Sequence[Migration]) -> None:
-    """Every migration, as the engine applies them (same DDL, same names), uncommitted."""
-    pg.execute(
-        schema(
-            "CREATE TABLE IF NOT EXISTS migrations "
-            "(name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)"
-        )
-    )
-    for migration in migrations:
-        for text in split_statements(schema(migration.sql)):
-            pg.execute(text)
-        pg.execute(
-            "INSERT INTO migrations (name, applied_at) VALUES (%s, %s)",
-            (migration.name, int(time.time())),
-        )
 
 
 def _copy_table(
@@ -336,29 +338,26 @@ def _normal(report: AuditReport) -> AuditReport:
 
 
 def _verify(
-    counts: dict[str, int],
-    copied: dict[str, int],
-    audit: AuditReport,
-    target_audit: AuditReport,
-    operator: int,
-    target: _Pg,
+    counts: dict[str, int], copied: dict[str, int], audit: AuditReport, target: AuditReport
 ) -> None:
-    """The copy's books are the source's, or nothing commits."""
+    """The copy's rows and audit are the file's, or nothing commits."""
     for table, rows in counts.items():
         if copied[table] != rows:
             raise CopyMismatch(
                 f"table {table}: {rows} rows in the file, {copied[table]} copied; nothing was"
                 " committed, the target is left empty"
             )
-    if target_audit != audit:
+    if target != audit:
         raise CopyMismatch(
-            f"the copy's audit differs (assets {target_audit.assets_msat} msat, owed"
-            f" {target_audit.liabilities_msat} msat; the file: {audit.assets_msat},"
+            f"the copy's audit differs (assets {target.assets_msat} msat, owed"
+            f" {target.liabilities_msat} msat; the file: {audit.assets_msat},"
             f" {audit.liabilities_msat}); nothing was committed, the target is left empty"
         )
-    copied_operator = _operator_msat(target)
-    if copied_operator != operator:
+
+
+def _same_operator(operator: int, copied: int) -> None:
+    if copied != operator:
         raise CopyMismatch(
-            f"the operator's balance differs ({copied_operator} msat copied, {operator} in the"
-            " file); nothing was committed, the target is left empty"
+            f"the operator's balance differs ({copied} msat copied, {operator} in the file);"
+            " nothing was committed, the target is left empty"
         )

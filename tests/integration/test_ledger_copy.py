@@ -128,7 +128,7 @@ async def test_copied_books_audit_the_same_and_a_key_still_pays_on_postgres(
     books = await busy_books(tmp_path, mint, make_token)
     before = digest(books.path)
 
-    report = await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+    report = await copy_ledger(books.path, postgres_url)
 
     assert digest(books.path) == before  # the way back stays open
     copied = {table.name: table.rows for table in report.tables}
@@ -188,7 +188,7 @@ async def test_commits_a_killed_node_left_in_the_wal_are_copied(
     assert wal.stat().st_size > 0
     before = digest(books.path)
 
-    await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+    await copy_ledger(books.path, postgres_url)
 
     assert pg_rows(postgres_url, "SELECT value FROM nostr_state WHERE key = 'late'") == [(7,)]
     assert digest(books.path) == before
@@ -207,7 +207,7 @@ async def test_a_target_that_holds_books_is_refused_and_left_as_it_was(
     accounts = pg_rows(postgres_url, "SELECT id, balance_msat FROM accounts ORDER BY id")
 
     with pytest.raises(CopyRefused) as refused:
-        await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+        await copy_ledger(books.path, postgres_url)
 
     assert "already holds books" in refused.value.message
     assert "empty database" in refused.value.message and "\n" not in refused.value.message
@@ -224,7 +224,7 @@ async def test_a_target_with_rows_of_its_own_is_refused(
         conn.execute("INSERT INTO notes VALUES ('keep me')")
 
     with pytest.raises(CopyRefused) as refused:
-        await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+        await copy_ledger(books.path, postgres_url)
 
     assert "notes" in refused.value.message
     assert pg_tables(postgres_url) == ["notes"]
@@ -242,13 +242,13 @@ async def test_a_failure_mid_copy_leaves_the_target_empty(
         source.commit()
 
     with pytest.raises(psycopg.Error):
-        await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+        await copy_ledger(books.path, postgres_url)
 
     assert pg_tables(postgres_url) == []  # no table, no migration recorded: empty as before
     with contextlib.closing(sqlite3.connect(books.path)) as source:
         source.execute("UPDATE nostr_dm_jobs SET updated_at = 1")
         source.commit()
-    report = await asyncio.to_thread(copy_ledger, books.path, postgres_url)  # again, at once
+    report = await copy_ledger(books.path, postgres_url)  # again, at once
     assert report.audit == books.audit
 
 
@@ -261,7 +261,7 @@ async def test_an_out_of_date_ledger_file_is_refused(
         source.commit()
 
     with pytest.raises(CopyRefused) as refused:
-        await asyncio.to_thread(copy_ledger, books.path, postgres_url)
+        await copy_ledger(books.path, postgres_url)
 
     assert "0102_operator_earnings_shards" in refused.value.message
     assert "nodeprov status" in refused.value.message
