@@ -32,6 +32,7 @@ from nodeprov.cli_common import (
     own_data_dir,
     refuse_placeholders,
 )
+from nodeprov.cli_ledger import ledger
 from nodeprov.cli_models import models
 from nodeprov.cli_node import admin, announce
 from nodeprov.cli_ops import keys, payout, withdraw
@@ -358,6 +359,7 @@ main.add_command(models)
 main.add_command(client)
 main.add_command(announce)
 main.add_command(admin)
+main.add_command(ledger)
 wallet.add_command(withdraw)
 wallet.add_command(payout)
 
