@@ -157,8 +157,8 @@ class _Sync:
         return cursor
 
 
-class _Result:
-    """A statement's rows, fetched in the statement's thread hop."""
+class FetchedRows:
+    """A statement's rows, fetched in the statement's thread hop (a write block's cursor)."""
 
     __slots__ = ("_rows", "rowcount")
 
@@ -177,8 +177,8 @@ class _Result:
         self._rows = []
 
 
-def _rows_of(cursor: Any) -> _Result:
-    return _Result(cursor.fetchall() if cursor.description is not None else [], cursor.rowcount)
+def _rows_of(cursor: Any) -> FetchedRows:
+    return FetchedRows(cursor.fetchall() if cursor.description is not None else [], cursor.rowcount)
 
 
 class _Async:
@@ -187,13 +187,13 @@ class _Async:
     def __init__(self, db: PostgresDatabase, slot: _Slot) -> None:
         self._db, self._slot = db, slot
 
-    async def execute(self, sql: str, parameters: Iterable[Any] | None = None, /) -> _Result:
+    async def execute(self, sql: str, parameters: Iterable[Any] | None = None, /) -> FetchedRows:
         params = tuple(parameters or ())
         return await self._db._in(
             self._slot, lambda conn: _rows_of(_Sync(conn).execute(sql, params))
         )
 
-    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> _Result:
+    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> FetchedRows:
         rows = [tuple(p) for p in parameters]
         return await self._db._in(
             self._slot, lambda conn: _rows_of(_Sync(conn).executemany(sql, rows))

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from nodeprov.core.db_base import Conn, Database, Migration, SyncConn
-from nodeprov.core.db_postgres import MIGRATION_LOCK
+from nodeprov.core.db_postgres import MIGRATION_LOCK, FetchedRows
 from nodeprov.core.sql_dialect import schema, statement
 
 T = TypeVar("T")
@@ -40,23 +40,6 @@ class PgSync:
         cursor = self._conn.cursor()
         cursor.executemany(statement(text), [tuple(p) for p in parameters])
         return cursor
-
-
-class _Rows:
-    """A statement's rows, fetched in the statement's thread hop (as the engines do)."""
-
-    def __init__(self, rows: list[Any], rowcount: int) -> None:
-        self._rows, self.rowcount = rows, rowcount
-
-    async def fetchone(self) -> Any:
-        return self._rows.pop(0) if self._rows else None
-
-    async def fetchall(self) -> list[Any]:
-        rows, self._rows = self._rows, []
-        return rows
-
-    async def close(self) -> None:
-        self._rows = []
 
 
 class Joined(Database):
@@ -87,21 +70,21 @@ class Joined(Database):
     async def write(self) -> AsyncIterator[Conn]:
         yield self
 
-    async def execute(self, sql: str, parameters: Iterable[Any] | None = None, /) -> _Rows:
+    async def execute(self, sql: str, parameters: Iterable[Any] | None = None, /) -> FetchedRows:
         """One statement of a :meth:`write` block."""
         params = tuple(parameters or ())
 
-        def run() -> _Rows:
+        def run() -> FetchedRows:
             cursor = self._conn.execute(sql, params)
             rows = cursor.fetchall() if getattr(cursor, "description", None) else []
-            return _Rows(list(rows), cursor.rowcount)
+            return FetchedRows(list(rows), cursor.rowcount)
 
         return await off_thread(run)
 
-    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> _Rows:
+    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> FetchedRows:
         rows = [tuple(p) for p in parameters]
         cursor = await off_thread(self._conn.executemany, sql, rows)
-        return _Rows([], cursor.rowcount)
+        return FetchedRows([], cursor.rowcount)
 
     async def transact(self, work: Callable[[SyncConn], T]) -> T:
         return await off_thread(work, self._conn)
