@@ -11,13 +11,8 @@ import click
 from nodeprov.cli_common import USAGE_EXIT, fail, load
 from nodeprov.core.datadir import DataDirBusy, DataDirLock
 from nodeprov.core.db import DATABASE_ERRORS
-from nodeprov.core.ledger_copy import (
-    CopyRefused,
-    CopyReport,
-    copy_ledger,
-    url_password,
-    url_without_password,
-)
+from nodeprov.core.db_base import url_password, url_without_password
+from nodeprov.core.ledger_copy import CopyRefused, CopyReport, copy_ledger
 from nodeprov.errors import NodeprovError
 from nodeprov.event_loop import run
 

@@ -14,9 +14,12 @@ from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
-from nodeprov.core.db_base import POSTGRES_URL_PREFIXES, SQLITE_URL_PREFIX
+from nodeprov.core.db_base import (
+    POSTGRES_URL_PREFIXES,
+    SQLITE_URL_PREFIX,
+    url_without_password,
+)
 from nodeprov.core.key_secret import SECRET_FILE
 from nodeprov.core.money import Unit
 
@@ -215,11 +218,7 @@ class Config:
         """Where the books are, to print: the SQLite file, or the URL without its password."""
         if not self.ledger_on_postgres:
             return str(self.ledger_path)
-        parts = urlsplit(self.ledger.url)
-        if parts.password is None:
-            return self.ledger.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        return url_without_password(self.ledger.url, mask="***")
 
     @property
     def ledger_on_postgres(self) -> bool:

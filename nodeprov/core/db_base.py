@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
@@ -176,3 +177,28 @@ async def fetchall(conn: Conn, sql: str, params: Sequence[Any] = ()) -> list[Any
     rows = list(await cursor.fetchall())
     await cursor.close()
     return rows
+
+
+def url_without_password(url: str, mask: str = "") -> str:
+    """``url`` with any password (in the user part or a ``password=`` parameter) removed, or
+    replaced by ``mask``: the one rule for printing a database URL."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        name, colon, _ = user.partition(":")
+        netloc = f"{name}{':' + mask if colon and mask else ''}@{host}"
+    query = [
+        (k, mask if k == "password" else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k != "password" or mask
+    ]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, quote_via=quote)))
+
+
+def url_password(url: str) -> str:
+    """The password ``url`` carries ("" if none), to keep it out of anything printed."""
+    parts = urlsplit(url)
+    if parts.password:
+        return unquote(parts.password)
+    return dict(parse_qsl(parts.query)).get("password", "")

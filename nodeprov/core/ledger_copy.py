@@ -23,12 +23,15 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 
-from nodeprov.core.db_base import POSTGRES_URL_PREFIXES, Migration
+from nodeprov.core.db_base import (
+    POSTGRES_URL_PREFIXES,
+    Migration,
+    url_without_password,
+)
 from nodeprov.core.db_postgres import CONNECT_OPTIONS, MIGRATION_LOCK
 from nodeprov.core.ledger import ACCOUNT_ROW, OPERATOR, AuditLine, AuditReport, Ledger
 from nodeprov.core.ledger_copy_db import Joined, PgSync, off_thread
@@ -71,25 +74,6 @@ class CopyReport:
     @property
     def rows(self) -> int:
         return sum(table.rows for table in self.tables)
-
-
-def url_without_password(url: str) -> str:
-    """``url`` with any password removed (in the user part or as a ``password=`` parameter)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}@{host}"
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, quote_via=quote)))
-
-
-def url_password(url: str) -> str:
-    """The password ``url`` carries ("" if none), to keep it out of anything printed."""
-    parts = urlsplit(url)
-    if parts.password:
-        return unquote(parts.password)
-    return dict(parse_qsl(parts.query)).get("password", "")
 
 
 async def copy_ledger(

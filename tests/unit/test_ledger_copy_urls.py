@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeprov.core.ledger_copy import url_password, url_without_password
+from nodeprov.core.db_base import url_password, url_without_password
 
 
 @pytest.mark.parametrize(

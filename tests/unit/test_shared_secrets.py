@@ -71,3 +71,9 @@ def test_the_banner_shows_the_postgresql_ledger_without_its_password(tmp_path: P
     shown = config.ledger_shown
     assert shown == "postgresql://books:***@db.internal:5432/nodeprov" and "s3cret" not in shown
     assert load(tmp_path, MINIMAL).ledger_shown == str(tmp_path / "data" / "ledger.sqlite3")
+
+
+def test_the_banner_hides_a_password_given_as_a_url_parameter_too(tmp_path: Path) -> None:
+    url = "postgresql://books@db.internal:5432/nodeprov?password=s3cret&sslmode=require"
+    shown = load(tmp_path, MINIMAL, {"NODEPROV_LEDGER__URL": url}).ledger_shown
+    assert "s3cret" not in shown and "password=%2A%2A%2A" in shown and "sslmode=require" in shown
