@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import psycopg
+
+from nodeprov.core import db_postgres
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,7 @@ KEEPALIVE = Keepalive()
 
 def advisory_key(name: str = LOCK_NAME) -> int:
     """A fixed signed 64-bit advisory-lock key derived from ``name`` (stable across runs)."""
-    digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return db_postgres.advisory_key(name)
 
 
 def lock_conninfo(url: str, keepalive: Keepalive = KEEPALIVE) -> dict[str, Any]:
@@ -157,8 +159,6 @@ class PostgresSession:
         self._present = False
 
     async def _connect(self) -> None:
-        import psycopg
-
         if self.conn is None:
             self._present = False
             self.conn = await psycopg.AsyncConnection.connect(

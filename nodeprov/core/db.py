@@ -15,13 +15,11 @@ from nodeprov.core.db_base import (
     DATABASE_ERRORS,
     POSTGRES_URL_PREFIXES,
     SQLITE_URL_PREFIX,
-    AsyncCursor,
     Conn,
     Cursor,
     Database,
     Migration,
     SyncConn,
-    fetchall,
     fetchone,
 )
 from nodeprov.core.db_postgres import PostgresDatabase
@@ -29,7 +27,6 @@ from nodeprov.core.db_sqlite import SqliteDatabase
 
 __all__ = [
     "DATABASE_ERRORS",
-    "AsyncCursor",
     "Conn",
     "Cursor",
     "Database",
@@ -37,7 +34,6 @@ __all__ = [
     "PostgresDatabase",
     "SqliteDatabase",
     "SyncConn",
-    "fetchall",
     "fetchone",
     "open_database",
 ]

@@ -77,19 +77,6 @@ class SyncConn(Protocol):
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
 
 
-class AsyncCursor(Protocol):
-    """An awaited statement's result inside :meth:`Database.write`."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    async def fetchone(self) -> Any: ...
-
-    async def fetchall(self) -> Iterable[Any]: ...
-
-    async def close(self) -> None: ...
-
-
 class Conn(Protocol):
     """The connection :meth:`Database.write` yields: ``await conn.execute(sql, params)``."""
 
@@ -169,14 +156,6 @@ async def fetchone(conn: Conn, sql: str, params: Sequence[Any] = ()) -> Any:
     row = await cursor.fetchone()
     await cursor.close()
     return row
-
-
-async def fetchall(conn: Conn, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-    """Every row from ``conn`` inside a write transaction."""
-    cursor = await conn.execute(sql, params)
-    rows = list(await cursor.fetchall())
-    await cursor.close()
-    return rows
 
 
 def url_without_password(url: str, mask: str = "") -> str:

@@ -78,10 +78,6 @@ def ledger_target(path: Path) -> Path | str:
     return path if _active is None else _active.url(path)
 
 
-def on_postgres() -> bool:
-    return _active is not None
-
-
 def use_from_env() -> None:
     """In a test's subprocess: the database the parent named in :data:`URL_ENV`, if any."""
     if url := os.environ.get(URL_ENV):
