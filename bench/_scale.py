@@ -8,7 +8,10 @@ commit is on disk, so one key's requests queue one commit after another. Postgre
 runs from Debian's binaries (``tests/support/postgres.py``) with fsync and synchronous commit
 on, as in production. The node's processes are not pinned here: two workers need both cores,
 which they share with the load generator, the upstream and PostgreSQL itself, so the two-worker
-figure is what this whole machine does, not what a second core alone adds.
+figure is what this whole machine does, not what a second core alone adds. Each run also
+measures the CPU one request costs the node, PostgreSQL and the rest of the machine, and so the
+most requests/s the machine's cores allow at that cost (:mod:`bench._cpu`): a second worker
+can add no more than what the first left idle.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 
 import httpx
 
+from bench._cpu import CpuMeter, Usage
 from bench._measures import Bench, Load, Row, ms, signed
 from bench._procs import Node
 from tests.support.postgres import PostgresServer, find_bin_dir
@@ -47,7 +51,7 @@ def scale(b: Bench, mint: str, token: Callable[[], str], workers: int = 2) -> No
         server = PostgresServer.start(b.workdir / "pg", durable=True)
     finally:
         os.sched_setaffinity(0, pinned)
-    results: dict[str, tuple[Load, Load, Load]] = {}
+    results: dict[str, tuple[Load, Load, Load, Usage]] = {}
     try:
         direct = b.load(b.direct_chat)
         for label, count, url in (
@@ -69,15 +73,18 @@ def scale(b: Bench, mint: str, token: Callable[[], str], workers: int = 2) -> No
                 auth = (f"Authorization: Bearer {keys[0]}",)
                 chat = node.url + "/v1/chat/completions"
                 one = b.load(chat, headers=auth)
+                meter = CpuMeter(node.pid, server.pid if url else None)
+                meter.start()
                 many = b.load(chat, clients=CLIENTS, keys=keys)
+                usage = meter.stop()
                 one_key = b.load(chat, clients=CLIENTS, headers=auth)
-                results[label] = (one, many, one_key)
+                results[label] = (one, many, one_key, usage)
             finally:
                 node.stop()
     finally:
         server.stop()
     base = results["PostgreSQL, 1 worker"][1].rate
-    for label, (one, many, one_key) in results.items():
+    for label, (one, many, one_key, usage) in results.items():
         a50 = one.p(0.5) - direct.p(0.5)
         ratio = f"{many.rate / base:.2f}x PostgreSQL 1 worker" if base else "-"
         target, met = "-", None
@@ -88,6 +95,16 @@ def scale(b: Bench, mint: str, token: Callable[[], str], workers: int = 2) -> No
             "(with one key); added p50 at 1 client",
             f"{direct.rate:,.0f}/s at 1 client direct",
             f"{many.rate:,.0f}/s, p99 {ms(many.p(0.99))} ms, {many.error_text()} "
-            f"({one_key.rate:,.0f}/s); {signed(a50)} ms",
+            f"({one_key.rate:,.0f}/s); {signed(a50)} ms; {_cpu_text(usage, many.rate)}",
             ratio, target, met,
         ))  # fmt: skip
+
+
+def _cpu_text(usage: Usage, rate: float) -> str:
+    node, postgres, rest = usage.per_request_ms(rate)
+    ceiling = usage.ceiling(rate)
+    return (
+        f"CPU per request: node {node:.2f} ms, PostgreSQL {postgres:.2f} ms, rest {rest:.2f} ms "
+        f"({usage.machine:.2f} of {usage.cores} cores busy; at this cost the cores allow "
+        f"{ceiling:,.0f}/s = {ceiling / rate if rate else 0:.2f}x this)"
+    )
