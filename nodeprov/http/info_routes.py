@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
+from nodeprov.core.capabilities import node_capabilities
 from nodeprov.errors import NodeprovError
 from nodeprov.http.context import JSON, HttpContext, context
 
@@ -63,6 +64,7 @@ async def info(request: Request) -> Response:
             "http_url": node.http_url or None,
             "onion_url": node.onion_url or None,
             "models": ctx.upstreams.models(),
+            "capabilities": list(node_capabilities(ctx.config)),
         }
     )
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from nodeprov import __version__
 from nodeprov.config import Config
+from nodeprov.core.capabilities import node_capabilities
 from nodeprov.core.pricing import Pricer
 from nodeprov.errors import NodeprovError
 from nodeprov.nostr.relay_pool import PublishResult, RelayPool
@@ -51,6 +52,7 @@ def build_listing(
         units=tuple(config.wallet.units),
         models=tuple(models),
         identifier=keys.npub,
+        capabilities=node_capabilities(config),
     )
 
 

@@ -79,6 +79,7 @@ class NodeListing:
     units: tuple[str, ...] = ()
     models: tuple[ModelListing, ...] = ()
     identifier: str = ""
+    capabilities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("name", "about", "version", "identifier"):
@@ -95,6 +96,8 @@ class NodeListing:
         for mint in _strs(self.mints, "mints"):
             _url(mint, ("http", "https"), "mint")
         _strs(self.units, "units")
+        _strs(self.capabilities, "capabilities")
+        object.__setattr__(self, "capabilities", tuple(self.capabilities))
         object.__setattr__(self, "relays", tuple(self.relays))
         object.__setattr__(self, "mints", tuple(self.mints))
         object.__setattr__(self, "units", tuple(self.units))
@@ -118,6 +121,7 @@ def _listing_content(listing: NodeListing) -> dict[str, Any]:
         "about": listing.about,
         "models": [m.to_json_obj() for m in listing.models],
         "units": list(listing.units),
+        "capabilities": list(listing.capabilities),
     }
 
 
@@ -221,4 +225,5 @@ def parse_listing(event: Event) -> NodeListing:
         units=_strs(content.get("units", []), "listing units"),
         models=_parse_models(content.get("models", [])),
         identifier=identifiers[0] if identifiers else "",
+        capabilities=_strs(content.get("capabilities", []), "listing capabilities"),
     )

@@ -86,6 +86,10 @@ async def test_models_and_info(node: Node) -> None:
     assert entry["sats_pricing"]["prompt"] == 0.002 and entry["sats_pricing"]["request"] == 1
     assert info["name"] == "test-node" and info["mints"] == list(node.core.wallet.mints)
     assert info["units"] == ["sat", "msat"] and info["npub"] is None
+    # No relays configured: the HTTP ways to pay, no DM jobs.
+    assert info["capabilities"] == [
+        "openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup"
+    ]  # fmt: skip
     sdk = openai.AsyncOpenAI(base_url=node.base, api_key="none")
     listed = [m.id async for m in sdk.models.list()]
     assert "fake-chat" in listed

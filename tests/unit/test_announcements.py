@@ -25,6 +25,7 @@ LISTING = ann.NodeListing(
         ann.ModelListing("emb", {"input_per_1m": 20}, {"context_length": 8192}),
     ),
     identifier="npub1test",
+    capabilities=("openai_http", "x_cashu", "nip17_dm"),
 )
 
 
@@ -64,6 +65,7 @@ def test_listing_event_and_parse_round_trip() -> None:
     }
     assert content["models"][1]["context_length"] == 8192
     assert content["units"] == ["sat", "msat"]
+    assert content["capabilities"] == ["openai_http", "x_cashu", "nip17_dm"]
     event = sign_event(t, Keys.generate().secret_key)
     assert verify_event(event)
     # Relays travel in kind 10050, not in the listing.
@@ -79,6 +81,7 @@ def test_handler_event() -> None:
     assert [m["id"] for m in content["models"]] == ["gpt-x", "emb"]
     parsed = ann.parse_listing(sign_event(t, Keys.generate().secret_key))
     assert parsed.models == LISTING.models and parsed.http_url == LISTING.http_url
+    assert parsed.capabilities == LISTING.capabilities
 
 
 def test_identifier_required() -> None:
@@ -98,6 +101,7 @@ def test_content_hash_tracks_changes() -> None:
         replace(LISTING, onion_url=None),
         replace(LISTING, relays=()),
         replace(LISTING, version="0.2.0"),
+        replace(LISTING, capabilities=("openai_http",)),
     ):
         assert ann.content_hash(other) != h
 
@@ -110,6 +114,7 @@ def test_content_hash_tracks_changes() -> None:
         ({"mints": ("mint.example",)}, "mint"),
         ({"relays": ("https://r",)}, "relay"),
         ({"models": ("gpt",)}, "ModelListing"),
+        ({"capabilities": ("x_cashu", 5)}, "capabilities"),
     ],
 )
 def test_listing_validation(change: dict[str, object], message: str) -> None:
@@ -141,3 +146,12 @@ def test_parse_listing_errors() -> None:
         ann.parse_listing(ev(38421, '{"name": "n", "models": {}}'))  # type: ignore[arg-type]
     with pytest.raises(InvalidEvent, match="name"):
         ann.parse_listing(ev(38421, '{"models": []}'))  # type: ignore[arg-type]
+
+
+def test_a_listing_without_capabilities_parses_as_none_listed() -> None:
+    """Listings from nodes that predate capabilities (no field) still parse."""
+    t = ann.listing_event(replace(LISTING, capabilities=()))
+    content = json.loads(t.content)
+    del content["capabilities"]
+    old = sign_event(replace(t, content=json.dumps(content)), Keys.generate().secret_key)
+    assert ann.parse_listing(old).capabilities == ()

@@ -1,0 +1,27 @@
+"""What this node supports, by name: listed in ``/v1/info`` and in its Nostr announcements.
+
+Names are stable strings a client can test for before it picks a way to pay or to ask:
+
+- ``openai_http``: the OpenAI-compatible HTTP API;
+- ``api_keys``: ``sk-…`` keys funded by Cashu tokens or Lightning (``/v1/wallet/…``);
+- ``token_as_key``: a Cashu token used as the bearer key;
+- ``x_cashu``: a per-request token in ``X-Cashu`` with change returned (NUT-24);
+- ``lightning_topup``: keys funded by paying a bolt11 invoice from the node's mint;
+- ``nip17_dm`` / ``nip04_dm``: jobs and payments over encrypted Nostr DMs.
+"""
+
+from __future__ import annotations
+
+from nodeprov.config import Config
+
+HTTP_CAPABILITIES = ("openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup")
+
+
+def node_capabilities(config: Config) -> tuple[str, ...]:
+    """The capability names this node's config turns on, in a fixed order."""
+    found = list(HTTP_CAPABILITIES)
+    if config.nostr.relays:
+        found.append("nip17_dm")
+        if config.nostr.accept_nip04:
+            found.append("nip04_dm")
+    return tuple(found)
