@@ -31,7 +31,7 @@ import abc
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -75,6 +75,12 @@ class SyncConn(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Statements whose results the block does not read: PostgreSQL sends them in one
+        round trip (their rowcounts and rows can be read after the block; an error shows by
+        the block's end at the latest); SQLite runs each at once."""
+        ...
 
 
 class Conn(Protocol):

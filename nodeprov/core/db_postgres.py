@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -139,7 +139,7 @@ class _Slot:
         self.conn = None
 
 
-class _Sync:
+class PostgresSync:
     """The connection :meth:`PostgresDatabase.transact` hands its work (SQLite's spelling in).
 
     With ``begin``, the transaction is begun in the first statement's round trip (one query
@@ -169,12 +169,22 @@ class _Sync:
         return cursor
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
-        if self._begin is not None:
-            self._conn.execute(self._begin)
-            self._begin = None
+        self._send_begin()
         cursor = self._conn.cursor()
         cursor.executemany(statement(sql), [tuple(p) for p in parameters])
         return cursor
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The block's statements go out in one round trip (psycopg's pipeline mode)."""
+        with self._conn.pipeline():
+            self._send_begin()  # queued in the pipeline: one query string is one statement
+            yield
+
+    def _send_begin(self) -> None:
+        if self._begin is not None:
+            self._conn.execute(self._begin)
+            self._begin = None
 
 
 class FetchedRows:
@@ -204,7 +214,7 @@ def _rows_of(cursor: Any) -> FetchedRows:
 class _Async:
     """The connection :meth:`PostgresDatabase.write` yields: each statement one thread hop.
 
-    The transaction begins with the first statement (:class:`_Sync`); hops are serial in the
+    The transaction begins with the first statement (:class:`PostgresSync`); hops are serial in the
     slot's thread, so the state of that carries from one hop to the next.
     """
 
@@ -216,8 +226,10 @@ class _Async:
     def begun(self) -> bool:
         return self._begin is None
 
-    def _hop(self, conn: psycopg.Connection[Any], run: Callable[[_Sync], Any]) -> FetchedRows:
-        sync = _Sync(conn, self._begin)
+    def _hop(
+        self, conn: psycopg.Connection[Any], run: Callable[[PostgresSync], Any]
+    ) -> FetchedRows:
+        sync = PostgresSync(conn, self._begin)
         try:
             return _rows_of(run(sync))
         finally:
@@ -328,7 +340,7 @@ class PostgresDatabase(Database):
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         rows = tuple(params)
         return await self._on(
-            self._readers, lambda conn: list(_Sync(conn).execute(sql, rows).fetchall())
+            self._readers, lambda conn: list(PostgresSync(conn).execute(sql, rows).fetchall())
         )
 
     async def close(self) -> None:
@@ -341,7 +353,7 @@ class PostgresDatabase(Database):
 def _transaction(work: Callable[[SyncConn], T], begin: str, conn: psycopg.Connection[Any]) -> T:
     """``work`` between ``begin`` and COMMIT; run again if the server breaks a deadlock."""
     for attempt in range(DEADLOCK_RETRIES):
-        sync = _Sync(conn, begin)
+        sync = PostgresSync(conn, begin)
         try:
             result = work(sync)
             if sync.begun:

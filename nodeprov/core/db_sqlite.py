@@ -40,7 +40,7 @@ CHECKPOINT_SECONDS = 1.0
 BACKSTOP_PAGES = 10_000  # about 40 MiB of WAL before a commit checkpoints by itself
 
 
-class _Sync:
+class SqliteSync:
     """A sqlite3 connection that drops row locks (``FOR UPDATE``) from the statements."""
 
     __slots__ = ("_raw",)
@@ -54,9 +54,13 @@ class _Sync:
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> sqlite3.Cursor:
         return self._raw.executemany(sqlite_statement(sql), parameters)
 
+    def batch(self) -> contextlib.nullcontext[None]:
+        """In process, a statement costs no round trip: nothing to gather."""
+        return contextlib.nullcontext()
+
 
 class _Async:
-    """The writer as :meth:`Database.write` yields it (row locks dropped, as in :class:`_Sync`)."""
+    """The writer as :meth:`Database.write` yields it (row locks dropped: :class:`SqliteSync`)."""
 
     __slots__ = ("_conn",)
 
@@ -168,7 +172,7 @@ class SqliteDatabase(Database):
             raw = self._writer._conn  # aiosqlite's own sqlite3 connection, in its thread
             raw.execute("BEGIN IMMEDIATE")
             try:
-                result = work(_Sync(raw))
+                result = work(SqliteSync(raw))
             except BaseException:
                 raw.execute("ROLLBACK")
                 raise
@@ -188,7 +192,7 @@ class SqliteDatabase(Database):
             raw = self._reader._conn
             raw.execute("BEGIN")
             try:
-                return work(_Sync(raw))
+                return work(SqliteSync(raw))
             finally:
                 raw.execute("COMMIT")
 

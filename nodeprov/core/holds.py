@@ -184,41 +184,43 @@ def settle(
     available = row[2] - (row[3] - reserved_here)
     charged = min(actual, held.amount_msat, available)
     written_off = actual - charged
-    raw.execute("DELETE FROM holds WHERE id = ?", (held.id,))
-    raw.execute(
-        "UPDATE accounts SET reserved_msat = reserved_msat - ?, balance_msat = balance_msat - ?, "
-        "total_spent_msat = total_spent_msat + ? WHERE id = ?",
-        (reserved_here, charged, charged, held.account_id),
-    )
     detail = f"writeoff={written_off}" if written_off else ""
     request = request_of(held, record)
-    if charged:
-        raw.execute(CREDIT_EARNINGS, (charged, held.id % EARNING_SHARDS))
-    raw.executemany(
-        "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail, request, "
-        "channel, model, held_msat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (at, held.account_id, "charge", -charged, ref, detail, request, channel, row[4],
-             held.amount_msat),
-            (at, OPERATOR, "earning", charged, ref, "", request, channel, row[4], None),
-        ],
-    )  # fmt: skip
-    if record is not None:
-        raw.execute(
-            "INSERT INTO job_outcomes (ref, account_id, charged_msat, cost_msat, input_msat, "
-            "output_msat, result, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.ref,
-                held.account_id,
-                charged,
-                record.cost_msat,
-                record.input_msat,
-                record.output_msat,
-                record.result,
-                at,
-            ),
+    with raw.batch():  # nothing below is read before the block ends: one round trip
+        raw.execute("DELETE FROM holds WHERE id = ?", (held.id,))
+        after = raw.execute(
+            "UPDATE accounts SET reserved_msat = reserved_msat - ?, "
+            "balance_msat = balance_msat - ?, total_spent_msat = total_spent_msat + ? "
+            "WHERE id = ? RETURNING balance_msat - reserved_msat",
+            (reserved_here, charged, charged, held.account_id),
         )
-    return Settlement(charged, written_off, _available(raw, held.account_id))
+        if charged:
+            raw.execute(CREDIT_EARNINGS, (charged, held.id % EARNING_SHARDS))
+        raw.executemany(
+            "INSERT INTO transactions (at, account_id, kind, delta_msat, ref, detail, request, "
+            "channel, model, held_msat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (at, held.account_id, "charge", -charged, ref, detail, request, channel, row[4],
+                 held.amount_msat),
+                (at, OPERATOR, "earning", charged, ref, "", request, channel, row[4], None),
+            ],
+        )  # fmt: skip
+        if record is not None:
+            raw.execute(
+                "INSERT INTO job_outcomes (ref, account_id, charged_msat, cost_msat, "
+                "input_msat, output_msat, result, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.ref,
+                    held.account_id,
+                    charged,
+                    record.cost_msat,
+                    record.input_msat,
+                    record.output_msat,
+                    record.result,
+                    at,
+                ),
+            )
+    return Settlement(charged, written_off, int(after.fetchone()[0]))
 
 
 def _available(raw: SyncConn, account_id: str) -> int:

@@ -32,9 +32,10 @@ from nodeprov.core.db_base import (
     Migration,
     url_without_password,
 )
-from nodeprov.core.db_postgres import CONNECT_OPTIONS, MIGRATION_LOCK
+from nodeprov.core.db_postgres import CONNECT_OPTIONS, MIGRATION_LOCK, PostgresSync
+from nodeprov.core.db_sqlite import SqliteSync
 from nodeprov.core.ledger import ACCOUNT_ROW, OPERATOR, AuditLine, AuditReport, Ledger
-from nodeprov.core.ledger_copy_db import Joined, PgSync, off_thread
+from nodeprov.core.ledger_copy_db import Joined, off_thread
 from nodeprov.core.schema import MIGRATIONS
 from nodeprov.errors import NodeprovError
 
@@ -99,13 +100,13 @@ async def copy_ledger(
         await off_thread(_check_migrations, src, migrations)
         tables = await off_thread(_tables, src)
         counts = {table: await off_thread(_count, src, table) for table in tables}
-        audit = _normal(await Ledger(Joined(src)).audit())
+        audit = _normal(await Ledger(Joined(SqliteSync(src))).audit())
         operator = await off_thread(_operator_msat, src)
         pg = await off_thread(
             partial(psycopg.connect, target_url, autocommit=True, **CONNECT_OPTIONS)
         )
         try:
-            target = PgSync(pg)
+            target = PostgresSync(pg)
             await off_thread(
                 pg.execute, "BEGIN"
             )  # everything below commits together, or not at all
@@ -211,12 +212,12 @@ def _columns(src: sqlite3.Connection, table: str) -> list[str]:
     return columns
 
 
-def _count(conn: sqlite3.Connection | PgSync, table: str) -> int:
+def _count(conn: sqlite3.Connection | PostgresSync, table: str) -> int:
     (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
     return int(count)
 
 
-def _operator_msat(conn: sqlite3.Connection | PgSync) -> int:
+def _operator_msat(conn: sqlite3.Connection | PostgresSync) -> int:
     """The operator's balance as :meth:`Ledger.account` shows it (unfolded earnings in)."""
     row = conn.execute(f"{ACCOUNT_ROW} WHERE id = ?", (OPERATOR,)).fetchone()
     return int(row[2]) if row is not None else 0

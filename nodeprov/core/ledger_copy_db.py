@@ -13,11 +13,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import psycopg
-
 from nodeprov.core.db_base import Conn, Database, Migration, SyncConn
 from nodeprov.core.db_postgres import MIGRATION_LOCK, FetchedRows
-from nodeprov.core.sql_dialect import schema, statement
+from nodeprov.core.sql_dialect import schema
 
 T = TypeVar("T")
 
@@ -25,21 +23,6 @@ T = TypeVar("T")
 async def off_thread(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread: the drivers block, the event loop must not."""
     return await asyncio.to_thread(fn, *args)
-
-
-class PgSync:
-    """A PostgreSQL connection taking the money code's SQL spelling (``?`` placeholders)."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
-
-    def execute(self, text: str, parameters: Sequence[Any] = (), /) -> Any:
-        return self._conn.execute(statement(text), tuple(parameters))
-
-    def executemany(self, text: str, parameters: Iterable[Sequence[Any]], /) -> Any:
-        cursor = self._conn.cursor()
-        cursor.executemany(statement(text), [tuple(p) for p in parameters])
-        return cursor
 
 
 class Joined(Database):

@@ -15,6 +15,8 @@ import pytest
 
 from nodeprov.core.db_base import SyncConn
 from nodeprov.core.db_postgres import PostgresDatabase
+from nodeprov.core.ledger import credit, ensure_account, open_ledger
+from nodeprov.errors import LedgerError
 
 SCHEMA = "CREATE TABLE t (id TEXT PRIMARY KEY, n BIGINT NOT NULL)"
 
@@ -36,6 +38,11 @@ async def _traced(db: PostgresDatabase, path: Path) -> IO[str]:
     trace = path.open("w")
     await db._on(db._writers, lambda conn: conn.pgconn.trace(trace.fileno()))
     return trace
+
+
+def _round_trips(path: Path) -> int:
+    """Each simple query, and each pipeline (ended by one Sync), waits for one answer."""
+    return len(re.findall(r"\tF\t\d+\t(?:Query|Sync)\b", path.read_text()))
 
 
 def _queries(path: Path) -> list[str]:
@@ -118,3 +125,30 @@ async def test_a_block_that_raises_after_its_first_statement_keeps_nothing(
             raise RuntimeError("the job failed")
     rows = await db.fetchall("SELECT n FROM t WHERE id = ?", ("a",))
     assert [r[0] for r in rows] == [0]
+
+
+async def test_a_settle_is_three_round_trips_and_keeps_its_books(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Lock the hold and its account; then its five writes and the balance read at once."""
+    ledger = await open_ledger(postgres_url, pool_size=1)
+    try:
+        async with ledger.db.write() as conn:
+            await ensure_account(conn, "alice", "api_key")
+            await credit(conn, "alice", 10_000, "deposit", "test")
+        held = await ledger.hold("alice", 4_000)
+        traced = await _traced(ledger.db, tmp_path / "trace.txt")  # type: ignore[arg-type]
+        settled = await ledger.settle(held, 1_500, "job-1")
+        traced.flush()
+        sent = _queries(tmp_path / "trace.txt")
+        assert (settled.charged_msat, settled.available_msat) == (1_500, 8_500)
+        assert _round_trips(tmp_path / "trace.txt") == 3, sent
+        assert sent[0].startswith("BEGIN; SELECT") and sent[-1] == "COMMIT"
+        account = await ledger.account("alice")
+        assert account is not None
+        assert (account.balance_msat, account.reserved_msat) == (8_500, 0)
+        with pytest.raises(LedgerError, match="not open"):
+            await ledger.settle(held, 1_500, "job-1")
+        assert (await ledger.audit()).log_mismatches == ()
+    finally:
+        await ledger.db.close()
