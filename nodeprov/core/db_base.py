@@ -76,10 +76,11 @@ class SyncConn(Protocol):
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
 
-    def batch(self) -> AbstractContextManager[None]:
+    def batch(self, *, commit: bool = False) -> AbstractContextManager[None]:
         """Statements whose results the block does not read: PostgreSQL sends them in one
         round trip (their rowcounts and rows can be read after the block; an error shows by
-        the block's end at the latest); SQLite runs each at once."""
+        the block's end at the latest); SQLite runs each at once. With ``commit`` the block
+        is the work's last and its round trip commits too (SQLite commits after the work)."""
         ...
 
 

@@ -54,8 +54,9 @@ class SqliteSync:
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> sqlite3.Cursor:
         return self._raw.executemany(sqlite_statement(sql), parameters)
 
-    def batch(self) -> contextlib.nullcontext[None]:
-        """In process, a statement costs no round trip: nothing to gather."""
+    def batch(self, *, commit: bool = False) -> contextlib.nullcontext[None]:
+        """In process, a statement costs no round trip: nothing to gather (the transaction
+        commits when the work returns, ``commit`` or not)."""
         return contextlib.nullcontext()
 
 

@@ -71,8 +71,13 @@ def hold(
     purpose: str,
     lease: int,
     ref: str | None = None,
+    last: bool = False,
 ) -> Hold:
-    """Reserve ``amount`` with one conditional UPDATE: concurrent holds cannot overdraw."""
+    """Reserve ``amount`` with one conditional UPDATE: concurrent holds cannot overdraw.
+
+    ``last``: nothing follows in the transaction, so the hold's row commits with it (one
+    round trip on PostgreSQL, :meth:`SyncConn.batch`).
+    """
     cursor = raw.execute(
         "UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ? "
         "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
@@ -81,11 +86,13 @@ def hold(
     )
     if cursor.rowcount != 1:
         raise refusal(raw, at, account_id, amount)
-    (hold_id,) = raw.execute(
-        "INSERT INTO holds (account_id, amount_msat, purpose, created_at, lease_expires_at, ref)"
-        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-        (account_id, amount, purpose, at, at + lease, ref),
-    ).fetchone()
+    with raw.batch(commit=last):
+        inserted = raw.execute(
+            "INSERT INTO holds (account_id, amount_msat, purpose, created_at, lease_expires_at,"
+            " ref) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (account_id, amount, purpose, at, at + lease, ref),
+        )
+    (hold_id,) = inserted.fetchone()
     return Hold(int(hold_id), account_id, amount)
 
 
@@ -159,6 +166,7 @@ def settle(
     ref: str,
     record: Outcome | None = None,
     channel: str | None = None,
+    last: bool = False,
 ) -> Settlement:
     """Close ``held`` charging ``actual``, at most the hold (the overrun rule), to the operator.
 
@@ -166,7 +174,8 @@ def settle(
     the available balance as far as it goes; the rest is written off. With ``record`` the
     outcome is stored under its ``ref`` in the same transaction, and a ``ref`` settled before
     charges nothing again (the hold is released and the first outcome returned).
-    A hold settled or released before cannot be settled again.
+    A hold settled or released before cannot be settled again. ``last``: nothing follows in
+    the transaction, so its writes commit in their round trip (:meth:`SyncConn.batch`).
     """
     if record is not None:
         earlier = outcome(raw, record.ref)
@@ -186,7 +195,7 @@ def settle(
     written_off = actual - charged
     detail = f"writeoff={written_off}" if written_off else ""
     request = request_of(held, record)
-    with raw.batch():  # nothing below is read before the block ends: one round trip
+    with raw.batch(commit=last):  # nothing below is read before the block ends
         raw.execute("DELETE FROM holds WHERE id = ?", (held.id,))
         after = raw.execute(
             "UPDATE accounts SET reserved_msat = reserved_msat - ?, "

@@ -279,6 +279,7 @@ class Ledger:
                 purpose=purpose,
                 lease=self.hold_timeout_seconds,
                 ref=ref,
+                last=True,
             )
         )
 
@@ -319,6 +320,7 @@ class Ledger:
                 ref=ref,
                 record=record,
                 channel=channel,
+                last=True,
             )
         )
 

@@ -127,23 +127,27 @@ async def test_a_block_that_raises_after_its_first_statement_keeps_nothing(
     assert [r[0] for r in rows] == [0]
 
 
-async def test_a_settle_is_three_round_trips_and_keeps_its_books(
+async def test_a_hold_and_a_settle_are_two_round_trips_each_and_keep_their_books(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """Lock the hold and its account; then its five writes and the balance read at once."""
+    """A hold: its conditional UPDATE, then its row with the COMMIT. A settle: lock the hold
+    and its account, then its five writes, the balance read and the COMMIT at once."""
     ledger = await open_ledger(postgres_url, pool_size=1)
     try:
         async with ledger.db.write() as conn:
             await ensure_account(conn, "alice", "api_key")
             await credit(conn, "alice", 10_000, "deposit", "test")
+        traced = await _traced(ledger.db, tmp_path / "hold.txt")  # type: ignore[arg-type]
         held = await ledger.hold("alice", 4_000)
-        traced = await _traced(ledger.db, tmp_path / "trace.txt")  # type: ignore[arg-type]
+        traced.flush()
+        assert _round_trips(tmp_path / "hold.txt") == 2, _queries(tmp_path / "hold.txt")
+        traced = await _traced(ledger.db, tmp_path / "settle.txt")  # type: ignore[arg-type]
         settled = await ledger.settle(held, 1_500, "job-1")
         traced.flush()
-        sent = _queries(tmp_path / "trace.txt")
+        sent = _queries(tmp_path / "settle.txt")
         assert (settled.charged_msat, settled.available_msat) == (1_500, 8_500)
-        assert _round_trips(tmp_path / "trace.txt") == 3, sent
-        assert sent[0].startswith("BEGIN; SELECT") and sent[-1] == "COMMIT"
+        assert _round_trips(tmp_path / "settle.txt") == 2, sent
+        assert sent[0].startswith("BEGIN; SELECT")
         account = await ledger.account("alice")
         assert account is not None
         assert (account.balance_msat, account.reserved_msat) == (8_500, 0)
@@ -152,3 +156,36 @@ async def test_a_settle_is_three_round_trips_and_keeps_its_books(
         assert (await ledger.audit()).log_mismatches == ()
     finally:
         await ledger.db.close()
+
+
+async def test_a_failure_in_a_committing_batch_keeps_nothing_and_the_connection_serves_on(
+    db: PostgresDatabase,
+) -> None:
+    def work(conn: SyncConn) -> None:
+        conn.execute("UPDATE t SET n = n + 7 WHERE id = ?", ("a",))
+        with conn.batch(commit=True):
+            conn.execute("UPDATE t SET n = n + 1 WHERE id = ?", ("a",))
+            conn.execute("INSERT INTO t VALUES ('a', 1)")  # duplicate key: aborts the rest
+
+    with pytest.raises(Exception, match="duplicate key"):
+        await db.transact(work)
+    assert [r[0] for r in await db.fetchall("SELECT n FROM t")] == [0]
+
+    def commits(conn: SyncConn) -> int:
+        with conn.batch(commit=True):
+            cursor = conn.execute("UPDATE t SET n = n + 1 WHERE id = ? RETURNING n", ("a",))
+        return int(cursor.fetchone()[0])
+
+    assert await db.transact(commits) == 1
+    assert [r[0] for r in await db.fetchall("SELECT n FROM t")] == [1]
+
+
+async def test_nothing_runs_after_the_batch_that_committed(db: PostgresDatabase) -> None:
+    def work(conn: SyncConn) -> None:
+        with conn.batch(commit=True):
+            conn.execute("UPDATE t SET n = 5 WHERE id = ?", ("a",))
+        conn.execute("UPDATE t SET n = 6 WHERE id = ?", ("a",))  # outside any transaction
+
+    with pytest.raises(RuntimeError, match="committed"):
+        await db.transact(work)
+    assert [r[0] for r in await db.fetchall("SELECT n FROM t")] == [5]
