@@ -147,9 +147,11 @@ class AccountMoves:
                 token, account_id, {"key": "api_key"}.get(kind, kind), ref=ref
             )
 
-    async def first_auth_use(self, event_id: str, pubkey: str, created_at: int, at: int) -> bool:
+    async def first_auth_use(
+        self, sig: str, event_id: str, pubkey: str, created_at: int, at: int
+    ) -> bool:
         """Record a signed auth event (NIP-98) as used at ``at``; False if it was before."""
-        return await auth_events.first_use(self.ledger.db, event_id, pubkey, created_at, at)
+        return await auth_events.first_use(self.ledger.db, sig, event_id, pubkey, created_at, at)
 
     async def balance(self, account_id: str) -> int:
         """Available msat of ``account_id`` (0 for an account not seen yet)."""

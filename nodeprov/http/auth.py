@@ -73,8 +73,8 @@ def _nostr_credential(headers: Headers) -> str | None:
 async def nostr_payer(request: Request) -> Payer | None:
     """The npub payer of a NIP-98 ``Authorization: Nostr …`` header, None for other schemes.
 
-    The event is checked against this request (URL, method, body, time) and its id recorded
-    as used in the ledger, once per request however often a handler asks; any failure,
+    The event is checked against this request (URL, method, body, time) and recorded as used
+    in the ledger, once per request however often a handler asks; any failure,
     a replay included, is a 401 that names the check.
     """
     known: Payer | None = getattr(request.state, "nip98_payer", None)
@@ -95,7 +95,7 @@ async def nostr_payer(request: Request) -> Payer | None:
     now = int(time.time())
     body = await read_body(request)
     signed = nip98.verify(credential, method=request.method, urls=urls, body=body, now=now)
-    used = (signed.event_id, signed.pubkey, signed.created_at, now)
+    used = (signed.sig, signed.event_id, signed.pubkey, signed.created_at, now)
     if not await ctx.payments.first_auth_use(*used):
         raise nip98.Nip98Rejected("replayed", "this event was used before; sign one per request")
     payer = Payer("npub", signed.pubkey, "http")

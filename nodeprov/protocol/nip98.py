@@ -15,8 +15,9 @@ raises :class:`Nip98Rejected` (a 401) naming the first check that failed:
    (required, so a captured header cannot pay for another body); without one, a ``payload``
    tag present must be the hash of nothing.
 
-What this module cannot check is replay: the caller records the event id once (a unique key in
-the ledger) and refuses a second use.
+What this module cannot check is replay: the caller records each signed event once (its
+signature, a unique key in the ledger: :mod:`nodeprov.core.auth_events`) and refuses a
+second use.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Authorized:
     pubkey: str
     event_id: str
     created_at: int
+    sig: str
 
 
 def decode(credential: str) -> Event:
@@ -193,4 +195,4 @@ def verify(
         )
     if payloads and payloads[0].lower() != payload_hash(body):
         raise Nip98Rejected("payload", "the 'payload' tag is not the SHA-256 of this body")
-    return Authorized(event.pubkey, event.id, event.created_at)
+    return Authorized(event.pubkey, event.id, event.created_at, event.sig)
