@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import httpx
-import nostr_sdk as ns
+import nostr_sdk as ns  # type: ignore[import-untyped]
 
 HTTP_AUTH = ns.Kind.from_std(ns.KindStandard.HTTP_AUTH)  # 27235, as nostr-sdk names it
 
