@@ -303,3 +303,54 @@ async def test_nostr_tools_get_token_tops_up_and_pays(
         )
         assert out["status"] == 200 and json.loads(out["body"])["balance"] == 10_000 - cost
         assert await client.balance(node.base) == 10_000 - cost
+
+
+async def test_audio_uploads_and_streams_pay_with_nip98_too(node: Node, make_token: Any) -> None:
+    """The payload tag covers a multipart body byte for byte; a stream settles on the npub."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        client = Nip98Client(http)
+        await funded(node, client, make_token, 20)
+        url = node.base + "/audio/transcriptions"
+        audio = b"RIFF" + b"\0" * 4 + b"WAVE" + b"\0" * 2000  # no trusted header: a floor bound
+        request = http.build_request(
+            "POST", url, data={"model": "fake-whisper"}, files={"file": ("a.wav", audio)}
+        )
+        body = request.read()
+        request.headers.update(client.header("POST", url, body))
+        r = await http.send(request)
+        assert r.status_code == 200, r.text
+        spent = int(r.headers["X-Cost-Msat"])
+        # The same upload with one byte changed is another body: refused, nothing moves.
+        before = await books(node, client.pubkey)
+        request = http.build_request("POST", url, data={"model": "fake-whisper"},
+                                     files={"file": ("a.wav", audio[:-1] + b"\1")})  # fmt: skip
+        request.headers.update(client.header("POST", url, body))
+        r = await http.send(request)
+        assert r.status_code == 401 and "(payload)" in r.json()["error"]["message"]
+        assert await books(node, client.pubkey) == before
+
+        streamed = {**CHAT, "stream": True}
+        raw = encode_body(streamed)
+        headers = {"Content-Type": "application/json"}
+        headers.update(client.header("POST", node.base + "/chat/completions", raw))
+        async with http.stream(
+            "POST", node.base + "/chat/completions", content=raw, headers=headers
+        ) as r:
+            assert r.status_code == 200
+            text = "".join([chunk async for chunk in r.aiter_text()])
+        assert "[DONE]" in text
+        await node.wait_idle()
+        account = await node.core.ledger.account("npub:" + client.pubkey)
+        assert account is not None and account.total_spent_msat > spent
+        assert account.balance_msat == 20_000 - account.total_spent_msat
+
+
+async def test_used_events_are_pruned_by_the_sweeper(node: Node) -> None:
+    payments, ledger = node.core.payments, node.core.ledger
+    now = int(time.time())
+    assert await payments.first_auth_use("a" * 128, "1" * 64, "p" * 64, now - 3600, now)
+    assert await payments.first_auth_use("b" * 128, "2" * 64, "p" * 64, now, now)
+    assert not await payments.first_auth_use("b" * 128, "2" * 64, "p" * 64, now, now)
+    await ledger.release_stale_holds(at=now)
+    rows = await ledger.db.fetchall("SELECT sig FROM auth_events")
+    assert [row[0] for row in rows] == ["b" * 128]
