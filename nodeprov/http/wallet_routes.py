@@ -21,6 +21,7 @@ from nodeprov.core.account_moves import mask_key
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
 from nodeprov.errors import (
+    InsufficientBalance,
     InvalidRequest,
     NothingToRefund,
     RefundPending,
@@ -192,6 +193,8 @@ async def withdraw(request: Request) -> Response:
             f"'Idempotency-Key' must be at most {MAX_IDEMPOTENCY_KEY} printable characters"
         )
     _, account = await _account(ctx, request)
+    if account == _unseen(account.id):  # an npub with nothing yet: 402, as an empty key gets
+        raise InsufficientBalance.of(0, amount or 1)
     # A repeated withdraw with the same key returns the first token (its answer was lost).
     ref = f"http:{account.id}:{idempotency_key}" if idempotency_key else ""
     sent = await ctx.payments.withdraw(

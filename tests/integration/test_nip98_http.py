@@ -90,6 +90,11 @@ async def test_an_unfunded_npub_gets_402_not_401(node: Node) -> None:
 async def test_withdraw_and_refund_pay_the_npub_balance_out(node: Node, make_token: Any) -> None:
     async with httpx.AsyncClient() as http:
         client = Nip98Client(http)
+        r = await client.post(node.base + "/wallet/withdraw", {})
+        assert r.status_code == 402, r.text  # nothing yet: as for an empty key, not a 401
+        r = await http.post(node.base + "/wallet/refund", headers=client.header(
+            "POST", node.base + "/wallet/refund"))  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_balance", r.text
         await funded(node, client, make_token, 12)
         r = await client.post(node.base + "/wallet/withdraw", {"amount": 5_000})
         assert r.status_code == 200, r.text
