@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from nodeprov.core import journal
+from nodeprov.core import auth_events, journal
 from nodeprov.core.key_secret import derive_api_key
 from nodeprov.core.ledger import Account, Ledger
 from nodeprov.core.money import check_unit, to_msat
@@ -146,6 +146,12 @@ class AccountMoves:
             return await self.wallet.receive(
                 token, account_id, {"key": "api_key"}.get(kind, kind), ref=ref
             )
+
+    async def first_auth_use(
+        self, sig: str, event_id: str, pubkey: str, created_at: int, at: int
+    ) -> bool:
+        """Record a signed auth event (NIP-98) as used at ``at``; False if it was before."""
+        return await auth_events.first_use(self.ledger.db, sig, event_id, pubkey, created_at, at)
 
     async def balance(self, account_id: str) -> int:
         """Available msat of ``account_id`` (0 for an account not seen yet)."""

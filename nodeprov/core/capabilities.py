@@ -7,6 +7,7 @@ Names are stable strings a client can test for before it picks a way to pay or t
 - ``token_as_key``: a Cashu token used as the bearer key;
 - ``x_cashu``: a per-request token in ``X-Cashu`` with change returned (NUT-24);
 - ``lightning_topup``: keys funded by paying a bolt11 invoice from the node's mint;
+- ``nip98``: ``Authorization: Nostr …`` (NIP-98) pays from the signer's npub account;
 - ``nip17_dm`` / ``nip04_dm``: jobs and payments over encrypted Nostr DMs.
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 from nodeprov.config import Config
 
-HTTP_CAPABILITIES = ("openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup")
+HTTP_CAPABILITIES = (
+    "openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup", "nip98",
+)  # fmt: skip
 
 
 def node_capabilities(config: Config) -> tuple[str, ...]:

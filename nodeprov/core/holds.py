@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nodeprov.core import auth_events
 from nodeprov.core.db import SyncConn
 from nodeprov.errors import (
     AccountExpired,
@@ -293,5 +294,6 @@ def release_lapsed(raw: SyncConn, at: int) -> int:
         "DELETE FROM holds WHERE state = 'expired' AND lease_expires_at <= ?", (at - LAPSED_KEEP,)
     )
     raw.execute("DELETE FROM job_outcomes WHERE at <= ?", (at - OUTCOME_KEEP,))
+    auth_events.prune(raw, at)  # used NIP-98 events past their window
     fold_earnings(raw)  # the sweeper's round keeps the operator's account row current too
     return len(lapsed)

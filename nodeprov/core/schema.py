@@ -266,4 +266,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             (30), (31)
         """,
     ),
+    # NIP-98 auth events used once (nodeprov.core.auth_events): the unique signature makes a
+    # replay fail on every worker sharing the books; the sweeper prunes rows past the window.
+    Migration(
+        "0110_nip98_replay",
+        """
+        CREATE TABLE auth_events (
+            sig TEXT PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            pubkey TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            used_at INTEGER NOT NULL
+        );
+        CREATE INDEX auth_events_created_at ON auth_events (created_at)
+        """,
+    ),
 )

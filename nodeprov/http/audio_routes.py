@@ -185,7 +185,7 @@ async def audio_job(request: Request) -> Response:
     route: Route = ctx.upstreams.route(model)
     hold_body = {"model": route.model, "seconds": seconds_bound(upload[1])}
     path = request.url.path.removeprefix("/v1/")
-    async with paid_job(ctx, request, route.model, hold_body, AUDIO) as job:
+    async with await paid_job(ctx, request, route.model, hold_body, AUDIO) as job:
         try:
             response = await send(ctx, route, path, request, data=forward, files={"file": upload})
         except InvalidRequest as exc:

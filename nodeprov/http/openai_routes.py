@@ -23,7 +23,7 @@ from nodeprov.core.charges import Job
 from nodeprov.core.payments import Payer
 from nodeprov.core.pricing import Endpoint
 from nodeprov.errors import InvalidRequest, UpstreamError
-from nodeprov.http.auth import address_key, request_payer
+from nodeprov.http.auth import address_key, paying
 from nodeprov.http.billing import cost_headers, payment_required
 from nodeprov.http.context import HttpContext, context, read_body, read_json
 from nodeprov.http.streaming import SSERelay, with_usage
@@ -46,7 +46,7 @@ def model_of(body: Mapping[str, Any]) -> str:
     return model
 
 
-def paid_job(
+async def paid_job(
     ctx: HttpContext,
     request: Request,
     model: str,
@@ -57,10 +57,12 @@ def paid_job(
 ) -> Job:
     """The charge lifecycle of this request (402 if it names no payer; priced first).
 
+    A NIP-98 payer is verified here (401 naming the failed check; its event is spent).
+
     ``overlap``: the caller sends through ``job.start``, so a token's swap may run beside it.
     """
     request.state.model = model  # for the request metrics
-    payer: Payer | None = request_payer(request.headers)
+    payer: Payer | None = await paying(request)
     if payer is None:
         raise payment_required(ctx, model, body, endpoint)
     client = client_of(request) if overlap else None
@@ -106,7 +108,7 @@ async def openai_job(request: Request) -> Response:
     forward = with_usage(body) if streamed else body
     # Forwarded unchanged: the client's own bytes go upstream, not encoded again.
     raw = forwardable(route, body, await read_body(request)) if forward is body else None
-    async with paid_job(ctx, request, route.model, body, endpoint, overlap=True) as job:
+    async with await paid_job(ctx, request, route.model, body, endpoint, overlap=True) as job:
         if streamed:
             upstream = await job.start(
                 lambda: send(ctx, route, path, request, json=forward, raw_json=raw, stream=True),

@@ -2,8 +2,11 @@
 
 ``/v1/wallet/*`` plus Routstr's ``/v1/balance/create|info|topup|refund`` aliases and its
 account-info root (``GET /v1/balance/``). A key is ``Authorization: Bearer sk-…`` (a token used
-as a key works too). ``POST …/refund`` with ``X-Cashu: <the token that paid>`` returns that
-payment's change instead, as Routstr clients collect it.
+as a key works too); a NIP-98 ``Authorization: Nostr …`` header names its signer's npub
+account (the one DM deposits fund), shown with ``npub``/``pubkey`` where a key shows
+``api_key``; an npub account not seen yet has balance 0. ``POST …/refund`` with
+``X-Cashu: <the token that paid>`` returns that payment's change instead, as Routstr clients
+collect it.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from nodeprov.core.account_moves import mask_key
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
 from nodeprov.errors import (
+    InsufficientBalance,
     InvalidRequest,
     NothingToRefund,
     RefundPending,
     TokenTooSmall,
     Unauthorized,
 )
-from nodeprov.http.auth import key_payer
+from nodeprov.http.auth import account_holder
 from nodeprov.http.context import (
     JSON,
     HttpContext,
@@ -34,17 +38,38 @@ from nodeprov.http.context import (
     read_params,
 )
 from nodeprov.protocol.cashu_token import parse_token
+from nodeprov.protocol.nip19 import npub_encode
 
 
 async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
-    payer = key_payer(request.headers)
+    payer = await account_holder(request)
     if payer is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-…'")
+    if payer.kind == "npub":
+        # Seen without being opened: looking at a balance leaves no empty account behind.
+        account_id = "npub:" + payer.credential
+        return payer, await ctx.payments.account(account_id) or _unseen(account_id)
     account_id = await ctx.payments.account_for(payer)
     account = await ctx.payments.account(account_id)
     if account is None:
         raise Unauthorized("Unknown API key")
     return payer, account
+
+
+def _unseen(account_id: str) -> Account:
+    """An npub account no deposit has opened yet: everything 0."""
+    return Account(
+        id=account_id, kind="npub", balance_msat=0, reserved_msat=0, total_deposited_msat=0,
+        total_spent_msat=0, created_at=0, last_used_at=None, expires_at=None,
+        refund_address=None, revoked=False,
+    )  # fmt: skip
+
+
+def _holder(payer: Payer, *, full: bool) -> dict[str, Any]:
+    """Who the account is: the key (masked unless ``full``), or the NIP-98 signer."""
+    if payer.kind == "npub":
+        return {"npub": npub_encode(payer.credential), "pubkey": payer.credential}
+    return {"api_key": payer.credential if full else mask_key(payer.credential)}
 
 
 def _view(account: Account) -> dict[str, Any]:
@@ -55,7 +80,7 @@ def _view(account: Account) -> dict[str, Any]:
         "total_deposited": account.total_deposited_msat,
         "total_spent": account.total_spent_msat,
         "last_used": account.last_used_at,
-        "created_at": account.created_at,
+        "created_at": account.created_at or None,  # None: an npub no deposit opened yet
         "expires_at": account.expires_at,
         "refund_address": account.refund_address,
     }
@@ -90,23 +115,29 @@ async def create(request: Request) -> Response:
 async def balance(request: Request) -> Response:
     ctx = context(request)
     payer, account = await _account(ctx, request)
-    await ctx.payments.note_key_hint(account.id, payer.credential)
-    return JSON({"api_key": mask_key(payer.credential), **_view(account)})
+    if payer.kind != "npub":
+        await ctx.payments.note_key_hint(account.id, payer.credential)
+    return JSON({**_holder(payer, full=False), **_view(account)})
 
 
 async def info(request: Request) -> Response:
     """Account info with the full key: the bearer already holds it, and clients that
     bootstrap with a token read ``api_key`` back to use as their key (as Routstr's do)."""
     payer, account = await _account(context(request), request)
-    return JSON({"api_key": payer.credential, **_view(account)})
+    return JSON({**_holder(payer, full=True), **_view(account)})
 
 
 async def topup(request: Request) -> Response:
     ctx = context(request)
     params = await read_params(request)
     token = _token_field(params)
-    _, account = await _account(ctx, request)
-    received = await ctx.payments.topup(account.id, token)
+    payer, account = await _account(ctx, request)
+    if payer.kind == "npub":
+        # Once per signed event (its id is the deposit's reference), as a DM deposit is.
+        event_id = request.state.nip98_event_id
+        received = await ctx.payments.deposit(account.id, token, "nip98:" + event_id)
+    else:
+        received = await ctx.payments.topup(account.id, token)
     _, after = await _account(ctx, request)
     return JSON({"msats": received.credited_msat, **_view(after)})
 
@@ -162,6 +193,8 @@ async def withdraw(request: Request) -> Response:
             f"'Idempotency-Key' must be at most {MAX_IDEMPOTENCY_KEY} printable characters"
         )
     _, account = await _account(ctx, request)
+    if account == _unseen(account.id):  # an npub with nothing yet: 402, as an empty key gets
+        raise InsufficientBalance.of(0, amount or 1)
     # A repeated withdraw with the same key returns the first token (its answer was lost).
     ref = f"http:{account.id}:{idempotency_key}" if idempotency_key else ""
     sent = await ctx.payments.withdraw(

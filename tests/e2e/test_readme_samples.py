@@ -60,7 +60,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevNode]:
 def test_the_readme_has_samples_for_each_payment_mode() -> None:
     code = "".join(c for _, c in samples())
     assert len(samples()) >= 7
-    for needle in ("Bearer $KEY", "Bearer $TOKEN", "X-Cashu: $TOKEN", '"X-Cashu": token'):
+    for needle in (
+        "Bearer $KEY",
+        "Bearer $TOKEN",
+        "X-Cashu: $TOKEN",
+        '"X-Cashu": token',
+        '"Nostr "',
+    ):
         assert needle in code
 
 

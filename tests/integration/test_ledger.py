@@ -116,6 +116,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0100_test_extra",
             "0101_request_channel_and_key_hint",
             "0102_operator_earnings_shards",
+            "0110_nip98_replay",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
         await fund(first, "key:m", 5000)
