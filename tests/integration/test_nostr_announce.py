@@ -82,7 +82,7 @@ async def test_announcements_read_back(node: DmNode, relay: RelayHandle) -> None
     }
     assert dict(listing.models[0].prices)["request"] == 1000
     (handler,) = await fetch(relay, me, 31990)
-    assert handler.tag_values("k") == ["14", "4"]
+    assert handler.tag_values("k") == ["14", "4", "5050"]
     assert {m.id for m in ann.parse_listing(handler).models} == set(MODELS)
 
 

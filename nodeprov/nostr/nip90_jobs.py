@@ -1,0 +1,326 @@
+"""NIP-90 text generation (kind 5050) over the DM channel's core: request -> feedback -> result.
+
+Requests that name this node (``p``) are answered once, also across restarts (the request is
+recorded before any work; the signed answer is stored before it is published; a job that
+waits for an invoice keeps its quote id). Payment, through the one pipeline
+(``core.payments`` via :func:`~nodeprov.nostr.dm_handlers.run_job`), is a ``cashu`` tag's
+token (change and refunds go back in an encrypted DM), else the customer's npub account;
+when that does not cover the job's price, a ``payment-required`` feedback offers a bolt11
+invoice of the node's mint that credits the account, and the job runs once it is paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nodeprov.core.lightning_funding import LightningFunding, QuoteNotFound
+from nodeprov.core.money import ceil_div
+from nodeprov.core.payments import Payer, PaymentFailed
+from nodeprov.errors import NodeprovError, TokenAlreadySpent
+from nodeprov.nostr.dm_handlers import (
+    DmContext,
+    _payer_for_resumed_token,
+    balance_of,
+    earlier_outcome,
+    run_job,
+)
+from nodeprov.nostr.nip90_store import Nip90Row, Nip90Store
+from nodeprov.nostr.relay_pool import RelayPool
+from nodeprov.protocol import nip04, nip90
+from nodeprov.protocol.nostr_event import Event, EventTemplate, sign_event, verify_event
+
+log = logging.getLogger(__name__)
+
+OVERLAP_SECONDS = 600
+WATERMARK_SECONDS = 30.0
+POLL_SECONDS = 5.0
+KEEP_SECONDS = 3 * 24 * 3600  # answered requests remembered (a replay older is out of `since`)
+CHAT = "/v1/chat/completions"
+
+
+class Nip90Jobs:
+    """Subscribes to kind 5050 requests for ``ctx.keys`` and answers each once.
+
+    ``poll_seconds``: how often a job waiting for its invoice asks the mint about it.
+    """
+
+    def __init__(
+        self,
+        ctx: DmContext,
+        pool: RelayPool,
+        store: Nip90Store,
+        funding: LightningFunding,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self.store = store
+        self.funding = funding
+        self.poll_seconds = poll_seconds
+        self._inflight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats: dict[str, int] = {"handled": 0, "duplicates": 0, "dropped": 0}
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def filters(self) -> list[dict[str, object]]:
+        """The REQ filter from the stored watermark (first start: now), minus the overlap."""
+        mark = await self.store.watermark()
+        base = (int(time.time()) if mark is None else mark) - OVERLAP_SECONDS
+        return [{"kinds": [nip90.REQUEST_KIND], "#p": [self.ctx.keys.public_key],
+                 "since": max(0, base)}]  # fmt: skip
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Resume unfinished jobs, then answer requests until ``stop``."""
+        sub = self.pool.subscribe(await self.filters(), overlap=OVERLAP_SECONDS)
+        for row in await self.store.unfinished():
+            self._spawn(self._resume(row))
+        marker = asyncio.create_task(self._mark_every(stop))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                nxt = asyncio.ensure_future(anext(sub))
+                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    break
+                try:
+                    _, raw = nxt.result()
+                except StopAsyncIteration:
+                    break
+                self._spawn(self.process(raw))
+        finally:
+            stopping.cancel()
+            await asyncio.gather(stopping, marker, return_exceptions=True)
+            await sub.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Cancel jobs in flight (a job waiting for its invoice resumes at the next start)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.store.set_watermark(int(time.time()))
+
+    async def _mark_every(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATERMARK_SECONDS)
+            try:
+                now = int(time.time())
+                await self.store.set_watermark(now)
+                await self.store.prune(now - KEEP_SECONDS)
+            except Exception:
+                log.exception("NIP-90 watermark not stored")
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- one request ---------------------------------------------------------------
+
+    async def process(self, raw: dict[str, Any]) -> None:
+        """Handle one delivered event end to end; never raises."""
+        try:
+            event = Event.from_dict(raw)
+        except NodeprovError as exc:
+            self.stats["dropped"] += 1
+            log.info("NIP-90 event dropped: %s", exc.message)
+            return
+        if event.kind != nip90.REQUEST_KIND or not verify_event(event):
+            self.stats["dropped"] += 1
+            return
+        if self.ctx.keys.public_key not in event.tag_values("p"):
+            self.stats["dropped"] += 1
+            return
+        if event.id in self._inflight:
+            self.stats["duplicates"] += 1
+            return
+        self._inflight.add(event.id)
+        try:
+            row = await self.store.accept(event.id, event.pubkey, event.to_json())
+            if row is None:
+                await self._answer(event, False, None, ())
+            elif row.state == "sent":
+                self.stats["duplicates"] += 1
+                log.info("NIP-90 job %s already answered", event.id[:12])
+            else:
+                await self._continue(row)
+        finally:
+            self._inflight.discard(event.id)
+
+    async def _resume(self, row: Nip90Row) -> None:
+        """Carry on with a job an earlier run left (at start)."""
+        if row.event_id in self._inflight:
+            return
+        self._inflight.add(row.event_id)
+        try:
+            await self._continue(row)
+        finally:
+            self._inflight.discard(row.event_id)
+
+    async def _continue(self, row: Nip90Row) -> None:
+        event = Event.from_json(row.request)
+        if row.state == "done":
+            await self._publish_answer(event.id, list(row.replies))
+            return
+        log.info("resuming NIP-90 job %s (%s)", event.id[:12], row.state)
+        await self._answer(event, True, row.quote_id, row.replies)
+
+    async def _answer(
+        self, event: Event, resumed: bool, quote_id: str | None, offered: tuple[dict[str, Any], ...]
+    ) -> None:
+        """Run the job and publish its answer, stored first; never raises."""
+        try:
+            for published in offered:  # the invoice offer an earlier run may not have sent
+                await self.pool.publish(published)
+            replies = await self._handle(event, resumed, quote_id)
+            signed = [sign_event(t, self.ctx.keys.secret_key).to_dict() for t in replies]
+            await self.store.done(event.id, signed)
+            self.stats["handled"] += 1
+            await self._publish_answer(event.id, signed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("NIP-90 job %s failed", event.id[:12])
+
+    async def _publish_answer(self, event_id: str, events: list[dict[str, Any]]) -> None:
+        ok = True
+        for event in events:
+            result = await self.pool.publish(event)
+            ok = ok and result.ok
+        if ok:
+            await self.store.sent(event_id)
+        else:
+            log.warning("answer to NIP-90 job %s not accepted by any relay yet", event_id[:12])
+
+    async def _send_now(self, template: EventTemplate) -> dict[str, Any]:
+        signed = sign_event(template, self.ctx.keys.secret_key).to_dict()
+        await self.pool.publish(signed)
+        return signed
+
+    def _dm(self, customer: str, text: str, reply_to: str) -> EventTemplate:
+        dm = nip04.build_dm(self.ctx.keys, customer, text, reply_to)
+        return EventTemplate(dm.kind, dm.tags, dm.content)
+
+    async def _handle(
+        self, event: Event, resumed: bool, quote_id: str | None
+    ) -> list[EventTemplate]:
+        """The events that answer ``event`` (feedback, result, DMs), the job run and paid."""
+        keys = self.ctx.keys
+        try:
+            req = nip90.parse_request(
+                event, keys.public_key, lambda c: nip04.decrypt(c, keys.secret_key, event.pubkey)
+            )
+            body = req.chat_body(self.ctx.config.nostr.default_model)
+            route = self.ctx.upstreams.route(body["model"])
+            price = self.ctx.payments.pricer.max_cost(route.model, body, "chat").total_msat
+        except NodeprovError as exc:
+            return [nip90.feedback(event, "error", exc.message)]
+        if req.bid_msat is not None and req.bid_msat < price:
+            why = f"your bid of {req.bid_msat} msat is below this job's price of {price} msat"
+            return [nip90.feedback(event, "error", why, amount_msat=price)]
+        payer = (
+            Payer("request_token", req.cashu, "nostr")
+            if req.cashu
+            else Payer("npub", event.pubkey, "nostr")
+        )
+        settled_before = resumed and await self.ctx.payments.outcome("nip90:" + event.id)
+        unpaid = quote_id is None and payer.kind == "npub" and not settled_before
+        if unpaid and await balance_of(self.ctx, event.pubkey) < price:
+            try:
+                quote_id = await self._offer_invoice(event, price)
+            except NodeprovError as exc:
+                return [nip90.feedback(event, "error", exc.message, amount_msat=price)]
+        if quote_id is not None:
+            state = await self._wait_paid(quote_id)
+            if state != "paid":
+                return [nip90.feedback(event, "error", f"the invoice was not paid ({state})")]
+        await self._send_now(nip90.feedback(event, "processing"))
+        return await self._run(event, req, body, payer, resumed)
+
+    async def _offer_invoice(self, event: Event, price: int) -> str:
+        """Offer a bolt11 invoice for ``price`` crediting the customer's account; its quote."""
+        quote = await self.funding.create_for_npub(event.pubkey, ceil_div(price, 1000))
+        info = f"pay the invoice ({quote.amount} sat, credited to your balance here) to run it"
+        template = nip90.feedback(event, "payment-required", info, amount_msat=price,
+                                  bolt11=quote.invoice)  # fmt: skip
+        signed = sign_event(template, self.ctx.keys.secret_key).to_dict()
+        await self.store.awaiting(event.id, quote.id, [signed])
+        await self.pool.publish(signed)
+        return quote.id
+
+    async def _wait_paid(self, quote_id: str) -> str:
+        """Poll the quote (minting it once paid) until it is paid, expired or failed.
+
+        A mint cut off by a stop stays ``pending``; the daemon's start-up recovery and its
+        funding poll settle it, and the next look here sees it paid.
+        """
+        while True:
+            await asyncio.sleep(self.poll_seconds)  # the customer needs a moment to pay
+            try:
+                status = await self.funding.status(quote_id)
+            except QuoteNotFound:
+                return "failed"
+            except NodeprovError as exc:
+                log.warning("invoice %s not checked: %s", quote_id, exc.message)
+            else:
+                if status.state in ("paid", "expired", "failed"):
+                    return status.state
+
+    async def _run(
+        self,
+        event: Event,
+        req: nip90.JobRequest,
+        body: dict[str, Any],
+        payer: Payer,
+        resumed: bool,
+    ) -> list[EventTemplate]:
+        ctx, ref = self.ctx, "nip90:" + event.id
+        try:
+            earlier = await earlier_outcome(ctx, ref, payer) if resumed else None
+            if earlier is not None:
+                data, charged, change = earlier.data, earlier.charged_msat, earlier.change
+            else:
+                try:
+                    data, settled = await run_job(ctx, payer, CHAT, body, ref)
+                except TokenAlreadySpent:
+                    if not (resumed and req.cashu):
+                        raise
+                    payer = await _payer_for_resumed_token(ctx, req.cashu)
+                    data, settled = await run_job(ctx, payer, CHAT, body, ref)
+                charged = settled.charged_msat
+                change = settled.change.token if settled.change else None
+        except PaymentFailed as exc:
+            out = [nip90.feedback(event, "error", exc.error.message)]
+            if exc.refund is not None:
+                text = f"Refund for NIP-90 job {event.id} (nothing was charged): {exc.refund.token}"
+                out.append(self._dm(event.pubkey, text, event.id))
+            return out
+        except NodeprovError as exc:
+            return [nip90.feedback(event, "error", exc.message)]
+        encrypt: Callable[[str], str] | None = None
+        if req.encrypted:
+            keys = ctx.keys
+
+            def encrypt(text: str) -> str:
+                return nip04.encrypt(text, keys.secret_key, event.pubkey)
+
+        out = [
+            nip90.result(event, nip90.answer_text(data), charged, encrypt=encrypt),
+            nip90.feedback(event, "success", amount_msat=charged),
+        ]
+        if change is not None:
+            text = f"Change from NIP-90 job {event.id} ({charged} msat charged): {change}"
+            out.append(self._dm(event.pubkey, text, event.id))
+        return out

@@ -1,0 +1,233 @@
+"""NIP-90 kind 5050 jobs end to end: a nostr-sdk customer, the real relay, the real mint (its
+FakeWallet pays invoices at once), the ledger on both engines, the fake upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nodeprov.core.money import ceil_div
+from tests.conftest import TokenMaker
+from tests.support.fake_openai import Behaviour
+from tests.support.fake_upstream import FakeUpstream, expected_usage
+from tests.support.nip90_node import Customer, Dvm, status, tag
+from tests.support.nostr_client import (  # noqa: F401  (fixtures)
+    CHAT_MODEL,
+    DmNode,
+    chat_cost,
+    dm_upstream_fixture,
+    start_dm_node,
+)
+from tests.support.services import MintHandle, RelayHandle
+from tests.support.waiting import until
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ledger_backend")]
+
+PROMPT = "what is the capital of france"
+
+
+def body_of(prompt: str = PROMPT, max_tokens: int = 8) -> dict[str, object]:
+    """The chat body a job with ``prompt`` and ``max_tokens`` runs as (for its exact cost)."""
+    return {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+    }
+
+
+def job_tags(prompt: str = PROMPT, max_tokens: int = 8) -> list[list[str]]:
+    return [
+        ["i", prompt, "text"],
+        ["param", "model", CHAT_MODEL],
+        ["param", "max_tokens", str(max_tokens)],
+        ["param", "temperature", "0.5"],
+    ]
+
+
+async def price_of(node: DmNode, max_tokens: int = 8) -> int:
+    return node.core.pricer.max_cost(CHAT_MODEL, body_of(max_tokens=max_tokens), "chat").total_msat
+
+
+async def balance(node: DmNode, pubkey: str) -> int:
+    account = await node.core.ledger.account("npub:" + pubkey)
+    return account.available_msat if account else 0
+
+
+async def idle(node: DmNode) -> None:
+    async def nothing_in_flight() -> bool:
+        row = await node.core.ledger.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
+            " WHERE state = 'pending')"
+        )
+        return row is not None and row[0] == 0
+
+    await until(nothing_in_flight, what="work still in flight")
+
+
+@pytest.fixture
+async def node(
+    tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
+) -> AsyncIterator[DmNode]:
+    started = await start_dm_node(tmp_path, [relay.url], [mint.url], upstream)
+    try:
+        yield started
+        await idle(started)
+        await started.core.assert_books_balance()
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def dvm(node: DmNode) -> AsyncIterator[Dvm]:
+    service = await Dvm(node).start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+@pytest.fixture
+async def customer(node: DmNode, relay: RelayHandle) -> AsyncIterator[Customer]:
+    peer = await Customer([relay.url], node.keys.public_key).connect()
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+async def deposit(customer: Customer, make_token: TokenMaker, sats: int) -> None:
+    """Fund the customer's npub account by a DM deposit (as any DM client does)."""
+    token = await make_token(sats)
+    reply = await customer.ask(json.dumps({"type": "deposit", "id": "d", "cashu": token}))
+    assert reply.json["type"] == "balance", reply.json
+
+
+async def test_cashu_tag_pays_and_change_comes_back_in_a_dm(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    token = await make_token(100)
+    job = await customer.job(*job_tags(), ["bid", "50000"], ["cashu", token])
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(body_of()))
+    assert result["content"]
+    assert tag(result, "amount") == [str(cost)]
+    assert tag(result, "e") == [job] and tag(result, "p") == [customer.pubkey]
+    assert tag(result, "i") == [PROMPT, "text"]
+    assert json.loads(tag(result, "request")[0])["id"] == job  # type: ignore[index]
+    statuses = [status(e) for e in await customer.answers(job)]
+    assert "processing" in statuses and "success" in statuses
+    dms = await until(customer.dms, what="the change DM")
+    change = dms[0].rsplit(" ", 1)[1]
+    assert await make_token.redeem(change) == 100 - ceil_div(cost, 1000)
+
+
+async def test_npub_balance_pays_when_no_token_is_sent(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    await deposit(customer, make_token, 64)
+    job = await customer.job(*job_tags())
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(body_of()))
+    assert tag(result, "amount") == [str(cost)]
+    assert await balance(node, customer.pubkey) == 64_000 - cost
+
+
+async def test_unpaid_job_offers_an_invoice_and_runs_once_it_is_paid(
+    node: DmNode, dvm: Dvm, customer: Customer
+) -> None:
+    price = await price_of(node)
+    job = await customer.job(*job_tags())
+    offer = await customer.wait(job, "payment-required")
+    amount = tag(offer, "amount")
+    assert amount is not None and amount[0] == str(price) and amount[1].startswith("lnbc")
+    # The FakeWallet mint marks the invoice paid: the node mints, credits and runs the job.
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(body_of()))
+    assert tag(result, "amount") == [str(cost)]
+    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+
+
+async def test_bid_below_the_price_is_refused_and_nothing_is_taken(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    price = await price_of(node)
+    token = await make_token(100)
+    job = await customer.job(*job_tags(), ["bid", str(price - 1)], ["cashu", token])
+    answer = await customer.finished(job)
+    assert status(answer) == "error"
+    assert str(price) in tag(answer, "status")[1]  # type: ignore[index]
+    assert tag(answer, "amount") == [str(price)]
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert await balance(node, customer.pubkey) == 0
+
+
+async def test_duplicate_request_is_answered_once(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    await deposit(customer, make_token, 64)
+    job = await customer.job(*job_tags())
+    await customer.wait(job, "result")
+    # The same event again (as a second relay or a redelivery hands it over): no second job.
+    assert dvm.jobs is not None
+    dvm.jobs.stats["duplicates"] = 0
+    await dvm.jobs.process(json.loads(json.dumps(await _request_event(customer, job))))
+    assert dvm.jobs.stats["duplicates"] == 1
+    results = [e for e in await customer.answers(job) if e["kind"] == 6050]
+    assert len(results) == 1
+    cost = chat_cost(expected_usage(body_of()))
+    assert await balance(node, customer.pubkey) == 64_000 - cost
+
+
+async def _request_event(customer: Customer, job: str) -> dict[str, object]:
+    result = await customer.wait(job, "result")
+    event: dict[str, object] = json.loads(tag(result, "request")[0])  # type: ignore[index]
+    return event
+
+
+async def test_restart_between_payment_and_result_answers_once(
+    node: DmNode, dvm: Dvm, customer: Customer
+) -> None:
+    await dvm.stop()
+    await dvm.start(poll_seconds=3600)  # asks the mint about the invoice only at the start
+    job = await customer.job(*job_tags())
+    await customer.wait(job, "payment-required")
+    await dvm.stop()  # the invoice is paid (FakeWallet) while the node is down
+    await dvm.start(poll_seconds=0.05)
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(body_of()))
+    assert tag(result, "amount") == [str(cost)]
+    price = await price_of(node)
+    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+    assert len([e for e in await customer.answers(job) if e["kind"] == 6050]) == 1
+
+
+async def test_upstream_failure_charges_nothing_and_refunds_the_token(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker, upstream: FakeUpstream
+) -> None:
+    token = await make_token(100)
+    upstream.behaviour = Behaviour(fail=500)
+    try:
+        job = await customer.job(*job_tags(), ["cashu", token])
+        answer = await customer.finished(job)
+    finally:
+        upstream.behaviour = Behaviour()
+    assert status(answer) == "error"
+    dms = await until(customer.dms, what="the refund DM")
+    assert "nothing was charged" in dms[0]
+    assert await make_token.redeem(dms[0].rsplit(" ", 1)[1]) == 100
+
+
+async def test_encrypted_params_get_an_encrypted_result(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    await deposit(customer, make_token, 64)
+    secret = customer.encrypt(job_tags())
+    job = await customer.job(["encrypted"], content=secret)
+    result = await customer.wait(job, "result")
+    assert tag(result, "encrypted") == [] and tag(result, "i") is None
+    assert customer.decrypt(result["content"])
+    cost = chat_cost(expected_usage(body_of()))
+    assert tag(result, "amount") == [str(cost)]
