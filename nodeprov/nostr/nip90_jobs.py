@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 OVERLAP_SECONDS = 600
 WATERMARK_SECONDS = 30.0
 POLL_SECONDS = 5.0
+STOP_GRACE_SECONDS = 10.0
 KEEP_SECONDS = 3 * 24 * 3600  # answered requests remembered (a replay older is out of `since`)
 CHAT = "/v1/chat/completions"
 
@@ -65,6 +67,10 @@ class Nip90Jobs:
         self.poll_seconds = poll_seconds
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[Any]] = set()  # jobs waiting for their invoice
+        nostr = ctx.config.nostr
+        self.rate = nostr.rate_limit_per_minute
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
         self.stats: dict[str, int] = {"handled": 0, "duplicates": 0, "dropped": 0}
 
     # --- lifecycle -----------------------------------------------------------------
@@ -103,11 +109,16 @@ class Nip90Jobs:
             await sub.close()
             await self.close()
 
-    async def close(self) -> None:
-        """Cancel jobs in flight (a job waiting for its invoice resumes at the next start)."""
-        for task in list(self._tasks):
+    async def close(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Give running jobs ``grace`` s, then cancel them; jobs waiting for their invoice are
+        cancelled at once. Either kind resumes at the next start."""
+        for task in list(self._waiting):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.store.set_watermark(int(time.time()))
 
@@ -230,6 +241,9 @@ class Nip90Jobs:
         if req.bid_msat is not None and req.bid_msat < price:
             why = f"your bid of {req.bid_msat} msat is below this job's price of {price} msat"
             return [nip90.feedback(event, "error", why, amount_msat=price)]
+        if not resumed and self._limited(event.pubkey):
+            why = f"at most {self.rate} job requests per minute; slow down"
+            return [nip90.feedback(event, "error", why)]
         payer = (
             Payer("request_token", req.cashu, "nostr")
             if req.cashu
@@ -249,6 +263,20 @@ class Nip90Jobs:
         await self._send_now(nip90.feedback(event, "processing"))
         return await self._run(event, req, body, payer, resumed)
 
+    def _limited(self, customer: str) -> bool:
+        """Per-customer requests per minute (``nostr.rate_limit_per_minute``, as for DMs):
+        every unpaid request opens an invoice at the mint."""
+        if self.rate <= 0:
+            return False
+        now = time.monotonic()
+        recent = self._recent[customer]
+        while recent and recent[0] < now - 60:
+            recent.popleft()
+        if len(recent) >= self.rate:
+            return True
+        recent.append(now)
+        return False
+
     async def _offer_invoice(self, event: Event, price: int) -> str:
         """Offer a bolt11 invoice for ``price`` crediting the customer's account; its quote."""
         quote = await self.funding.create_for_npub(event.pubkey, ceil_div(price, 1000))
@@ -266,6 +294,15 @@ class Nip90Jobs:
         A mint cut off by a stop stays ``pending``; the daemon's start-up recovery and its
         funding poll settle it, and the next look here sees it paid.
         """
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            return await self._poll_quote(quote_id)
+        finally:
+            self._waiting.discard(task)
+
+    async def _poll_quote(self, quote_id: str) -> str:
         while True:
             await asyncio.sleep(self.poll_seconds)  # the customer needs a moment to pay
             try:

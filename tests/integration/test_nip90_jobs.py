@@ -3,8 +3,12 @@ FakeWallet pays invoices at once), the ledger on both engines, the fake upstream
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -170,8 +174,14 @@ async def test_duplicate_request_is_answered_once(
     await deposit(customer, make_token, 64)
     job = await customer.job(*job_tags())
     await customer.wait(job, "result")
-    # The same event again (as a second relay or a redelivery hands it over): no second job.
     assert dvm.jobs is not None
+
+    async def answered() -> bool:
+        row = await dvm.jobs.store.get(job)  # type: ignore[union-attr]
+        return row is not None and row.state == "sent"
+
+    await until(answered, what="the answer recorded as sent")
+    # The same event again (as a second relay or a redelivery hands it over): no second job.
     dvm.jobs.stats["duplicates"] = 0
     await dvm.jobs.process(json.loads(json.dumps(await _request_event(customer, job))))
     assert dvm.jobs.stats["duplicates"] == 1
@@ -231,3 +241,52 @@ async def test_encrypted_params_get_an_encrypted_result(
     assert customer.decrypt(result["content"])
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
+
+
+async def test_readme_sample_runs_a_job_and_prints_the_change(
+    node: DmNode, dvm: Dvm, relay: RelayHandle, make_token: TokenMaker
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## NIP-90 jobs (kind 5050)", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    code = code.replace("ws://127.0.0.1:7777", relay.url).replace("demo-chat", CHAT_MODEL)
+    env = {**os.environ, "NODE_NPUB": node.keys.npub, "TOKEN": await make_token(100)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("answer: ") and lines[0].endswith(
+        f"charged msat: {chat_cost(expected_usage(body_of('What is Nostr?', 50)))}"
+    )
+    assert lines[1].startswith("Change from NIP-90 job")
+    assert await make_token.redeem(lines[1].rsplit(" ", 1)[1]) > 0
+
+
+async def test_request_from_two_relays_is_answered_once(
+    tmp_path: Path,
+    relay: RelayHandle,
+    relay_factory: Callable[..., RelayHandle],
+    mint: MintHandle,
+    upstream: FakeUpstream,
+    make_token: TokenMaker,
+) -> None:
+    relays = [relay.url, relay_factory().url]
+    node = await start_dm_node(tmp_path, relays, [mint.url], upstream)
+    service = await Dvm(node).start()
+    peer = await Customer(relays, node.keys.public_key).connect()
+    try:
+        await deposit(peer, make_token, 64)
+        job = await peer.job(*job_tags())  # published to both relays
+        await peer.wait(job, "result")
+        await idle(node)
+        assert len([e for e in await peer.answers(job) if e["kind"] == 6050]) == 1
+        cost = chat_cost(expected_usage(body_of()))
+        assert await balance(node, peer.pubkey) == 64_000 - cost
+        await node.core.assert_books_balance()
+    finally:
+        await peer.close()
+        await service.stop()
+        await node.close()
