@@ -20,6 +20,7 @@ from tests.support.fake_upstream import FakeUpstream, expected_usage
 from tests.support.nip90_node import Customer, Dvm, status, tag
 from tests.support.nostr_client import (  # noqa: F401  (fixtures)
     CHAT_MODEL,
+    HELD_MODEL,
     DmNode,
     chat_cost,
     dm_upstream_fixture,
@@ -290,3 +291,47 @@ async def test_request_from_two_relays_is_answered_once(
         await peer.close()
         await service.stop()
         await node.close()
+
+
+def held_tags(prompt: str = PROMPT) -> list[list[str]]:
+    return [["i", prompt, "text"], ["param", "model", HELD_MODEL], ["param", "max_tokens", "8"]]
+
+
+def held_body(prompt: str = PROMPT) -> dict[str, object]:
+    return {**body_of(prompt), "model": HELD_MODEL}
+
+
+async def test_restart_while_a_token_paid_job_runs_answers_once_with_change(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker, upstream: FakeUpstream
+) -> None:
+    token = await make_token(30)
+    arrivals = upstream.held_arrivals
+    upstream.close_gate()
+    try:
+        job = await customer.job(*held_tags(), ["cashu", token])
+        await until(lambda: upstream.held_arrivals > arrivals, what="the job in the upstream")
+        await dvm.stop(grace=0)  # cancels the job mid-upstream call: the token comes back
+    finally:
+        upstream.open_gate()
+    await dvm.start()
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(held_body()))
+    assert tag(result, "amount") == [str(cost)]
+    dms = await until(customer.dms, what="the change DM")
+    assert len(dms) == 1
+    assert await make_token.redeem(dms[0].rsplit(" ", 1)[1]) == 30 - ceil_div(cost, 1000)
+    assert len([e for e in await customer.answers(job) if e["kind"] == 6050]) == 1
+
+
+async def test_upstream_failure_on_the_npub_balance_charges_nothing(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker, upstream: FakeUpstream
+) -> None:
+    await deposit(customer, make_token, 64)
+    upstream.behaviour = Behaviour(fail=500)
+    try:
+        job = await customer.job(*job_tags())
+        answer = await customer.finished(job)
+    finally:
+        upstream.behaviour = Behaviour()
+    assert status(answer) == "error"
+    assert await balance(node, customer.pubkey) == 64_000

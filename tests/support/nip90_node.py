@@ -121,9 +121,13 @@ class Dvm:
         await until(lambda: any(r.connected for r in self.pool.relays.values()), what="relay up")
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop the service: running jobs get ``grace`` s, then are cancelled (resumed at the
+        next start)."""
         if self.task is None:
             return
+        assert self.jobs is not None
+        await self.jobs.close(grace)
         self.stop_event.set()
         await self.task
         assert self.pool is not None
