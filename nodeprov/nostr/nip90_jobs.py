@@ -22,7 +22,7 @@ from typing import Any
 from nodeprov.core.lightning_funding import LightningFunding, QuoteNotFound
 from nodeprov.core.money import ceil_div
 from nodeprov.core.payments import Payer, PaymentFailed
-from nodeprov.errors import NodeprovError, TokenAlreadySpent
+from nodeprov.errors import NodeprovError, PaymentTooSmall, TokenAlreadySpent
 from nodeprov.nostr.dm_handlers import (
     DmContext,
     _payer_for_resumed_token,
@@ -244,24 +244,40 @@ class Nip90Jobs:
         if not resumed and self._limited(event.pubkey):
             why = f"at most {self.rate} job requests per minute; slow down"
             return [nip90.feedback(event, "error", why)]
-        payer = (
-            Payer("request_token", req.cashu, "nostr")
-            if req.cashu
-            else Payer("npub", event.pubkey, "nostr")
-        )
+        npub = Payer("npub", event.pubkey, "nostr")
+        # A job that waits for its invoice is paid from the account the invoice credits.
+        payer = Payer("request_token", req.cashu, "nostr") if req.cashu and not quote_id else npub
         settled_before = resumed and await self.ctx.payments.outcome("nip90:" + event.id)
         unpaid = quote_id is None and payer.kind == "npub" and not settled_before
         if unpaid and await balance_of(self.ctx, event.pubkey) < price:
-            try:
-                quote_id = await self._offer_invoice(event, price)
-            except NodeprovError as exc:
-                return [nip90.feedback(event, "error", exc.message, amount_msat=price)]
+            return await self._by_invoice(event, req, body, price)
         if quote_id is not None:
-            state = await self._wait_paid(quote_id)
-            if state != "paid":
-                return [nip90.feedback(event, "error", f"the invoice was not paid ({state})")]
+            return await self._after_payment(event, req, body, quote_id)
         await self._send_now(nip90.feedback(event, "processing"))
-        return await self._run(event, req, body, payer, resumed)
+        try:
+            return await self._run(event, req, body, payer, resumed)
+        except PaymentTooSmall as exc:  # a token that cannot pay: refused untouched (NUT-24)
+            return await self._by_invoice(event, req, body, price, exc.message)
+
+    async def _by_invoice(
+        self, event: Event, req: nip90.JobRequest, body: dict[str, Any], price: int,
+        note: str = "",
+    ) -> list[EventTemplate]:  # fmt: skip
+        """Offer an invoice for ``price``; once paid, run the job from the npub account."""
+        try:
+            quote_id = await self._offer_invoice(event, price, note)
+        except NodeprovError as exc:
+            return [nip90.feedback(event, "error", exc.message, amount_msat=price)]
+        return await self._after_payment(event, req, body, quote_id)
+
+    async def _after_payment(
+        self, event: Event, req: nip90.JobRequest, body: dict[str, Any], quote_id: str
+    ) -> list[EventTemplate]:
+        state = await self._wait_paid(quote_id)
+        if state != "paid":
+            return [nip90.feedback(event, "error", f"the invoice was not paid ({state})")]
+        await self._send_now(nip90.feedback(event, "processing"))
+        return await self._run(event, req, body, Payer("npub", event.pubkey, "nostr"), True)
 
     def _limited(self, customer: str) -> bool:
         """Per-customer requests per minute (``nostr.rate_limit_per_minute``, as for DMs):
@@ -277,10 +293,11 @@ class Nip90Jobs:
         recent.append(now)
         return False
 
-    async def _offer_invoice(self, event: Event, price: int) -> str:
+    async def _offer_invoice(self, event: Event, price: int, note: str = "") -> str:
         """Offer a bolt11 invoice for ``price`` crediting the customer's account; its quote."""
         quote = await self.funding.create_for_npub(event.pubkey, ceil_div(price, 1000))
         info = f"pay the invoice ({quote.amount} sat, credited to your balance here) to run it"
+        info = f"{note}: {info}" if note else info
         template = nip90.feedback(event, "payment-required", info, amount_msat=price,
                                   bolt11=quote.invoice)  # fmt: skip
         signed = sign_event(template, self.ctx.keys.secret_key).to_dict()
@@ -338,6 +355,8 @@ class Nip90Jobs:
                     data, settled = await run_job(ctx, payer, CHAT, body, ref)
                 charged = settled.charged_msat
                 change = settled.change.token if settled.change else None
+        except PaymentTooSmall:
+            raise  # a token refused untouched: the caller offers an invoice instead
         except PaymentFailed as exc:
             out = [nip90.feedback(event, "error", exc.error.message)]
             if exc.refund is not None:

@@ -155,6 +155,22 @@ async def test_unpaid_job_offers_an_invoice_and_runs_once_it_is_paid(
     assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
 
 
+async def test_token_too_small_is_not_taken_and_an_invoice_is_offered(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    price = await price_of(node)
+    token = await make_token(ceil_div(price, 1000) - 1)
+    job = await customer.job(*job_tags(), ["cashu", token])
+    offer = await customer.wait(job, "payment-required")
+    assert "still yours" in tag(offer, "status")[1]  # type: ignore[index]
+    assert tag(offer, "amount")[0] == str(price)  # type: ignore[index]
+    result = await customer.wait(job, "result")
+    cost = chat_cost(expected_usage(body_of()))
+    assert tag(result, "amount") == [str(cost)]
+    assert set(await make_token.proof_states(token)) == {"UNSPENT"}
+    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+
+
 async def test_bid_below_the_price_is_refused_and_nothing_is_taken(
     node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
 ) -> None:
@@ -234,14 +250,16 @@ async def test_upstream_failure_charges_nothing_and_refunds_the_token(
 async def test_encrypted_params_get_an_encrypted_result(
     node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
 ) -> None:
-    await deposit(customer, make_token, 64)
-    secret = customer.encrypt(job_tags())
+    token = await make_token(50)  # inside the encrypted params: not public on the relays
+    secret = customer.encrypt([*job_tags(), ["cashu", token]])
     job = await customer.job(["encrypted"], content=secret)
     result = await customer.wait(job, "result")
     assert tag(result, "encrypted") == [] and tag(result, "i") is None
     assert customer.decrypt(result["content"])
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
+    dms = await until(customer.dms, what="the change DM")
+    assert await make_token.redeem(dms[0].rsplit(" ", 1)[1]) == 50 - ceil_div(cost, 1000)
 
 
 async def test_readme_sample_runs_a_job_and_prints_the_change(
