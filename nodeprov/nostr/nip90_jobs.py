@@ -126,12 +126,17 @@ class Nip90Jobs:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), WATERMARK_SECONDS)
+            if stop.is_set():
+                return
             try:
                 now = int(time.time())
                 await self.store.set_watermark(now)
                 await self.store.prune(now - KEEP_SECONDS)
+                for row in await self.store.unfinished():
+                    if row.state == "done":  # answered, but no relay took it yet: again
+                        await self._resume(row)
             except Exception:
-                log.exception("NIP-90 watermark not stored")
+                log.exception("NIP-90 housekeeping failed")
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -142,6 +147,12 @@ class Nip90Jobs:
 
     async def process(self, raw: dict[str, Any]) -> None:
         """Handle one delivered event end to end; never raises."""
+        try:
+            await self._process(raw)
+        except Exception:
+            log.exception("NIP-90 event %s failed", str(raw.get("id", "?"))[:12])
+
+    async def _process(self, raw: dict[str, Any]) -> None:
         try:
             event = Event.from_dict(raw)
         except NodeprovError as exc:
