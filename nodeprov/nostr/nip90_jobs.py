@@ -22,7 +22,8 @@ from typing import Any
 from nodeprov.core.lightning_funding import LightningFunding, QuoteNotFound
 from nodeprov.core.money import ceil_div
 from nodeprov.core.payments import Payer, PaymentFailed
-from nodeprov.errors import NodeprovError, PaymentTooSmall, TokenAlreadySpent
+from nodeprov.errors import InvalidRequest, NodeprovError, PaymentTooSmall, TokenAlreadySpent
+from nodeprov.nostr.chat import default_model
 from nodeprov.nostr.dm_handlers import (
     DmContext,
     _payer_for_resumed_token,
@@ -244,7 +245,10 @@ class Nip90Jobs:
             req = nip90.parse_request(
                 event, keys.public_key, lambda c: nip04.decrypt(c, keys.secret_key, event.pubkey)
             )
-            body = req.chat_body(self.ctx.config.nostr.default_model)
+            model = req.model or default_model(self.ctx)
+            if not model:
+                raise InvalidRequest("name a model: ['param', 'model', '<id>']")
+            body = req.chat_body(model)
             route = self.ctx.upstreams.route(body["model"])
             price = self.ctx.payments.pricer.max_cost(route.model, body, "chat").total_msat
         except NodeprovError as exc:

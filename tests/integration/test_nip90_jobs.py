@@ -353,3 +353,21 @@ async def test_upstream_failure_on_the_npub_balance_charges_nothing(
         upstream.behaviour = Behaviour()
     assert status(answer) == "error"
     assert await balance(node, customer.pubkey) == 64_000
+
+
+async def test_bad_request_gets_an_error_feedback_and_no_model_means_the_default(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker
+) -> None:
+    await deposit(customer, make_token, 64)
+    unknown = await customer.job(["i", PROMPT, "text"], ["param", "model", "no-such-model"])
+    answer = await customer.finished(unknown)
+    assert status(answer) == "error" and "no-such-model" in tag(answer, "status")[1]  # type: ignore[index]
+    image = await customer.job(["i", "https://example.com/cat.png", "url"])
+    assert "input type 'url'" in tag(await customer.finished(image), "status")[1]  # type: ignore[index]
+    assert await balance(node, customer.pubkey) == 64_000
+    job = await customer.job(["i", PROMPT, "text"])  # nostr.default_model
+    result = await customer.wait(job, "result")
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
+    cost = chat_cost(expected_usage(body))
+    assert tag(result, "amount") == [str(cost)]
+    assert await balance(node, customer.pubkey) == 64_000 - cost
