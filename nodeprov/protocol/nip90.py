@@ -1,10 +1,11 @@
 """NIP-90 text generation (kind 5050): parse job requests, build feedback and results; sans I/O.
 
-A request carries its prompt in ``i`` tags of type ``text`` (several are joined as one user
-message), its options in ``param`` tags (``model``, ``max_tokens``, ``temperature``, ``top_p``,
-``system``), the most the customer pays in ``bid`` (msat) and, optionally, a Cashu token in a
-``cashu`` tag. With an ``encrypted`` tag the ``i`` and ``param`` tags are NIP-04 encrypted in
-the content (to the provider's key); the result is then encrypted to the customer too.
+A request carries its prompt in ``i`` tags of type ``text`` or ``prompt`` (several are joined
+as one user message), its options in ``param`` tags (``model``, ``max_tokens``, ``temperature``,
+``top_p`` or ``top-p``, ``frequency_penalty``, ``presence_penalty``, ``seed``, ``system``), the
+most the customer pays in ``bid`` (msat) and, optionally, a Cashu token in a ``cashu`` tag.
+With an ``encrypted`` tag the ``i`` and ``param`` tags are NIP-04 encrypted in the content (to
+the provider's key); the result is then encrypted to the customer too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ Status = Literal["payment-required", "processing", "error", "success", "partial"
 MAX_TOKENS_LIMIT = 10_000_000
 MAX_PROMPT_CHARS = 1_000_000
 MAX_BID_MSAT = 2**62
+TEXT_INPUTS = ("text", "prompt")  # the 5050 kind's example marks its prompt "prompt"
 PASSED_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed")
 
 
@@ -122,11 +124,11 @@ def parse_request(
         name = tag[0]
         if name == "i":
             kind = tag[2] if len(tag) > 2 else "text"
-            if kind != "text":
+            if kind not in TEXT_INPUTS:
                 raise InvalidJobRequest(f"input type {kind!r} is not supported; send 'text'")
             texts.append(tag[1] if len(tag) > 1 else "")
         elif name == "param" and len(tag) > 2:
-            params[tag[1]] = tag[2]
+            params[tag[1].replace("-", "_")] = tag[2]  # the kind's own example writes top-p
         elif name == "bid" and len(tag) > 1:
             bid = int(_number("bid", tag[1], integer=True, low=0, high=MAX_BID_MSAT))
         elif name == "cashu" and len(tag) > 1 and tag[1]:

@@ -44,6 +44,14 @@ def test_text_input_and_params_become_a_chat_body() -> None:
     }
 
 
+def test_the_kinds_own_example_prompt_input_and_hyphenated_params() -> None:
+    prompt = ("i", "what is the capital of France? ", "prompt")
+    job = parse(request(prompt, ("param", "top-p", "0.7"), ("param", "frequency_penalty", "1")))
+    body = job.chat_body("m")
+    assert body["messages"][0]["content"] == "what is the capital of France? "
+    assert body["top_p"] == 0.7 and body["frequency_penalty"] == 1.0
+
+
 def test_default_model_and_several_inputs_joined() -> None:
     job = parse(request(("i", "one", "text"), ("i", "two")))
     body = job.chat_body("the-default")
