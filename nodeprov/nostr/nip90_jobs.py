@@ -300,6 +300,8 @@ class Nip90Jobs:
         if self.rate <= 0:
             return False
         now = time.monotonic()
+        for who in [w for w, times in self._recent.items() if times[-1] < now - 60]:
+            del self._recent[who]  # nobody asked for a minute: forget them
         recent = self._recent[customer]
         while recent and recent[0] < now - 60:
             recent.popleft()
