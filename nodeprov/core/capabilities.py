@@ -8,7 +8,8 @@ Names are stable strings a client can test for before it picks a way to pay or t
 - ``x_cashu``: a per-request token in ``X-Cashu`` with change returned (NUT-24);
 - ``lightning_topup``: keys funded by paying a bolt11 invoice from the node's mint;
 - ``nip98``: ``Authorization: Nostr …`` (NIP-98) pays from the signer's npub account;
-- ``nip17_dm`` / ``nip04_dm``: jobs and payments over encrypted Nostr DMs.
+- ``nip17_dm`` / ``nip04_dm``: jobs and payments over encrypted Nostr DMs;
+- ``nip90:5050``: NIP-90 text generation jobs (kind 5050 requests, 7000/6050 answers).
 """
 
 from __future__ import annotations
@@ -27,4 +28,5 @@ def node_capabilities(config: Config) -> tuple[str, ...]:
         found.append("nip17_dm")
         if config.nostr.accept_nip04:
             found.append("nip04_dm")
+        found.append("nip90:5050")
     return tuple(found)

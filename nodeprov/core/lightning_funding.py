@@ -159,6 +159,33 @@ class LightningFunding:
             public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url, new_key
         )
 
+    async def create_for_npub(self, pubkey: str, amount: int) -> FundingQuote:
+        """An invoice for ``amount`` sat crediting the npub account of ``pubkey`` (hex) once
+        paid: the account that DM deposits fund and NIP-90 jobs pay from."""
+        if type(amount) is not int or amount <= 0:
+            raise InvalidRequest("'amount' must be a positive whole number of sats")
+        if self.max_sat is not None and amount > self.max_sat:
+            raise InvalidRequest(f"{amount} sat is above this node's invoice limit")
+        await self._check_open(None)
+        api = self.wallet.api(self.wallet.mints[0])
+        quote = await api.mint_quote(amount, UNIT)
+        invoice = str(quote["request"])
+        expiry = int(quote.get("expiry") or now() + DEFAULT_QUOTE_SECONDS)
+        public_id = "lnq_" + secrets.token_urlsafe(18)
+        async with self.db.write() as conn:
+            await self._check_open(conn)
+            op_id = await journal.insert_op(
+                conn, kind=KIND, state="unpaid", mint_url=api.url, unit=UNIT,
+                account_id="npub:" + pubkey, amount=amount, inputs=(), outputs=(),
+                quote=str(quote["quote"]), ref=public_id,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO lightning_funding (id, op_id, invoice, expires_at, new_key, api_key,"
+                " key_expires_at, refund_address, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (public_id, op_id, invoice, expiry, False, None, None, None, now()),
+            )
+        return FundingQuote(public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url)
+
     async def _check_open(self, conn: Conn | None) -> None:
         """Refuse a new quote while ``max_open`` unpaid, unexpired quotes wait for payment."""
         if self.max_open is None:
@@ -336,8 +363,9 @@ class LightningFunding:
             (op.id,),
         )
         assert op.account_id is not None
+        kind = "npub" if op.account_id.startswith("npub:") else "api_key"
         await ensure_account(
-            conn, op.account_id, "api_key",
+            conn, op.account_id, kind,
             expires_at=row["key_expires_at"] if row else None,
             refund_address=row["refund_address"] if row else None,
         )  # fmt: skip

@@ -281,4 +281,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX auth_events_created_at ON auth_events (created_at)
         """,
     ),
+    # NIP-90 jobs (kind 5050) and how far each got (nodeprov.nostr.nip90_store): the request
+    # event, the invoice it waits for, the events to publish once it is done.
+    Migration(
+        "0130_nip90_jobs",
+        """
+        CREATE TABLE nostr_nip90_jobs (
+            event_id TEXT PRIMARY KEY,
+            customer TEXT NOT NULL,
+            request TEXT NOT NULL,
+            state TEXT NOT NULL,
+            quote_id TEXT,
+            replies TEXT,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX nostr_nip90_jobs_state ON nostr_nip90_jobs (state)
+        """,
+    ),
 )

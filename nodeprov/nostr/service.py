@@ -1,4 +1,4 @@
-"""The daemon's Nostr service: key, relay pool, announcer and DM listener over the shared core."""
+"""The daemon's Nostr service: key, relay pool, announcer, DM listener and NIP-90 jobs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import logging
 from typing import Any
 
 from nodeprov.core.identity import node_keys
+from nodeprov.core.lightning_funding import LightningFunding
 from nodeprov.core.node import Core
 from nodeprov.nostr.announcer import Announcer, build_listing
 from nodeprov.nostr.dm_handlers import DmContext
 from nodeprov.nostr.dm_listener import DmListener
 from nodeprov.nostr.dm_store import DmStore
 from nodeprov.nostr.dm_transport import DmTransport
+from nodeprov.nostr.nip90_jobs import Nip90Jobs
+from nodeprov.nostr.nip90_store import Nip90Store
 from nodeprov.nostr.relay_pool import RelayPool, Signer
 from nodeprov.protocol.nostr_event import EventTemplate, Keys, sign_event, tags_of
 
@@ -54,7 +57,13 @@ async def nostr_service(core: Core, stop: asyncio.Event) -> None:
             tuple(config.nostr.dm_relays),
         )
         listener = DmListener(ctx, pool, transport)
-        await asyncio.gather(announcer.run(stop), listener.run(stop))
+        funding = LightningFunding(
+            core.wallet,
+            max_sat=config.wallet.lightning_max_sat,
+            max_open=config.wallet.lightning_max_open_quotes,
+        )
+        jobs = Nip90Jobs(ctx, pool, Nip90Store(core.ledger.db), funding)
+        await asyncio.gather(announcer.run(stop), listener.run(stop), jobs.run(stop))
     finally:
         core.relay_status = None
         await pool.close()

@@ -20,7 +20,7 @@ PROFILE_KIND = 0
 DM_RELAYS_KIND = 10050
 LISTING_KIND = 38421
 HANDLER_KIND = 31990
-HANDLED_KINDS = (14, 4)  # NIP-17 chat rumors and NIP-04 DMs
+HANDLED_KINDS = (14, 4, 5050)  # NIP-17 chat rumors, NIP-04 DMs, NIP-90 text generation
 MAX_CONTENT_CHARS = 500_000
 
 
@@ -171,7 +171,7 @@ def listing_event(listing: NodeListing, identifier: str | None = None) -> EventT
 
 
 def handler_event(listing: NodeListing, identifier: str | None = None) -> EventTemplate:
-    """Kind 31990 (NIP-89 handler): tags d, k (14, 4); kind-0-style content with the models."""
+    """Kind 31990 (NIP-89 handler): tags d, k (14, 4, 5050); kind-0-style content, the models."""
     content = _listing_content(listing)
     if listing.http_url:
         content["website"] = listing.http_url

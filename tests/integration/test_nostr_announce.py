@@ -74,7 +74,9 @@ async def test_announcements_read_back(node: DmNode, relay: RelayHandle) -> None
     assert listing.identifier == node.keys.npub
     assert listing.mints == node.ctx.mints
     assert listing.http_url == "http://127.0.0.1:8000"
-    assert {"openai_http", "x_cashu", "nip17_dm", "nip04_dm"} <= set(listing.capabilities)
+    assert {"openai_http", "x_cashu", "nip17_dm", "nip04_dm", "nip90:5050"} <= set(
+        listing.capabilities
+    )
     assert listing_event.tag_values("u") == ["http://127.0.0.1:8000"]
     assert listing_event.tag_values("version")
     assert {m.id: dict(m.prices) for m in listing.models} == {
@@ -82,7 +84,7 @@ async def test_announcements_read_back(node: DmNode, relay: RelayHandle) -> None
     }
     assert dict(listing.models[0].prices)["request"] == 1000
     (handler,) = await fetch(relay, me, 31990)
-    assert handler.tag_values("k") == ["14", "4"]
+    assert handler.tag_values("k") == ["14", "4", "5050"]
     assert {m.id for m in ann.parse_listing(handler).models} == set(MODELS)
 
 

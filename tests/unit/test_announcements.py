@@ -75,7 +75,7 @@ def test_listing_event_and_parse_round_trip() -> None:
 def test_handler_event() -> None:
     t = ann.handler_event(LISTING, identifier="nodeprov")
     assert t.kind == 31990
-    assert t.tags == (("d", "nodeprov"), ("k", "14"), ("k", "4"))
+    assert t.tags == (("d", "nodeprov"), ("k", "14"), ("k", "4"), ("k", "5050"))
     content = json.loads(t.content)
     assert content["website"] == "https://llm.example"
     assert [m["id"] for m in content["models"]] == ["gpt-x", "emb"]
