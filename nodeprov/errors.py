@@ -81,6 +81,20 @@ class Unauthorized(NodeprovError):
     code = "invalid_api_key"
 
 
+class Forbidden(NodeprovError):
+    """The credential is valid but may not do this."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ChildKeyNotAllowed(Forbidden):
+    """A child key asked for what only its parent key may do (move money, make keys)."""
+
+    code = "child_key_not_allowed"
+
+
 class PaymentError(NodeprovError):
     """A problem with the money a client offered."""
 

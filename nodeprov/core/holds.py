@@ -18,6 +18,7 @@ from nodeprov.errors import (
     NodeprovError,
     Unauthorized,
 )
+from nodeprov.protocol.child_keys import remaining_msat, spendable_msat
 
 OPERATOR = "operator"
 # The operator's balance is its account row plus these shards' unfolded earnings (see
@@ -34,13 +35,30 @@ FOLD_SHARD = "UPDATE operator_earnings SET unfolded_msat = unfolded_msat - ? WHE
 FOLD_INTO = "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = 'operator'"
 LAPSED_KEEP = 86_400  # seconds a lapsed hold stays settleable by a job that still finishes
 OUTCOME_KEEP = 7 * 86_400  # seconds a settled job's outcome answers a resumed request
+# A hold reserves on an account whose owner is live, unexpired and has the balance; a child
+# key's hold reserves on its parent's account by the same statement, and on the child's own
+# remaining limit by the next one, in the same transaction. Every path that touches both
+# locks the parent's row before the child's (holds, then accounts, then child_keys).
+RESERVE = (
+    "UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ? "
+    "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
+    "AND balance_msat - reserved_msat >= ?"
+)
+CHILD_RESERVE = (
+    "UPDATE child_keys SET reserved_msat = reserved_msat + ?, last_used_at = ? "
+    "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
+    "AND (limit_msat IS NULL OR limit_msat - spent_msat - reserved_msat >= ?)"
+)
+UNRESERVE = "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?"
+CHILD_UNRESERVE = "UPDATE child_keys SET reserved_msat = reserved_msat - ? WHERE id = ?"
 
 
 @dataclass(frozen=True)
 class Hold:
     id: int
-    account_id: str
+    account_id: str  # the account it reserves on (a child key's parent)
     amount_msat: int
+    child_id: str | None = None  # the child key that took it, if one did
 
 
 @dataclass(frozen=True)
@@ -76,25 +94,46 @@ def hold(
 ) -> Hold:
     """Reserve ``amount`` with one conditional UPDATE: concurrent holds cannot overdraw.
 
+    ``account_id`` may name a child key (``key:…`` with no account of its own): the hold
+    then reserves on its parent's account and on the child's remaining limit.
     ``last``: nothing follows in the transaction, so the hold's row commits with it (one
     round trip on PostgreSQL, :meth:`SyncConn.batch`).
     """
-    cursor = raw.execute(
-        "UPDATE accounts SET reserved_msat = reserved_msat + ?, last_used_at = ? "
-        "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
-        "AND balance_msat - reserved_msat >= ?",
-        (amount, at, account_id, at, amount),
-    )
-    if cursor.rowcount != 1:
+    if raw.execute(RESERVE, (amount, at, account_id, at, amount)).rowcount == 1:
+        return _insert(raw, at, account_id, amount, purpose, lease, ref, None, last)
+    child = raw.execute(
+        "SELECT id, parent_id FROM child_keys WHERE key_account = ?", (account_id,)
+    ).fetchone()
+    if child is None:
         raise refusal(raw, at, account_id, amount)
+    child_id, parent_id = str(child[0]), str(child[1])
+    if raw.execute(RESERVE, (amount, at, parent_id, at, amount)).rowcount != 1:
+        raise child_refusal(raw, at, child_id, parent_id, amount)
+    if raw.execute(CHILD_RESERVE, (amount, at, child_id, at, amount)).rowcount != 1:
+        raw.execute(UNRESERVE, (amount, parent_id))  # so the refusal reads the parent as it was
+        raise child_refusal(raw, at, child_id, parent_id, amount)
+    return _insert(raw, at, parent_id, amount, purpose, lease, ref, child_id, last)
+
+
+def _insert(
+    raw: SyncConn,
+    at: int,
+    account_id: str,
+    amount: int,
+    purpose: str,
+    lease: int,
+    ref: str | None,
+    child_id: str | None,
+    last: bool,
+) -> Hold:
     with raw.batch(commit=last):
         inserted = raw.execute(
             "INSERT INTO holds (account_id, amount_msat, purpose, created_at, lease_expires_at,"
-            " ref) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            (account_id, amount, purpose, at, at + lease, ref),
+            " ref, child_id) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (account_id, amount, purpose, at, at + lease, ref, child_id),
         )
     (hold_id,) = inserted.fetchone()
-    return Hold(int(hold_id), account_id, amount)
+    return Hold(int(hold_id), account_id, amount, child_id)
 
 
 def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
@@ -110,7 +149,9 @@ def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
     if cursor.rowcount == 1:
         return True
     # Locked: the sweeper must not forget this lapsed hold while it reserves again.
-    row = raw.execute("SELECT state FROM holds WHERE id = ? FOR UPDATE", (held.id,)).fetchone()
+    row = raw.execute(
+        "SELECT state, child_id FROM holds WHERE id = ? FOR UPDATE", (held.id,)
+    ).fetchone()
     if row is None:
         return False
     if row[0] != "open":
@@ -121,10 +162,54 @@ def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
         )
         if cursor.rowcount != 1:
             return False
+        if row[1] is not None and not _child_reserves_again(raw, str(row[1]), held.amount_msat):
+            raw.execute(UNRESERVE, (held.amount_msat, held.account_id))
+            return False
     raw.execute(
         "UPDATE holds SET state = 'open', lease_expires_at = ? WHERE id = ?", (at + lease, held.id)
     )
     return True
+
+
+def _child_reserves_again(raw: SyncConn, child_id: str, amount: int) -> bool:
+    """A lapsed child hold reserves on the child's limit again, if the limit still has room."""
+    cursor = raw.execute(
+        "UPDATE child_keys SET reserved_msat = reserved_msat + ? WHERE id = ? "
+        "AND (limit_msat IS NULL OR limit_msat - spent_msat - reserved_msat >= ?)",
+        (amount, child_id, amount),
+    )
+    return bool(cursor.rowcount == 1)
+
+
+def child_refusal(
+    raw: SyncConn, at: int, child_id: str, parent_id: str, amount: int
+) -> NodeprovError:
+    """Why a child key's hold was refused: it or its parent is revoked or expired, or the
+    child's limit or the parent's balance is short (the child is told what it may spend)."""
+    child = raw.execute(
+        "SELECT revoked, expires_at, limit_msat, spent_msat, reserved_msat FROM child_keys "
+        "WHERE id = ?",
+        (child_id,),
+    ).fetchone()
+    if child is None or child[0]:
+        return Unauthorized("Unknown or revoked API key")
+    if child[1] is not None and child[1] <= at:
+        return AccountExpired("This child key has expired")
+    parent = raw.execute(
+        "SELECT balance_msat, reserved_msat, expires_at, revoked FROM accounts WHERE id = ?",
+        (parent_id,),
+    ).fetchone()
+    if parent is None or parent[3]:
+        return Unauthorized("Unknown or revoked API key: its parent key is revoked")
+    if parent[2] is not None and parent[2] <= at:
+        return AccountExpired("This child key's parent key has expired")
+    parent_available = int(parent[0]) - int(parent[1])
+    room = remaining_msat(child[2], int(child[3]), int(child[4]))
+    spendable = spendable_msat(parent_available, child[2], int(child[3]), int(child[4]))
+    hint = ""
+    if room is not None and room < amount and room <= parent_available:
+        hint = f"; this child key's spending limit of {child[2]} msat leaves {room} msat"
+    return InsufficientBalance.of(spendable, amount, hint)
 
 
 def refusal(raw: SyncConn, at: int, account_id: str, amount: int) -> NodeprovError:
@@ -182,9 +267,10 @@ def settle(
         earlier = outcome(raw, record.ref)
         if earlier is not None:
             release(raw, held.id)
-            return Settlement(earlier.charged_msat, 0, _available(raw, held.account_id), True)
+            available = _available(raw, held.account_id, held.child_id)
+            return Settlement(earlier.charged_msat, 0, available, True)
     row = raw.execute(
-        "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat, h.purpose "
+        "SELECT h.amount_msat, h.state, a.balance_msat, a.reserved_msat, h.purpose, h.child_id "
         "FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.id = ? FOR UPDATE",
         (held.id,),
     ).fetchone()
@@ -193,8 +279,20 @@ def settle(
     reserved_here = row[0] if row[1] == "open" else 0
     available = row[2] - (row[3] - reserved_here)
     charged = min(actual, held.amount_msat, available)
+    child_id: str | None = row[5]
+    if child_id is not None:
+        # A child is charged within its limit too: a lapsed hold no longer reserved on it.
+        limit = raw.execute(
+            "SELECT limit_msat, spent_msat, reserved_msat FROM child_keys WHERE id = ? FOR UPDATE",
+            (child_id,),
+        ).fetchone()
+        room = remaining_msat(limit[0], int(limit[1]), int(limit[2]) - reserved_here)
+        if room is not None:
+            charged = min(charged, room)
     written_off = actual - charged
-    detail = f"writeoff={written_off}" if written_off else ""
+    notes = [f"writeoff={written_off}"] if written_off else []
+    notes += [f"child={child_id}"] if child_id is not None else []
+    detail = " ".join(notes)
     request = request_of(held, record)
     with raw.batch(commit=last):  # nothing below is read before the block ends
         raw.execute("DELETE FROM holds WHERE id = ?", (held.id,))
@@ -204,6 +302,13 @@ def settle(
             "WHERE id = ? RETURNING balance_msat - reserved_msat",
             (reserved_here, charged, charged, held.account_id),
         )
+        if child_id is not None:
+            child_after = raw.execute(
+                "UPDATE child_keys SET reserved_msat = reserved_msat - ?, "
+                "spent_msat = spent_msat + ? WHERE id = ? "
+                "RETURNING limit_msat, spent_msat, reserved_msat",
+                (reserved_here, charged, child_id),
+            )
         if charged:
             raw.execute(CREDIT_EARNINGS, (charged, held.id % EARNING_SHARDS))
         raw.executemany(
@@ -230,27 +335,38 @@ def settle(
                     at,
                 ),
             )
-    return Settlement(charged, written_off, int(after.fetchone()[0]))
+    left = int(after.fetchone()[0])
+    if child_id is not None:  # what the child may still spend, not its parent's balance
+        limit_after, spent_after, reserved_after = child_after.fetchone()
+        left = spendable_msat(left, limit_after, int(spent_after), int(reserved_after))
+    return Settlement(charged, written_off, left)
 
 
-def _available(raw: SyncConn, account_id: str) -> int:
+def _available(raw: SyncConn, account_id: str, child_id: str | None = None) -> int:
+    """The account's available balance; for a child key, what the child may still spend."""
     (after,) = raw.execute(
         "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ?", (account_id,)
     ).fetchone()
-    return int(after)
+    if child_id is None:
+        return int(after)
+    row = raw.execute(
+        "SELECT limit_msat, spent_msat, reserved_msat FROM child_keys WHERE id = ?", (child_id,)
+    ).fetchone()
+    return spendable_msat(int(after), row[0], int(row[1]), int(row[2]))
 
 
 def release(raw: SyncConn, hold_id: int) -> None:
     """Close a hold without charging; a hold already gone is a no-op."""
     row = raw.execute(
-        "DELETE FROM holds WHERE id = ? RETURNING account_id, amount_msat, state", (hold_id,)
+        "DELETE FROM holds WHERE id = ? RETURNING account_id, amount_msat, state, child_id",
+        (hold_id,),
     ).fetchone()
     if row is None:  # gone already (settled, released): only one closer gets the row
         return
     if row[2] == "open":
-        raw.execute(
-            "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?", (row[1], row[0])
-        )
+        raw.execute(UNRESERVE, (row[1], row[0]))
+        if row[3] is not None:
+            raw.execute(CHILD_UNRESERVE, (row[1], row[3]))
 
 
 def release_ref(raw: SyncConn, ref: str) -> int:
@@ -282,14 +398,13 @@ def release_lapsed(raw: SyncConn, at: int) -> int:
     # not lapsed any more when this reaches its row, and is left alone.
     lapsed = raw.execute(
         "UPDATE holds SET state = 'expired' WHERE state = 'open' AND lease_expires_at <= ? "
-        "RETURNING account_id, amount_msat",
+        "RETURNING account_id, amount_msat, child_id",
         (at,),
     ).fetchall()
-    for account_id, amount in lapsed:
-        raw.execute(
-            "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?",
-            (amount, account_id),
-        )
+    for account_id, amount, child_id in lapsed:
+        raw.execute(UNRESERVE, (amount, account_id))
+        if child_id is not None:
+            raw.execute(CHILD_UNRESERVE, (amount, child_id))
     raw.execute(
         "DELETE FROM holds WHERE state = 'expired' AND lease_expires_at <= ?", (at - LAPSED_KEEP,)
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nodeprov.core import journal
+from nodeprov.core.child_keys import ChildKeys
 from nodeprov.core.db import Conn, fetchone
 from nodeprov.core.denominations import complete_split
 from nodeprov.core.journal import Op
@@ -32,6 +33,7 @@ from nodeprov.core.payments import api_key_account
 from nodeprov.core.wallet import Wallet
 from nodeprov.errors import (
     AccountExpired,
+    ChildKeyNotAllowed,
     InvalidRequest,
     MintError,
     MintUnavailable,
@@ -205,6 +207,8 @@ class LightningFunding:
     async def _fundable(self, api_key: str) -> str:
         account_id = api_key_account(api_key)
         account = await self.wallet.ledger.account(account_id)
+        if account is None and await ChildKeys(self.wallet.ledger).by_account(account_id):
+            raise ChildKeyNotAllowed("a child key cannot be topped up: only its parent key can")
         if account is None or account.revoked:
             raise Unauthorized("Unknown or revoked API key")
         if account.expires_at is not None and account.expires_at <= now():

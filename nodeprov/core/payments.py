@@ -39,6 +39,7 @@ from nodeprov.core.charges import (
     decode_result,
     encode_result,
 )
+from nodeprov.core.child_keys import ChildKeys
 from nodeprov.core.db import fetchone
 from nodeprov.core.ledger import (
     OPERATOR,
@@ -127,6 +128,7 @@ class Payments(AccountMoves):
         self.pricer = pricer
         self.renew_seconds = renew_seconds
         self.overlap = overlap or SwapOverlap()
+        self.children = ChildKeys(ledger)  # child keys pay through the same holds
         self._key_secret = key_secret
         # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}

@@ -299,4 +299,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX nostr_nip90_jobs_state ON nostr_nip90_jobs (state)
         """,
     ),
+    # Child keys (nodeprov.core.child_keys): a key that spends from its parent key's balance
+    # up to its own limit. A child holds no money: its holds reserve on the parent's account
+    # (holds.child_id names the child) and on its own remaining limit, in one transaction.
+    Migration(
+        "0120_child_keys",
+        """
+        CREATE TABLE child_keys (
+            id TEXT PRIMARY KEY,
+            key_account TEXT NOT NULL UNIQUE,
+            parent_id TEXT NOT NULL REFERENCES accounts(id),
+            label TEXT,
+            limit_msat INTEGER,
+            spent_msat INTEGER NOT NULL DEFAULT 0,
+            reserved_msat INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            last_used_at INTEGER,
+            expires_at INTEGER,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            key_hint TEXT,
+            CHECK (reserved_msat >= 0 AND spent_msat >= 0),
+            CHECK (limit_msat IS NULL OR spent_msat + reserved_msat <= limit_msat)
+        );
+        CREATE INDEX child_keys_parent ON child_keys (parent_id);
+        ALTER TABLE holds ADD COLUMN child_id TEXT
+        """,
+    ),
 )

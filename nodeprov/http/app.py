@@ -146,7 +146,7 @@ def create_app(ctx: HttpContext, extra_routes: Sequence[BaseRoute] = ()) -> Star
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(http.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],
                 expose_headers=EXPOSED_HEADERS,
             )

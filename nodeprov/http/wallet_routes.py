@@ -6,7 +6,8 @@ as a key works too); a NIP-98 ``Authorization: Nostr …`` header names its sign
 account (the one DM deposits fund), shown with ``npub``/``pubkey`` where a key shows
 ``api_key``; an npub account not seen yet has balance 0. ``POST …/refund`` with
 ``X-Cashu: <the token that paid>`` returns that payment's change instead, as Routstr clients
-collect it.
+collect it. A child key (``child_key_routes``) reads its own balance; it may not top up,
+withdraw or refund (403).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
 from nodeprov.core.account_moves import mask_key
+from nodeprov.core.child_keys import ChildKey
 from nodeprov.core.ledger import Account
 from nodeprov.core.payments import Payer
 from nodeprov.errors import (
+    ChildKeyNotAllowed,
     InsufficientBalance,
     InvalidRequest,
     NothingToRefund,
@@ -29,6 +32,8 @@ from nodeprov.errors import (
     Unauthorized,
 )
 from nodeprov.http.auth import account_holder
+from nodeprov.http.child_key_routes import ROUTES as CHILD_KEY_ROUTES
+from nodeprov.http.child_key_routes import child_balance, child_of, children_of
 from nodeprov.http.context import (
     JSON,
     HttpContext,
@@ -41,7 +46,8 @@ from nodeprov.protocol.cashu_token import parse_token
 from nodeprov.protocol.nip19 import npub_encode
 
 
-async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
+async def _who(ctx: HttpContext, request: Request) -> tuple[Payer, Account | ChildKey]:
+    """Who ``Authorization`` names: an account (a key, a token as key, an npub), or a child."""
     payer = await account_holder(request)
     if payer is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-…'")
@@ -49,11 +55,27 @@ async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
         # Seen without being opened: looking at a balance leaves no empty account behind.
         account_id = "npub:" + payer.credential
         return payer, await ctx.payments.account(account_id) or _unseen(account_id)
-    account_id = await ctx.payments.account_for(payer)
+    try:
+        account_id = await ctx.payments.account_for(payer)
+    except Unauthorized:
+        child = await child_of(ctx, payer)  # a child key has no account of its own
+        if child is None:
+            raise
+        return payer, child
     account = await ctx.payments.account(account_id)
     if account is None:
         raise Unauthorized("Unknown API key")
     return payer, account
+
+
+async def _account(ctx: HttpContext, request: Request) -> tuple[Payer, Account]:
+    """The account that ``Authorization`` names, for a move of money (403 for a child key)."""
+    payer, found = await _who(ctx, request)
+    if isinstance(found, ChildKey):
+        raise ChildKeyNotAllowed(
+            "a child key cannot top up, withdraw or refund: only its parent key can"
+        )
+    return payer, found
 
 
 def _unseen(account_id: str) -> Account:
@@ -114,17 +136,24 @@ async def create(request: Request) -> Response:
 
 async def balance(request: Request) -> Response:
     ctx = context(request)
-    payer, account = await _account(ctx, request)
+    payer, found = await _who(ctx, request)
+    if isinstance(found, ChildKey):
+        return JSON(await child_balance(ctx, found, mask_key(payer.credential)))
     if payer.kind != "npub":
-        await ctx.payments.note_key_hint(account.id, payer.credential)
-    return JSON({**_holder(payer, full=False), **_view(account)})
+        await ctx.payments.note_key_hint(found.id, payer.credential)
+    children = await children_of(ctx, found)
+    return JSON({**_holder(payer, full=False), **_view(found), **children})
 
 
 async def info(request: Request) -> Response:
     """Account info with the full key: the bearer already holds it, and clients that
     bootstrap with a token read ``api_key`` back to use as their key (as Routstr's do)."""
-    payer, account = await _account(context(request), request)
-    return JSON({**_holder(payer, full=True), **_view(account)})
+    ctx = context(request)
+    payer, found = await _who(ctx, request)
+    if isinstance(found, ChildKey):
+        return JSON(await child_balance(ctx, found, payer.credential))
+    children = await children_of(ctx, found)
+    return JSON({**_holder(payer, full=True), **_view(found), **children})
 
 
 async def topup(request: Request) -> Response:
@@ -234,4 +263,5 @@ ROUTES = [
     HttpRoute("/v1/wallet/refund", refund, methods=["POST"]),
     HttpRoute("/v1/balance/refund", refund, methods=["POST"]),
     HttpRoute("/v1/wallet/change", change, methods=["GET"]),
+    *CHILD_KEY_ROUTES,
 ]
