@@ -1,4 +1,5 @@
-"""CLI commands that act on the books: ``keys list|show|revoke``, ``wallet withdraw|payout``.
+"""CLI commands that act on the books: ``keys list|show|children|revoke``, ``wallet
+withdraw|payout``.
 
 Registered on the group in :mod:`nodeprov.cli`; the shared helpers come from
 :mod:`nodeprov.cli_common`. Safe while the daemon runs: every change is one ledger
@@ -14,8 +15,15 @@ import click
 
 from nodeprov.cli_common import USAGE_EXIT, emit_json, fail, guarded, load, own_data_dir
 from nodeprov.config import Config
-from nodeprov.core.accounts_admin import account_view, find_account, list_accounts, revoke
-from nodeprov.core.ledger import OPERATOR
+from nodeprov.core.accounts_admin import (
+    AccountLookupError,
+    account_view,
+    find_account,
+    list_accounts,
+    revoke,
+)
+from nodeprov.core.child_keys import ChildKey, ChildKeyNotFound, ChildKeys
+from nodeprov.core.ledger import OPERATOR, Ledger, now
 from nodeprov.core.node import build_core, open_books
 from nodeprov.payouts import PayoutError, payout_now
 
@@ -84,6 +92,69 @@ def keys_list(
         )
 
 
+async def _child_named(ledger: Ledger, prefix: str) -> ChildKey | None:
+    """The child key PREFIX names (its ``ck_`` id, its key or masked key), when it names one
+    and no account; a ``ck_`` id that names none is an error."""
+    if prefix.strip().startswith("ck_"):
+        child = await ChildKeys(ledger).find(prefix)
+        if child is None:
+            raise ChildKeyNotFound(f"no child key {prefix.strip()!r}")
+        return child
+    try:
+        await find_account(ledger, prefix)
+    except AccountLookupError:
+        child = await ChildKeys(ledger).find(prefix)
+        if child is None:
+            raise
+        return child
+    return None
+
+
+def _child_line(row: dict[str, Any]) -> str:
+    limit = "-" if row["balance_limit"] is None else str(row["balance_limit"])
+    state = "revoked" if row["revoked"] else "expired" if row["expired"] else "active"
+    return (
+        f"{row['id']:<20}{row['parent_id'][:22]:<24}{(row['label'] or '-')[:16]:<18}"
+        f"{limit:>14}{row['total_spent']:>14}  {_when(row['validity_date']):<17} {state}"
+    )
+
+
+CHILD_HEADER = f"{'child':<20}{'parent':<24}{'label':<18}{'limit msat':>14}{'spent msat':>14}"
+
+
+@keys.command("children")
+@click.argument("parent", required=False)
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@JSON_OPTION
+@click.pass_context
+def keys_children(ctx: click.Context, parent: str | None, limit: int, as_json: bool) -> None:
+    """List child keys (of PARENT, named as ``keys show`` takes it): parent, limit, spent."""
+
+    async def query(config: Config) -> list[dict[str, Any]]:
+        ledger, _, client = await open_books(config)
+        try:
+            children = ChildKeys(ledger)
+            if parent is None:
+                found = await children.all(limit)
+            else:
+                found = await children.of_parent((await find_account(ledger, parent)).id)
+            return [c.operator_view(now()) for c in found]
+        finally:
+            await client.aclose()
+            await ledger.db.close()
+
+    rows = guarded(query(_config(ctx)))
+    if as_json:
+        emit_json({"children": rows})
+        return
+    if not rows:
+        click.echo("no child keys")
+        return
+    click.echo(f"{CHILD_HEADER}  expires")
+    for row in rows:
+        click.echo(_child_line(row))
+
+
 @keys.command("show")
 @click.argument("prefix")
 @click.option("--transactions", "n_tx", type=click.IntRange(min=0), default=10, show_default=True)
@@ -92,14 +163,19 @@ def keys_list(
 def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None:
     """Show one account and its latest transactions: PREFIX is a prefix of its id, the
     user's API key (sk-…) or its masked form from /v1/wallet/balance (sk-xNKv…9f2Q), a
-    token used as a key, or an npub."""
+    token used as a key, or an npub. A child key (its ck_… id or key) shows its parent."""
 
     async def query(config: Config) -> dict[str, Any]:
         ledger, _, client = await open_books(config)
         try:
+            child = await _child_named(ledger, prefix)
+            if child is not None:
+                return {"child": True, **child.operator_view(now())}
             account = await find_account(ledger, prefix)
             view = account_view(account)
             view["transactions"] = await ledger.transactions(account.id, limit=n_tx)
+            children = await ChildKeys(ledger).of_parent(account.id)
+            view["children"] = [c.operator_view(now()) for c in children]
             return view
         finally:
             await client.aclose()
@@ -107,7 +183,16 @@ def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None
 
     view = guarded(query(_config(ctx)))
     if as_json:
+        view.pop("child", None)
         emit_json(view)
+        return
+    if view.pop("child", False):
+        click.echo(f"{'child key:':<22}{view['id']}  {view['api_key'] or ''}")
+        click.echo(f"{'parent:':<22}{view['parent_id']}")
+        for key in ("label", "balance_limit", "total_spent", "reserved"):
+            click.echo(f"{key + ':':<22}{'-' if view[key] is None else view[key]}")
+        click.echo(f"{'expires:':<22}{_when(view['validity_date'])}")
+        click.echo(f"{'status:':<22}{_child_line(view).rsplit(' ', 1)[1]}")
         return
     click.echo(f"{'id:':<22}{view['id']}")
     if view["key_hint"]:
@@ -121,6 +206,8 @@ def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None
     click.echo(f"{'status:':<22}{'revoked' if view['revoked'] else 'active'}")
     for tx in view["transactions"]:
         click.echo(f"  {_when(tx['at'])}  {tx['kind']:<16}{tx['delta_msat']:>+14} msat")
+    for row in view["children"]:
+        click.echo(f"  child {_child_line(row)}")
 
 
 @keys.command("revoke")
@@ -128,11 +215,16 @@ def keys_show(ctx: click.Context, prefix: str, n_tx: int, as_json: bool) -> None
 @JSON_OPTION
 @click.pass_context
 def keys_revoke(ctx: click.Context, prefix: str, as_json: bool) -> None:
-    """Revoke an account (by a prefix of its id): it can no longer pay; its balance stays."""
+    """Revoke an account (by a prefix of its id): it can no longer pay; its balance stays.
+    A child key (its ck_… id or key) is revoked alone; revoking a parent stops its children."""
 
     async def change(config: Config) -> tuple[dict[str, Any], bool]:
         ledger, _, client = await open_books(config)
         try:
+            child = await _child_named(ledger, prefix)
+            if child is not None:
+                revoked, changed = await ChildKeys(ledger).revoke(child.id, parent_id=None)
+                return {"child": True, **revoked.operator_view(now())}, changed
             account, changed = await revoke(ledger, prefix)
             return account_view(account), changed
         finally:
@@ -142,6 +234,10 @@ def keys_revoke(ctx: click.Context, prefix: str, as_json: bool) -> None:
     view, changed = guarded(change(_config(ctx)))
     if as_json:
         emit_json({"account": view, "changed": changed})
+        return
+    if view.pop("child", False):
+        state = "revoked" if changed else "was already revoked"
+        click.echo(f"child key {view['id']} of {view['parent_id']} {state}")
         return
     state = "revoked" if changed else "was already revoked"
     click.echo(f"{view['id']} {state} (balance {view['balance_msat']} msat kept)")

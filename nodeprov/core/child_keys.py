@@ -80,6 +80,10 @@ class ChildKey:
             "last_used": self.last_used_at,
         }
 
+    def operator_view(self, at: int) -> dict[str, Any]:
+        """The child as the operator sees it: with its parent's account id."""
+        return {**self.view(at), "parent_id": self.parent_id}
+
 
 def _child(row: Any) -> ChildKey:
     return ChildKey(
@@ -164,6 +168,24 @@ class ChildKeys:
     async def by_key(self, api_key: str) -> ChildKey | None:
         """The child an API key (``sk-…``) is, if it is one."""
         return await self.by_account(api_key_account(api_key))
+
+    async def find(self, text: str) -> ChildKey | None:
+        """The child ``text`` names: its id (``ck_…``, or a prefix of it), its key (``sk-…``)
+        or the key's masked form (``sk-xNKv…9f2Q``); None if it names none (or several)."""
+        text = text.strip().replace("...", "…")
+        if text.startswith("sk-") and "…" not in text:
+            return await self.by_key(text)
+        if "…" in text:
+            sql, params = "key_hint = ?", (text,)
+        elif text.startswith("ck_") and len(text) > len("ck_"):
+            escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql, params = "id LIKE ? ESCAPE '\\'", (escaped + "%",)
+        else:
+            return None
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM child_keys WHERE {sql} ORDER BY id LIMIT 2", params
+        )
+        return _child(rows[0]) if len(rows) == 1 else None
 
     async def of_parent(self, parent_id: str) -> list[ChildKey]:
         rows = await self.db.fetchall(

@@ -117,6 +117,7 @@ async def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
             "0101_request_channel_and_key_hint",
             "0102_operator_earnings_shards",
             "0110_nip98_replay",
+            "0120_child_keys",
             "0130_nip90_jobs",
         ]
         applied = {r["name"]: r["applied_at"] for r in rows}
