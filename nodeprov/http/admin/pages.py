@@ -1,4 +1,4 @@
-"""The dashboard's pages: overview, keys, transactions, wallet, and the money moves.
+"""The dashboard's pages: overview, keys (and child keys), transactions, wallet, money moves.
 
 Money leaves only through the core: ``payments.withdraw`` (a token) and ``Melter`` (bolt11).
 """
@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from nodeprov.core import accounts_admin
 from nodeprov.core import admin_queries as queries
-from nodeprov.core.ledger import OPERATOR, Account
+from nodeprov.core.ledger import OPERATOR, Account, now
 from nodeprov.core.melt import Melter, MeltQuote
 from nodeprov.core.wallet import Sent
 from nodeprov.errors import NodeprovError
@@ -59,6 +59,8 @@ class Pages(Dashboards):
                 ("GET", "/keys/{account_id}", "key"),
                 ("POST", "/keys/{account_id}/withdraw", "key_withdraw"),
                 ("POST", "/keys/{account_id}/revoke", "key_revoke"),
+                ("GET", "/children/{child_id}", "child"),
+                ("POST", "/children/{child_id}/revoke", "child_revoke"),
                 ("GET", "/transactions", "transactions"),
                 ("GET", "/wallet", "wallet_page"),
                 ("POST", "/wallet/withdraw", "wallet_withdraw"),
@@ -74,6 +76,10 @@ class Pages(Dashboards):
         query = request.query_params.get("q", "").strip()[:200]
         error = None
         if query:
+            # A child key (its id, key or masked key) has a page of its own.
+            child = await self.core.payments.children.find(query)
+            if child is not None:
+                return self.redirect(request, f"/children/{quote(child.id, safe='')}")
             # A key (full or masked as /v1/wallet/balance shows it), a token, an npub, an id.
             try:
                 accounts = await accounts_admin.search_accounts(self.core.ledger, query)
@@ -112,6 +118,7 @@ class Pages(Dashboards):
             request, "key.html", session, status, nav="keys", account=account,
             kinds=KIND_LABELS, pools=await self._pools(), error=error,
             history=await self.core.ledger.transactions(account.id, PAGE_SIZE),
+            children=await self.core.payments.children.of_parent(account.id), now=now(),
         )  # fmt: skip
 
     async def key_withdraw(self, request: Request, session: Session, form: Form) -> Response:
@@ -131,6 +138,25 @@ class Pages(Dashboards):
             return self.render(request, "denied.html", session, 404, reason="No such key.")
         await accounts_admin.revoke(self.core.ledger, account.id)
         return self.redirect(request, f"/keys/{request.path_params['account_id']}")
+
+    # --- child keys -----------------------------------------------------------------
+
+    async def child(self, request: Request, session: Session, form: Form) -> Response:
+        child = await self.core.payments.children.get(request.path_params["child_id"])
+        if child is None:
+            return self.render(request, "denied.html", session, 404, reason="No such child key.")
+        return self.render(
+            request, "child.html", session, nav="keys", child=child, now=now(),
+            parent=await self.core.ledger.account(child.parent_id),
+        )  # fmt: skip
+
+    async def child_revoke(self, request: Request, session: Session, form: Form) -> Response:
+        children = self.core.payments.children
+        child = await children.get(request.path_params["child_id"])
+        if child is None:
+            return self.render(request, "denied.html", session, 404, reason="No such child key.")
+        await children.revoke(child.id, parent_id=None)
+        return self.redirect(request, f"/children/{quote(child.id, safe='')}")
 
     # --- transactions ---------------------------------------------------------------
 
