@@ -2,7 +2,8 @@
 
 Read on one snapshot (:meth:`nodeprov.core.ledger.Ledger.audit`), so concurrent writes cannot
 fake a mismatch. Owed: every balance (users, holds included, and the operator with its
-unfolded earnings) plus payouts under way.
+unfolded earnings) plus payouts under way. Child keys hold no money; what their running jobs
+reserve must match their open holds.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def audit_books(raw: SyncConn) -> AuditReport:
     (reserved,) = raw.execute("SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts").fetchone()
     if held != reserved:
         problems.append(f"open holds {held} != reserved {reserved}")
+    # A child key's open holds reserve on its parent's account and on the child's limit alike.
+    for child_id, child_reserved, child_held in raw.execute(
+        "SELECT c.id, c.reserved_msat, COALESCE(SUM(h.amount_msat), 0) FROM child_keys c "
+        "LEFT JOIN holds h ON h.child_id = c.id AND h.state = 'open' "
+        "GROUP BY c.id, c.reserved_msat HAVING c.reserved_msat != COALESCE(SUM(h.amount_msat), 0)"
+    ):
+        problems.append(
+            f"child key {child_id}: open holds {child_held} != reserved {child_reserved}"
+        )
     return AuditReport(
         lines=lines,
         assets_msat=sum(line.books_msat for line in lines),

@@ -164,3 +164,21 @@ async def test_expiry_refunds_never_pay_anything_for_a_child(core: Core, make_to
     # The child expired long ago, its parent not yet: nothing is due, for either.
     assert await refunder.round(at=1_999_999_999) == []
     assert await core.ledger.account(child.key_account) is None  # a child holds no balance
+
+
+async def test_the_audit_finds_a_child_whose_reservation_is_not_its_open_holds(
+    core: Core, make_token: Any
+) -> None:
+    _, parent_id = await funded_parent(core, make_token, sats=5)
+    _, child = await ChildKeys(core.ledger).create(parent_id, limit_msat=3 * HOLD)
+    held = await core.ledger.hold(child.key_account, HOLD, "job")
+    assert (await core.ledger.audit()).ok
+    for reserved in (0, HOLD):  # broken, then as it was
+        async with core.ledger.db.write() as conn:
+            await conn.execute(
+                "UPDATE child_keys SET reserved_msat = ? WHERE id = ?", (reserved, child.id)
+            )
+        report = await core.ledger.audit()
+        assert report.ok == (reserved == HOLD)
+        assert any(child.id in line for line in report.log_mismatches) == (reserved == 0)
+    await core.ledger.release(held)

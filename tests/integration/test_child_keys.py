@@ -224,3 +224,57 @@ async def test_bad_child_key_requests_are_400_and_make_nothing(node: Node, make_
         assert missing.status_code == 404
         info = (await http.get("/wallet/balance", headers=auth(parent))).json()
     assert info["child_keys"] == []
+
+
+async def test_a_child_streams_with_the_async_openai_sdk_and_its_parent_pays(
+    node: Node, make_token: Any
+) -> None:
+    parent = await parent_key(node, make_token)
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        created = await make_child(http, parent, balance_limit=5 * hold_of(node))
+    client = openai.AsyncOpenAI(base_url=node.base, api_key=created["api_keys"][0], max_retries=0)
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    text = ""
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    await client.close()
+    await node.wait_idle()  # the stream's settle may trail its last chunk
+    child = await node.core.payments.children.get(created["child_keys"][0]["id"])
+    account = await node.account(parent)
+    assert text and child is not None and child.spent_msat > 0 and child.reserved_msat == 0
+    assert account.total_spent_msat == child.spent_msat
+    assert account.balance_msat == 100_000 - child.spent_msat
+
+
+async def test_many_concurrent_sdk_requests_by_a_parent_and_children_keep_every_bound(
+    node: Node, make_token: Any
+) -> None:
+    parent = await parent_key(node, make_token, sats=20)
+    hold = hold_of(node)
+    async with httpx.AsyncClient(base_url=node.base) as http:
+        created = await make_child(http, parent, count=3, balance_limit=3 * hold)
+    keys = [parent, *created["api_keys"]]
+    clients = [openai.AsyncOpenAI(base_url=node.base, api_key=k, max_retries=0) for k in keys]
+
+    async def ask(client: openai.AsyncOpenAI) -> int:
+        try:
+            await client.chat.completions.create(**CHAT)
+        except openai.APIStatusError as refused:
+            return refused.status_code
+        return 200
+
+    statuses = await asyncio.gather(*(ask(clients[i % 4]) for i in range(48)))
+    for client in clients:
+        await client.close()
+    await node.wait_idle()
+    assert set(statuses) <= {200, 402} and 402 in statuses
+    account = await node.account(parent)
+    assert account.balance_msat >= 0 and account.reserved_msat == 0
+    spent_by_children = 0
+    for entry in created["child_keys"]:
+        child = await node.core.payments.children.get(entry["id"])
+        assert child is not None and child.spent_msat <= 3 * hold and child.reserved_msat == 0
+        spent_by_children += child.spent_msat
+    assert account.total_spent_msat >= spent_by_children
+    assert account.balance_msat == 20_000 - account.total_spent_msat
