@@ -151,6 +151,11 @@ async def test_refusals_say_why_a_child_cannot_hold(core: Core, make_token: Any)
         await conn.execute("UPDATE child_keys SET expires_at = 1 WHERE id = ?", (later.id,))
     with pytest.raises(AccountExpired):
         await core.ledger.hold(later.key_account, HOLD, "expired")
+    async with core.ledger.db.write() as conn:  # the parent's time is up: its children stop
+        await conn.execute("UPDATE accounts SET expires_at = 1 WHERE id = ?", (parent_id,))
+    with pytest.raises(AccountExpired) as parent_expired:
+        await core.ledger.hold(free.key_account, HOLD, "parent expired")
+    assert "parent" in parent_expired.value.message
     assert (await core.ledger.account(api_key_account(parent_key))).reserved_msat == 0  # type: ignore[union-attr]
 
 
@@ -164,6 +169,10 @@ async def test_expiry_refunds_never_pay_anything_for_a_child(core: Core, make_to
     # The child expired long ago, its parent not yet: nothing is due, for either.
     assert await refunder.round(at=1_999_999_999) == []
     assert await core.ledger.account(child.key_account) is None  # a child holds no balance
+    # Once the parent expires, only the parent's balance is due (its address is unreachable
+    # here, so the attempt fails and the balance stays): never anything for the child.
+    later = await refunder.round(at=2_000_000_001)
+    assert [r.account_id for r in later] == [api_key_account(key)]
 
 
 async def test_the_audit_finds_a_child_whose_reservation_is_not_its_open_holds(
