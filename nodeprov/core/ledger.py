@@ -30,7 +30,9 @@ which only one process runs (the DM listener).
 
 Accounts are keyed ``key:<sha256 of an API key>``, ``token:<token fingerprint>`` (a
 token used as a key), ``req:<token fingerprint>`` (a per-request token), ``npub:<hex>``
-and the single ``operator`` account that collects earnings.
+and the single ``operator`` account that collects earnings. A child key (``child_keys``,
+:mod:`nodeprov.core.child_keys`) has no account: its holds reserve on its parent's account and
+on its own limit, and its charges are the parent's (``child=<id>`` on the charge's row).
 """
 
 from __future__ import annotations
