@@ -8,6 +8,8 @@ Names are stable strings a client can test for before it picks a way to pay or t
 - ``x_cashu``: a per-request token in ``X-Cashu`` with change returned (NUT-24);
 - ``lightning_topup``: keys funded by paying a bolt11 invoice from the node's mint;
 - ``nip98``: ``Authorization: Nostr …`` (NIP-98) pays from the signer's npub account;
+- ``child_keys``: an API key makes child keys that spend from it up to a limit
+  (``/v1/wallet/child-key``);
 - ``nip17_dm`` / ``nip04_dm``: jobs and payments over encrypted Nostr DMs;
 - ``nip90:5050``: NIP-90 text generation jobs (kind 5050 requests, 7000/6050 answers).
 """
@@ -18,6 +20,7 @@ from nodeprov.config import Config
 
 HTTP_CAPABILITIES = (
     "openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup", "nip98",
+    "child_keys",
 )  # fmt: skip
 
 

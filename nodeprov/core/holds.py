@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nodeprov.core import auth_events
+from nodeprov.core.child_holds import (
+    CHILD_RESERVE,
+    CHILD_UNRESERVE,
+    child_refusal,
+    child_reserves_again,
+)
 from nodeprov.core.db import SyncConn
 from nodeprov.errors import (
     AccountExpired,
@@ -44,13 +50,7 @@ RESERVE = (
     "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
     "AND balance_msat - reserved_msat >= ?"
 )
-CHILD_RESERVE = (
-    "UPDATE child_keys SET reserved_msat = reserved_msat + ?, last_used_at = ? "
-    "WHERE id = ? AND revoked = 0 AND (expires_at IS NULL OR expires_at > ?) "
-    "AND (limit_msat IS NULL OR limit_msat - spent_msat - reserved_msat >= ?)"
-)
 UNRESERVE = "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?"
-CHILD_UNRESERVE = "UPDATE child_keys SET reserved_msat = reserved_msat - ? WHERE id = ?"
 
 
 @dataclass(frozen=True)
@@ -162,54 +162,13 @@ def renew(raw: SyncConn, at: int, held: Hold, lease: int) -> bool:
         )
         if cursor.rowcount != 1:
             return False
-        if row[1] is not None and not _child_reserves_again(raw, str(row[1]), held.amount_msat):
+        if row[1] is not None and not child_reserves_again(raw, str(row[1]), held.amount_msat):
             raw.execute(UNRESERVE, (held.amount_msat, held.account_id))
             return False
     raw.execute(
         "UPDATE holds SET state = 'open', lease_expires_at = ? WHERE id = ?", (at + lease, held.id)
     )
     return True
-
-
-def _child_reserves_again(raw: SyncConn, child_id: str, amount: int) -> bool:
-    """A lapsed child hold reserves on the child's limit again, if the limit still has room."""
-    cursor = raw.execute(
-        "UPDATE child_keys SET reserved_msat = reserved_msat + ? WHERE id = ? "
-        "AND (limit_msat IS NULL OR limit_msat - spent_msat - reserved_msat >= ?)",
-        (amount, child_id, amount),
-    )
-    return bool(cursor.rowcount == 1)
-
-
-def child_refusal(
-    raw: SyncConn, at: int, child_id: str, parent_id: str, amount: int
-) -> NodeprovError:
-    """Why a child key's hold was refused: it or its parent is revoked or expired, or the
-    child's limit or the parent's balance is short (the child is told what it may spend)."""
-    child = raw.execute(
-        "SELECT revoked, expires_at, limit_msat, spent_msat, reserved_msat FROM child_keys "
-        "WHERE id = ?",
-        (child_id,),
-    ).fetchone()
-    if child is None or child[0]:
-        return Unauthorized("Unknown or revoked API key")
-    if child[1] is not None and child[1] <= at:
-        return AccountExpired("This child key has expired")
-    parent = raw.execute(
-        "SELECT balance_msat, reserved_msat, expires_at, revoked FROM accounts WHERE id = ?",
-        (parent_id,),
-    ).fetchone()
-    if parent is None or parent[3]:
-        return Unauthorized("Unknown or revoked API key: its parent key is revoked")
-    if parent[2] is not None and parent[2] <= at:
-        return AccountExpired("This child key's parent key has expired")
-    parent_available = int(parent[0]) - int(parent[1])
-    room = remaining_msat(child[2], int(child[3]), int(child[4]))
-    spendable = spendable_msat(parent_available, child[2], int(child[3]), int(child[4]))
-    hint = ""
-    if room is not None and room < amount and room <= parent_available:
-        hint = f"; this child key's spending limit of {child[2]} msat leaves {room} msat"
-    return InsufficientBalance.of(spendable, amount, hint)
 
 
 def refusal(raw: SyncConn, at: int, account_id: str, amount: int) -> NodeprovError:

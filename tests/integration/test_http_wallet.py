@@ -88,7 +88,8 @@ async def test_models_and_info(node: Node) -> None:
     assert info["units"] == ["sat", "msat"] and info["npub"] is None
     # No relays configured: the HTTP ways to pay, no DM jobs.
     assert info["capabilities"] == [
-        "openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup", "nip98"
+        "openai_http", "api_keys", "token_as_key", "x_cashu", "lightning_topup", "nip98",
+        "child_keys",
     ]  # fmt: skip
     sdk = openai.AsyncOpenAI(base_url=node.base, api_key="none")
     listed = [m.id async for m in sdk.models.list()]
