@@ -120,13 +120,7 @@ class LightningFunding:
         mint_url: str | None = None,
     ) -> FundingQuote:
         """An invoice for ``amount`` sat funding ``api_key`` (or a new key when None)."""
-        if type(amount) is not int or amount <= 0:
-            raise InvalidRequest("'amount' must be a positive whole number of sats")
-        if self.max_sat is not None and amount > self.max_sat:
-            raise InvalidRequest(
-                f"'amount' is {amount} sat; this node funds keys with at most {self.max_sat} sat"
-                " per invoice"
-            )
+        self._check_amount(amount)
         if api_key is not None and (expires_at is not None or refund_address is not None):
             raise InvalidRequest("expiry and refund address are set when a key is created")
         if api_key is None:
@@ -135,6 +129,34 @@ class LightningFunding:
             account_id = api_key_account(fresh)
         else:
             new_key, account_id = None, await self._fundable(api_key)
+        return await self._open_quote(
+            amount, account_id, mint_url, new_key, expires_at, refund_address
+        )
+
+    async def create_for_npub(self, pubkey: str, amount: int) -> FundingQuote:
+        """An invoice for ``amount`` sat crediting the npub account of ``pubkey`` (hex) once
+        paid: the account that DM deposits fund and NIP-90 jobs pay from."""
+        self._check_amount(amount)
+        return await self._open_quote(amount, "npub:" + pubkey, None, None, None, None)
+
+    def _check_amount(self, amount: int) -> None:
+        if type(amount) is not int or amount <= 0:
+            raise InvalidRequest("'amount' must be a positive whole number of sats")
+        if self.max_sat is not None and amount > self.max_sat:
+            raise InvalidRequest(
+                f"'amount' is {amount} sat; this node's invoices are at most {self.max_sat} sat"
+            )
+
+    async def _open_quote(
+        self,
+        amount: int,
+        account_id: str,
+        mint_url: str | None,
+        new_key: str | None,
+        key_expires_at: int | None,
+        refund_address: str | None,
+    ) -> FundingQuote:
+        """Ask the mint for a quote and record it as an unpaid funding of ``account_id``."""
         # Checked before the mint is asked (cheap refusal) and again in the write (the bound).
         await self._check_open(None)
         api = self.wallet.api(mint_url or self.wallet.mints[0])
@@ -153,40 +175,13 @@ class LightningFunding:
                 "INSERT INTO lightning_funding (id, op_id, invoice, expires_at, new_key, api_key,"
                 " key_expires_at, refund_address, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    public_id, op_id, invoice, expiry, new_key is not None, None, expires_at,
+                    public_id, op_id, invoice, expiry, new_key is not None, None, key_expires_at,
                     refund_address, now(),
                 ),
             )  # fmt: skip
         return FundingQuote(
             public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url, new_key
         )
-
-    async def create_for_npub(self, pubkey: str, amount: int) -> FundingQuote:
-        """An invoice for ``amount`` sat crediting the npub account of ``pubkey`` (hex) once
-        paid: the account that DM deposits fund and NIP-90 jobs pay from."""
-        if type(amount) is not int or amount <= 0:
-            raise InvalidRequest("'amount' must be a positive whole number of sats")
-        if self.max_sat is not None and amount > self.max_sat:
-            raise InvalidRequest(f"{amount} sat is above this node's invoice limit")
-        await self._check_open(None)
-        api = self.wallet.api(self.wallet.mints[0])
-        quote = await api.mint_quote(amount, UNIT)
-        invoice = str(quote["request"])
-        expiry = int(quote.get("expiry") or now() + DEFAULT_QUOTE_SECONDS)
-        public_id = "lnq_" + secrets.token_urlsafe(18)
-        async with self.db.write() as conn:
-            await self._check_open(conn)
-            op_id = await journal.insert_op(
-                conn, kind=KIND, state="unpaid", mint_url=api.url, unit=UNIT,
-                account_id="npub:" + pubkey, amount=amount, inputs=(), outputs=(),
-                quote=str(quote["quote"]), ref=public_id,
-            )  # fmt: skip
-            await conn.execute(
-                "INSERT INTO lightning_funding (id, op_id, invoice, expires_at, new_key, api_key,"
-                " key_expires_at, refund_address, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (public_id, op_id, invoice, expiry, False, None, None, None, now()),
-            )
-        return FundingQuote(public_id, invoice, amount, to_msat(amount, UNIT), expiry, api.url)
 
     async def _check_open(self, conn: Conn | None) -> None:
         """Refuse a new quote while ``max_open`` unpaid, unexpired quotes wait for payment."""

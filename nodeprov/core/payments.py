@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from nodeprov.core import journal
 from nodeprov.core.account_moves import AccountMoves, api_key_account
+from nodeprov.core.change import ChangePayouts
 from nodeprov.core.charges import (
     Channel,
     Job,
@@ -40,29 +41,20 @@ from nodeprov.core.charges import (
     encode_result,
 )
 from nodeprov.core.child_keys import ChildKeys
-from nodeprov.core.db import fetchone
 from nodeprov.core.ledger import (
-    OPERATOR,
     Account,
     Hold,
     Ledger,
     Outcome,
-    credit,
-    debit,
-    ensure_account,
 )
-from nodeprov.core.money import check_unit, from_msat_floor, to_msat
 from nodeprov.core.overlap import SwapOverlap
 from nodeprov.core.pricing import Cost, Endpoint, Pricer
 from nodeprov.core.wallet import Appraisal, Received, Sent, Wallet
 from nodeprov.errors import (
     InsufficientBalance,
     InvalidToken,
-    MintError,
-    MintUnavailable,
     PaymentTooSmall,
     TokenAlreadySpent,
-    TokenTooSmall,
     Unauthorized,
 )
 from nodeprov.protocol.cashu_token import parse_token, token_fingerprint
@@ -132,6 +124,7 @@ class Payments(AccountMoves):
         self._key_secret = key_secret
         # Work in flight per key (a token's fingerprint, a money move's ref): (lock, users).
         self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.change = ChangePayouts(ledger, wallet, self._one_at_a_time)
         # SHA-256 of a token used as a key -> the account it was redeemed into.
         self._redeemed: OrderedDict[bytes, str] = OrderedDict()
 
@@ -287,7 +280,7 @@ class Payments(AccountMoves):
         try:
             hold = await self.ledger.hold(account_id, max_cost.total_msat, model, ref)
         except InsufficientBalance:
-            refund = await self._refund(account_id, received)
+            refund = await self.change.refund(account_id, received)
             raise PaymentFailed(
                 InsufficientBalance.of(received.credited_msat, max_cost.total_msat),
                 refund,
@@ -364,7 +357,7 @@ class Payments(AccountMoves):
         change: Sent | None = None
         balance: int | None = None
         if charge.received is not None:
-            change = await self._refund(charge.account_id, charge.received)
+            change = await self.change.refund(charge.account_id, charge.received)
         else:
             balance = settlement.available_msat
         return Settled(cost, settlement.charged_msat, change, balance)
@@ -376,81 +369,7 @@ class Payments(AccountMoves):
         await self.ledger.release(charge.hold)
         if charge.received is None:
             return None
-        return await self._refund(charge.account_id, charge.received)
-
-    async def _refund(self, account_id: str, received: Received) -> Sent | None:
-        """Return a per-request account's balance as a token of the payer's mint and unit.
-
-        What is worth less than one unit of the mint (msat left from a sat token) goes to the
-        operator: a sat token pays ``ceil(cost / 1000)`` sat. If the mint cannot be reached,
-        the balance stays claimable with the original token (``claim_change``).
-        """
-        # One payout of a token's change at a time: a claim racing another claim or the job's
-        # own settle would read the same balance, take its msat rest twice and fail its debit.
-        async with self._one_at_a_time("change:" + received.fingerprint):
-            return await self._pay_change(account_id, received)
-
-    async def _pay_change(self, account_id: str, received: Received) -> Sent | None:
-        if await self.ledger.account(account_id) is None:
-            return None
-        unit = check_unit(received.unit)
-        ref = "change:" + received.fingerprint
-        async with self.ledger.db.write() as conn:
-            # Locked: another process may be paying this change out too (a job's settle here,
-            # its client's claim there); the second reads what the first left.
-            row = await fetchone(
-                conn,
-                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ? FOR UPDATE",
-                (account_id,),
-            )
-            available = int(row[0]) if row else 0
-            value = from_msat_floor(available, unit)
-            dust = available - to_msat(value, unit)
-            if dust > 0:
-                # Under the change's ref: the dashboard groups them with their request.
-                await debit(conn, account_id, dust, "rounding", ref)
-                await credit(conn, OPERATOR, dust, "rounding", ref)
-        if value <= 0:
-            return None
-        try:
-            return await self.wallet.send(
-                account_id, available - dust, mint_url=received.mint_url, unit=unit,
-                kind="change", ref=ref,
-            )  # fmt: skip
-        except TokenTooSmall as exc:
-            await self._credit_small_change(account_id, received.fingerprint, exc.message)
-            return None
-        except InsufficientBalance:
-            # Another process paid this change out between the rounding and the send.
-            return None
-        except MintError as exc:
-            logger.warning("change kept claimable for %s: %s", account_id, exc)
-            return None
-
-    async def _credit_small_change(self, account_id: str, fingerprint: str, why: str) -> None:
-        """Change the mint's fee would eat goes to the token's own account, once.
-
-        Sending it would cost more than it is worth, and keeping it on the per-request
-        account would retry that at every claim. On the ``token:`` account the original
-        token keeps it usable: sent as a key (``Authorization: Bearer cashu…``) it pays
-        from this balance, and the key's wallet routes can withdraw it once it is larger.
-        """
-        async with self.ledger.db.write() as conn:
-            row = await fetchone(
-                conn,
-                "SELECT balance_msat - reserved_msat FROM accounts WHERE id = ? FOR UPDATE",
-                (account_id,),
-            )
-            amount = int(row[0]) if row else 0
-            if amount <= 0:
-                return
-            await debit(conn, account_id, amount, "change_kept", "change:" + fingerprint)
-            await ensure_account(conn, "token:" + fingerprint, "token")
-            await credit(conn, "token:" + fingerprint, amount, "deposit", "change:" + fingerprint)
-        logger.warning(
-            "change of %d msat for %s is below the mint's fee (%s); credited to token:%s",
-            amount, account_id, why, fingerprint,
-        )  # fmt: skip
+        return await self.change.refund(charge.account_id, charge.received)
 
     async def account(self, account_id: str) -> Account | None:
         """An account as the channels may show it (balance, spent, last used)."""
@@ -458,26 +377,8 @@ class Payments(AccountMoves):
 
     async def payment_in_flight(self, token: str) -> bool:
         """Whether a job paid by per-request ``token`` still holds money (change not yet due)."""
-        account = await self.ledger.account("req:" + token_fingerprint(parse_token(token)))
-        return account is not None and account.reserved_msat > 0
+        return await self.change.in_flight(token)
 
     async def claim_change(self, token: str) -> list[str]:
         """Change tokens issued for a per-request token, issuing any still owed."""
-        fingerprint = token_fingerprint(parse_token(token))
-        account_id = "req:" + fingerprint
-        account = await self.ledger.account(account_id)
-        if account is None or account.total_deposited_msat == 0:
-            # A receive that failed leaves an empty account: the token is still the client's,
-            # unless the swap's outcome is still unknown (recovery will settle it).
-            op = await self.wallet.pending_op_for(fingerprint)
-            if op is not None and op.state == "pending":
-                raise MintUnavailable("this token is still being redeemed with the mint; retry")
-            raise Unauthorized("No payment with this token is known here")
-        if account.available_msat > 0 and account.reserved_msat == 0:
-            op = await self.wallet.pending_op_for(fingerprint)
-            if op is not None:
-                received = Received(
-                    0, op.mint_url, check_unit(op.unit), op.amount, op.fee, fingerprint
-                )
-                await self._refund(account_id, received)
-        return await journal.sent_tokens(self.ledger.db, account_id)
+        return await self.change.claim(token)

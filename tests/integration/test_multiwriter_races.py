@@ -290,8 +290,8 @@ async def test_change_paid_out_by_two_processes_at_once_is_paid_once_with_its_re
     results = await both_at_once(
         db,
         mint.url,
-        lambda: one.payments._refund(account, received),
-        lambda: two.payments._refund(account, received),
+        lambda: one.payments.change.refund(account, received),
+        lambda: two.payments.change.refund(account, received),
         held=rows_held(db, "SELECT id FROM accounts WHERE id = %s", (account,)),
     )
     assert not any(isinstance(r, BaseException) for r in results), results
