@@ -186,7 +186,7 @@ async def latest_change(ctx: DmContext, token: str) -> str | None:
     return current
 
 
-async def _payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
+async def payer_for_resumed_token(ctx: DmContext, token: str) -> Payer:
     """A token an interrupted run already took: pay with the change it refunded (claimable)."""
     try:
         await ctx.payments.claim_change(token)
@@ -220,7 +220,7 @@ async def handle_request(
         except TokenAlreadySpent:
             if not (resumed and msg.cashu):
                 raise
-            payer = await _payer_for_resumed_token(ctx, msg.cashu)
+            payer = await payer_for_resumed_token(ctx, msg.cashu)
             data, settled = await run_job(ctx, payer, msg.endpoint, msg.body, ref)
     except PaymentFailed as exc:
         refund = exc.refund.token if exc.refund else None

@@ -26,9 +26,9 @@ from nodeprov.errors import InvalidRequest, NodeprovError, PaymentTooSmall, Toke
 from nodeprov.nostr.chat import default_model
 from nodeprov.nostr.dm_handlers import (
     DmContext,
-    _payer_for_resumed_token,
     balance_of,
     earlier_outcome,
+    payer_for_resumed_token,
     run_job,
 )
 from nodeprov.nostr.nip90_store import Nip90Row, Nip90Store
@@ -368,7 +368,7 @@ class Nip90Jobs:
                 except TokenAlreadySpent:
                     if not (resumed and req.cashu):
                         raise
-                    payer = await _payer_for_resumed_token(ctx, req.cashu)
+                    payer = await payer_for_resumed_token(ctx, req.cashu)
                     data, settled = await run_job(ctx, payer, CHAT, body, ref)
                 charged = settled.charged_msat
                 change = settled.change.token if settled.change else None
