@@ -27,10 +27,10 @@ from nodeprov.http.server import bind
 from nodeprov.limits import raise_open_files_limit
 from nodeprov.workers import (
     die_with_parent,
-    inherited_socket,
     say_ready,
     supervise,
     worker_command,
+    worker_sockets,
 )
 
 
@@ -68,7 +68,8 @@ def start_workers(ctx: click.Context, config: Config, count: int, loop: LoopChoi
     """Bind the port, print the banner, run ``count`` workers until SIGTERM/SIGINT."""
     raise_open_files_limit()
     try:
-        sock = bind(config.http.host, config.http.port)
+        # Shared with the workers, beside one listening socket of each's own (workers.py).
+        sock = bind(config.http.host, config.http.port, shared=True)
     except ConfigError as exc:
         fail(exc.message, USAGE_EXIT)
     try:
@@ -128,4 +129,4 @@ def run_worker(
         if ready_fd is not None:
             say_ready(ready_fd)
 
-    guarded(run(config, asyncio.Event(), on_ready=ready, listen=inherited_socket(fd)), loop)
+    guarded(run(config, asyncio.Event(), on_ready=ready, listen=worker_sockets(fd)), loop)

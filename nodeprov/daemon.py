@@ -197,23 +197,23 @@ async def run(
     services: Sequence[Service] | None = None,
     on_ready: Callable[[Core], None] | None = None,
     handle_signals: bool = True,
-    listen: socket.socket | None = None,
+    listen: Sequence[socket.socket] = (),
     leadership: Leadership | None = None,
 ) -> None:
     """Build the core, recover, run ``services`` until ``stop`` (or SIGINT/SIGTERM), close.
 
-    ``listen``: the HTTP socket a supervisor bound for its workers (else bound here).
+    ``listen``: the HTTP sockets of a worker of ``start --workers`` (else one bound here).
     Services named in :data:`LEADER_ONLY` run under ``leadership`` (default: the lock
     that fits the ledger, see :func:`lock_session`).
     """
     chosen = list(default_services() if services is None else services)
-    sock = None
+    socks: list[socket.socket] = []
     if http_service in chosen:
         raise_open_files_limit()  # two sockets per open stream
         # Bound before the ledger, the banner or a first admin password: a port in use is
         # one error line (ConfigError) and nothing else happens.
-        sock = listen if listen is not None else bind(config.http.host, config.http.port)
-        listening = listening_http_service(sock)
+        socks = list(listen) or [bind(config.http.host, config.http.port)]
+        listening = listening_http_service(socks)
         chosen = [listening if s is http_service else s for s in chosen]
     leadership = leadership or Leadership(lock_session(config))
     led = [s for s in chosen if s.__name__ in LEADER_ONLY]
@@ -247,7 +247,7 @@ async def run(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if sock is not None:
+        for sock in socks:
             sock.close()  # already closed if the server ran; not if the core failed to build
 
 

@@ -1,13 +1,15 @@
 """``nodeprov start --workers N``: one supervisor process, N worker processes, one HTTP port.
 
-The supervisor binds the HTTP socket once and hands it to every worker as an inherited
-file descriptor (``pass_fds``), rather than each worker binding with SO_REUSEPORT:
-
-- a port in use is one error line from the supervisor, before any worker starts;
-- the kernel keeps one accept queue: connections queued behind a worker that dies are
-  taken by the others (with SO_REUSEPORT each socket has its own queue, and a dead
-  worker's queued connections are reset);
-- no other process of the same user can join the port and receive a share of requests.
+The supervisor binds and listens on the HTTP port first (with SO_REUSEPORT), so a port in
+use is one error line before any worker starts, and hands that socket to every worker as an
+inherited file descriptor (``pass_fds``). Each worker serves it and a listening socket of its
+own on the same address (SO_REUSEPORT), and the kernel spreads new connections over these
+sockets by a hash of their addresses. With only the shared socket, every idle worker wakes for
+a new connection and the first to run takes all that are queued: the clients of a burst (a
+load balancer's keep-alive pool) all landed on the worker that had just been busy, and a
+second worker added nothing. The shared socket keeps the port answering while no worker runs
+(its connections wait for the next one); connections queued to the own socket of a worker
+that is killed are reset (the clients retry).
 
 The supervisor owns the data dir (``core.datadir``); workers are started with a hidden
 option naming the inherited descriptor and do not take the data dir lock. A worker that
@@ -232,8 +234,19 @@ def say_ready(fd: int) -> None:
         os.close(fd)
 
 
-def inherited_socket(fd: int) -> socket.socket:
-    """The listening socket the supervisor passed as ``fd`` (non-blocking, as bind makes it)."""
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)
-    return sock
+def worker_sockets(fd: int) -> list[socket.socket]:
+    """The socket the supervisor shares (``fd``) and one of this worker's own on its address."""
+    shared = socket.socket(fileno=fd)
+    shared.setblocking(False)
+    own = socket.socket(shared.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # http.server
+    try:
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        own.bind(shared.getsockname())
+        own.listen(1024)
+    except BaseException:
+        own.close()
+        shared.close()
+        raise
+    own.setblocking(False)
+    return [own, shared]

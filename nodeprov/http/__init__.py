@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.routing import BaseRoute, Mount
@@ -64,18 +65,22 @@ def operator_routes(core: Core) -> list[BaseRoute]:
     ]
 
 
-async def http_service(core: Core, stop: asyncio.Event, sock: socket.socket | None = None) -> None:
-    """A daemon service: the HTTP API on ``sock`` (else ``http.host:http.port``) until ``stop``."""
+async def http_service(
+    core: Core, stop: asyncio.Event, socks: Sequence[socket.socket] = ()
+) -> None:
+    """A daemon service: the HTTP API on ``socks`` (else ``http.host:http.port``) until
+    ``stop``."""
     app = create_app(http_context(core, core.upstreams, core.npub), operator_routes(core))
     http = core.config.http
-    await serve(app, sock or bind(http.host, http.port), stop, http)
+    first, *more = socks or [bind(http.host, http.port)]
+    await serve(app, first, stop, http, more=more)
 
 
-def listening_http_service(sock: socket.socket) -> Service:
-    """:func:`http_service` on a socket bound before the daemon built anything."""
+def listening_http_service(socks: Sequence[socket.socket]) -> Service:
+    """:func:`http_service` on sockets bound before the daemon built anything."""
 
     async def http_service_on(core: Core, stop: asyncio.Event) -> None:
-        await http_service(core, stop, sock)
+        await http_service(core, stop, socks)
 
     http_service_on.__name__ = http_service.__name__
     return http_service_on

@@ -9,7 +9,7 @@ import contextlib
 import errno
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -181,14 +181,21 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one); :class:`ConfigError` naming the address if not."""
+def bind(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """A listening socket (port 0: a free one); :class:`ConfigError` naming the address if not.
+
+    ``shared``: SO_REUSEPORT, so each worker of ``start --workers`` listens on the port with a
+    socket (and accept queue) of its own beside this one, and the kernel spreads connections
+    over them (:mod:`nodeprov.workers`).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio turns on TCP_NODELAY only for sockets that do, and without
     # it every keep-alive response waits ~40 ms (Nagle against the client's delayed ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
@@ -206,9 +213,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    app: Any, sock: socket.socket, stop: asyncio.Event, http: HttpSection | None = None
+    app: Any,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    http: HttpSection | None = None,
+    *,
+    more: Sequence[socket.socket] = (),
 ) -> None:
-    """Serve ``app`` on ``sock`` until ``stop`` is set; open streams get a grace period.
+    """Serve ``app`` on ``sock`` (and ``more``) until ``stop`` is set; open streams get a grace
+    period.
 
     ``http`` gives the request limits (see :class:`HeaderTimeoutProtocol`), how long an idle
     keep-alive connection stays open, and the proxies whose ``X-Forwarded-For`` is believed:
@@ -229,7 +242,7 @@ async def serve(
         forwarded_allow_ips=proxies,
     )
     server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(server.serve(sockets=[sock, *more]))
     waiter = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -237,6 +250,7 @@ async def serve(
         server.should_exit = True
         waiter.cancel()
         await asyncio.gather(task, waiter, return_exceptions=True)
-        sock.close()
+        for each in (sock, *more):
+            each.close()
     if task.done() and not task.cancelled() and task.exception() is not None:
         raise RuntimeError("the HTTP server stopped") from task.exception()

@@ -8,11 +8,13 @@ from the log ("leader: pid N ..."), as an operator would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,6 +161,27 @@ class Node:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def accepted_by(pid: int, port: int) -> int:
+    """How many established TCP connections to local ``port`` process ``pid`` holds (from
+    /proc: its socket inodes against the kernel's TCP table)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
 
 
 def current_leader(nodes: list[Node]) -> int | None:
@@ -518,3 +541,41 @@ async def test_a_token_used_as_a_key_on_two_workers_at_once_is_redeemed_once_and
         node.kill()
     report = audit(config)
     assert report.returncode == 0, report.stdout + report.stderr
+
+
+def test_connections_opened_at_once_are_shared_by_the_workers(
+    tmp_path: Path,
+    mint: MintHandle,
+    relay: RelayHandle,
+    upstream: FakeUpstream,
+    postgres_url: str,
+) -> None:
+    """Keep-alive clients that connect together (a load balancer's pool, a benchmark) are
+    spread over the workers, not all taken by the first worker to wake."""
+    port, name = free_port(), f"spread-{secrets.token_hex(3)}"
+    config = write_config(tmp_path, mint, relay, upstream, port, name, postgres_url)
+    node = Node(config, port, name, workers=2)
+    clients: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=node.url) as warm:  # one worker has just been busy
+            for _ in range(20):
+                warm.get("/v1/info")
+        # Connected in one burst (non-blocking): they queue before any worker wakes.
+        for _ in range(128):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        pids = sorted(node.workers())
+
+        def counts() -> list[int]:
+            return [accepted_by(pid, port) for pid in pids]
+
+        wait_for(lambda: sum(counts()) == 128, "every connection accepted")
+        # The kernel spreads them by a hash of their addresses over each worker's own socket
+        # and the shared one (a third each, about 43 +- 5); the shared one's go to either.
+        assert min(counts()) >= 24, counts()
+    finally:
+        for client in clients:
+            client.close()
+        node.kill()
