@@ -21,7 +21,7 @@ from nodeprov.core.pricing import Pricer
 from nodeprov.errors import InvalidRequest
 from nodeprov.observability import Metrics
 from nodeprov.protocol import json_input, openai_body
-from nodeprov.protocol.json_input import INT64_MAX
+from nodeprov.protocol.json_input import int_param
 from nodeprov.upstream import Upstreams
 
 # 9999-12-31T23:59:59Z: the latest time a client may name (expiry dates).
@@ -111,20 +111,6 @@ async def read_params(request: Request) -> dict[str, Any]:
         _content_type(request)
         params.update(parse_json_object(raw))
     return params
-
-
-def int_param(
-    params: Mapping[str, Any], name: str, *, minimum: int = 1, maximum: int = INT64_MAX
-) -> int | None:
-    """An optional whole-number parameter (JSON integer or decimal digits), range-checked."""
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
-        value = int(value)
-    if type(value) is not int or not minimum <= value <= maximum:
-        raise InvalidRequest(f"'{name}' must be a whole number from {minimum} to {maximum}")
-    return value
 
 
 def _encode(value: Any) -> str:

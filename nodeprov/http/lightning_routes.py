@@ -19,10 +19,10 @@ from nodeprov.http.auth import bearer
 from nodeprov.http.context import (
     JSON,
     context,
-    int_param,
     new_key_options,
     read_params,
 )
+from nodeprov.protocol.json_input import int_param
 
 
 def _amount(params: dict[str, Any]) -> int:

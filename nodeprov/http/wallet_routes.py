@@ -38,11 +38,11 @@ from nodeprov.http.context import (
     JSON,
     HttpContext,
     context,
-    int_param,
     new_key_options,
     read_params,
 )
 from nodeprov.protocol.cashu_token import parse_token
+from nodeprov.protocol.json_input import int_param
 from nodeprov.protocol.nip19 import npub_encode
 
 

@@ -85,25 +85,13 @@ class DmListener:
             asyncio.create_task(self._every(RETRY_SECONDS, self.resend_unsent, halt)),
         ]
         await self.resend_unsent()
-        stopping = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
-                nxt = asyncio.ensure_future(anext(sub))
-                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    break
-                try:
-                    _, raw = nxt.result()
-                except StopAsyncIteration:
-                    break
-                self._spawn(raw)
+            async with contextlib.aclosing(sub.until(stop)) as events:
+                async for raw in events:
+                    self._spawn(raw)
         finally:
-            stopping.cancel()
             halt.set()
-            await asyncio.gather(stopping, *helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, return_exceptions=True)
             await sub.close()
             await self.close(STOP_GRACE_SECONDS)
 

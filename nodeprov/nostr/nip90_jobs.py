@@ -89,24 +89,12 @@ class Nip90Jobs:
         for row in await self.store.unfinished():
             self._spawn(self._resume(row))
         marker = asyncio.create_task(self._mark_every(stop))
-        stopping = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
-                nxt = asyncio.ensure_future(anext(sub))
-                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    break
-                try:
-                    _, raw = nxt.result()
-                except StopAsyncIteration:
-                    break
-                self._spawn(self.process(raw))
+            async with contextlib.aclosing(sub.until(stop)) as events:
+                async for raw in events:
+                    self._spawn(self.process(raw))
         finally:
-            stopping.cancel()
-            await asyncio.gather(stopping, marker, return_exceptions=True)
+            await asyncio.gather(marker, return_exceptions=True)
             await sub.close()
             await self.close()
 

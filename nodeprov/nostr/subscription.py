@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -151,6 +152,28 @@ class Subscription:
             self._wake.clear()
             await self._wake.wait()
         return self._queue.popleft()
+
+    async def until(self, stop: asyncio.Event) -> AsyncGenerator[dict[str, Any], None]:
+        """The events, until ``stop`` is set or the subscription closes."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                nxt = asyncio.ensure_future(anext(self))
+                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return
+                try:
+                    _, raw = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield raw
+        finally:
+            stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
 
     def _eose_complete(self) -> bool:
         return all(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeprov.errors import InvalidRequest
+from nodeprov.protocol.json_input import int_param
 
 MAX_COUNT = 50  # children made by one request (Routstr's bound)
 MAX_LABEL = 100  # characters
@@ -30,17 +31,6 @@ class ChildKeyRequest:
     label: str | None = None
 
 
-def _whole(params: Mapping[str, Any], name: str, minimum: int, maximum: int) -> int | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
-        value = int(value)
-    if type(value) is not int or not minimum <= value <= maximum:
-        raise InvalidRequest(f"'{name}' must be a whole number from {minimum} to {maximum}")
-    return value
-
-
 def _label(value: Any) -> str | None:
     if value is None:
         return None
@@ -54,10 +44,10 @@ def _label(value: Any) -> str | None:
 
 def parse_child_key_request(params: Mapping[str, Any], now: int) -> ChildKeyRequest:
     """The options of ``POST /v1/wallet/child-key`` (JSON body or query), checked; 400 if bad."""
-    count = _whole(params, "count", 1, MAX_COUNT)
-    limit = _whole(params, "balance_limit", 1, MAX_MSAT)
-    expires = _whole(params, "validity_date", 1, MAX_UNIX_TIME)
-    ours = _whole(params, "expires_at", 1, MAX_UNIX_TIME)
+    count = int_param(params, "count", maximum=MAX_COUNT)
+    limit = int_param(params, "balance_limit", maximum=MAX_MSAT)
+    expires = int_param(params, "validity_date", maximum=MAX_UNIX_TIME)
+    ours = int_param(params, "expires_at", maximum=MAX_UNIX_TIME)
     if expires is not None and ours is not None and expires != ours:
         raise InvalidRequest("'validity_date' and 'expires_at' name one expiry: give one")
     expires = expires if expires is not None else ours

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
+
+from nodeprov.errors import InvalidRequest
 
 MAX_DEPTH = 64
 INT64_MIN = -(2**63)
@@ -85,4 +88,18 @@ def loads(raw: str | bytes) -> Any:
     if isinstance(value, dict | list):
         check_depth(value)  # first: check_strings walks the value, bounded only by its depth
     check_strings(value)
+    return value
+
+
+def int_param(
+    params: Mapping[str, Any], name: str, *, minimum: int = 1, maximum: int = INT64_MAX
+) -> int | None:
+    """An optional whole-number parameter (JSON integer or decimal digits), range-checked."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidRequest(f"'{name}' must be a whole number from {minimum} to {maximum}")
     return value
