@@ -23,8 +23,11 @@ from tests.support.nostr_client import (  # noqa: F401  (fixtures)
     HELD_MODEL,
     DmNode,
     chat_cost,
+    dm_node_fixture,
     dm_upstream_fixture,
+    npub_balance,
     start_dm_node,
+    wait_idle,
 )
 from tests.support.services import MintHandle, RelayHandle
 from tests.support.waiting import until
@@ -54,35 +57,6 @@ def job_tags(prompt: str = PROMPT, max_tokens: int = 8) -> list[list[str]]:
 
 async def price_of(node: DmNode, max_tokens: int = 8) -> int:
     return node.core.pricer.max_cost(CHAT_MODEL, body_of(max_tokens=max_tokens), "chat").total_msat
-
-
-async def balance(node: DmNode, pubkey: str) -> int:
-    account = await node.core.ledger.account("npub:" + pubkey)
-    return account.available_msat if account else 0
-
-
-async def idle(node: DmNode) -> None:
-    async def nothing_in_flight() -> bool:
-        row = await node.core.ledger.db.fetchone(
-            "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
-            " WHERE state = 'pending')"
-        )
-        return row is not None and row[0] == 0
-
-    await until(nothing_in_flight, what="work still in flight")
-
-
-@pytest.fixture
-async def node(
-    tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
-) -> AsyncIterator[DmNode]:
-    started = await start_dm_node(tmp_path, [relay.url], [mint.url], upstream)
-    try:
-        yield started
-        await idle(started)
-        await started.core.assert_books_balance()
-    finally:
-        await started.close()
 
 
 @pytest.fixture
@@ -137,7 +111,7 @@ async def test_npub_balance_pays_when_no_token_is_sent(
     result = await customer.wait(job, "result")
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
-    assert await balance(node, customer.pubkey) == 64_000 - cost
+    assert await npub_balance(node, customer.pubkey) == 64_000 - cost
 
 
 async def test_unpaid_job_offers_an_invoice_and_runs_once_it_is_paid(
@@ -152,7 +126,7 @@ async def test_unpaid_job_offers_an_invoice_and_runs_once_it_is_paid(
     result = await customer.wait(job, "result")
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
-    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+    assert await npub_balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
 
 
 async def test_token_too_small_is_not_taken_and_an_invoice_is_offered(
@@ -168,7 +142,7 @@ async def test_token_too_small_is_not_taken_and_an_invoice_is_offered(
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
     assert set(await make_token.proof_states(token)) == {"UNSPENT"}
-    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+    assert await npub_balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
 
 
 async def test_bid_below_the_price_is_refused_and_nothing_is_taken(
@@ -182,7 +156,7 @@ async def test_bid_below_the_price_is_refused_and_nothing_is_taken(
     assert str(price) in tag(answer, "status")[1]  # type: ignore[index]
     assert tag(answer, "amount") == [str(price)]
     assert set(await make_token.proof_states(token)) == {"UNSPENT"}
-    assert await balance(node, customer.pubkey) == 0
+    assert await npub_balance(node, customer.pubkey) == 0
 
 
 async def test_duplicate_request_is_answered_once(
@@ -205,7 +179,7 @@ async def test_duplicate_request_is_answered_once(
     results = [e for e in await customer.answers(job) if e["kind"] == 6050]
     assert len(results) == 1
     cost = chat_cost(expected_usage(body_of()))
-    assert await balance(node, customer.pubkey) == 64_000 - cost
+    assert await npub_balance(node, customer.pubkey) == 64_000 - cost
 
 
 async def _request_event(customer: Customer, job: str) -> dict[str, object]:
@@ -227,7 +201,7 @@ async def test_restart_between_payment_and_result_answers_once(
     cost = chat_cost(expected_usage(body_of()))
     assert tag(result, "amount") == [str(cost)]
     price = await price_of(node)
-    assert await balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
+    assert await npub_balance(node, customer.pubkey) == ceil_div(price, 1000) * 1000 - cost
     assert len([e for e in await customer.answers(job) if e["kind"] == 6050]) == 1
 
 
@@ -300,10 +274,10 @@ async def test_request_from_two_relays_is_answered_once(
         await deposit(peer, make_token, 64)
         job = await peer.job(*job_tags())  # published to both relays
         await peer.wait(job, "result")
-        await idle(node)
+        await wait_idle(node)
         assert len([e for e in await peer.answers(job) if e["kind"] == 6050]) == 1
         cost = chat_cost(expected_usage(body_of()))
-        assert await balance(node, peer.pubkey) == 64_000 - cost
+        assert await npub_balance(node, peer.pubkey) == 64_000 - cost
         await node.core.assert_books_balance()
     finally:
         await peer.close()
@@ -352,7 +326,7 @@ async def test_upstream_failure_on_the_npub_balance_charges_nothing(
     finally:
         upstream.behaviour = Behaviour()
     assert status(answer) == "error"
-    assert await balance(node, customer.pubkey) == 64_000
+    assert await npub_balance(node, customer.pubkey) == 64_000
 
 
 async def test_bad_request_gets_an_error_feedback_and_no_model_means_the_default(
@@ -364,10 +338,10 @@ async def test_bad_request_gets_an_error_feedback_and_no_model_means_the_default
     assert status(answer) == "error" and "no-such-model" in tag(answer, "status")[1]  # type: ignore[index]
     image = await customer.job(["i", "https://example.com/cat.png", "url"])
     assert "input type 'url'" in tag(await customer.finished(image), "status")[1]  # type: ignore[index]
-    assert await balance(node, customer.pubkey) == 64_000
+    assert await npub_balance(node, customer.pubkey) == 64_000
     job = await customer.job(["i", PROMPT, "text"])  # nostr.default_model
     result = await customer.wait(job, "result")
     body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
     cost = chat_cost(expected_usage(body))
     assert tag(result, "amount") == [str(cost)]
-    assert await balance(node, customer.pubkey) == 64_000 - cost
+    assert await npub_balance(node, customer.pubkey) == 64_000 - cost

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,12 @@ from tests.support.nostr_client import (  # noqa: F401  (fixtures)
     DmNode,
     SdkClient,
     chat_cost,
+    dm_node_fixture,
     dm_upstream_fixture,
+    npub_balance,
     sdk_client_fixture,
     start_dm_node,
+    wait_idle,
 )
 from tests.support.services import MintHandle, RelayHandle
 from tests.support.waiting import until
@@ -44,35 +46,6 @@ def request(body: dict[str, Any], ident: str = "r1", cashu: str | None = None) -
     if cashu:
         msg["cashu"] = cashu
     return json.dumps(msg)
-
-
-async def balance(node: DmNode, pubkey: str) -> int:
-    account = await node.core.ledger.account("npub:" + pubkey)
-    return account.available_msat if account else 0
-
-
-async def idle(node: DmNode) -> None:
-    async def nothing_in_flight() -> bool:
-        row = await node.core.ledger.db.fetchone(
-            "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
-            " WHERE state = 'pending')"
-        )
-        return row is not None and row[0] == 0
-
-    await until(nothing_in_flight, what="work still in flight")
-
-
-@pytest.fixture
-async def node(
-    tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
-) -> AsyncIterator[DmNode]:
-    started = await start_dm_node(tmp_path, [relay.url], [mint.url], upstream)
-    try:
-        yield started
-        await idle(started)
-        await started.core.assert_books_balance()
-    finally:
-        await started.close()
 
 
 @pytest.mark.parametrize("nip", ["nip17", "nip04"])
@@ -104,7 +77,7 @@ async def test_plain_text_chat_with_pasted_token(
         "messages": [{"role": "user", "content": "Hi there, here is money"}],
     }
     cost = chat_cost(expected_usage(body))
-    assert await balance(node, client.pubkey) == 50_000 - cost
+    assert await npub_balance(node, client.pubkey) == 50_000 - cost
     # The history is part of the next prompt; /balance and /new answer without a model call.
     assert "Balance:" in (await client.ask("/balance")).text
     second = await client.ask("and again")
@@ -146,7 +119,7 @@ async def test_nut18_payment_payload_is_a_deposit(
     )
     data = (await client.ask(build_payment_payload(payload))).json
     assert data == {"type": "balance", "id": "pay-1", "balance_msat": 21_000}
-    assert await balance(node, client.pubkey) == 21_000
+    assert await npub_balance(node, client.pubkey) == 21_000
 
 
 async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClient) -> None:
@@ -155,7 +128,7 @@ async def test_unpaid_request_gets_payment_request(node: DmNode, client: SdkClie
     assert data["payment_request"].startswith("creqA")
     plain = await client.ask("hello, can you help?")
     assert "creqA" in plain.text
-    assert await balance(node, client.pubkey) == 0
+    assert await npub_balance(node, client.pubkey) == 0
 
 
 async def test_a_refused_dm_job_says_msat_and_the_max_tokens_that_fit_and_is_recorded_as_nostr(
@@ -178,7 +151,7 @@ async def test_a_refused_dm_job_says_msat_and_the_max_tokens_that_fit_and_is_rec
         "SELECT channel, model FROM transactions WHERE kind = 'charge'"
     )
     assert [tuple(r) for r in rows] == [("nostr", CHAT_MODEL)]
-    await idle(node)
+    await wait_idle(node)
 
 
 async def test_bad_input_gets_error_or_nothing(node: DmNode, client: SdkClient) -> None:
@@ -219,7 +192,7 @@ async def test_same_event_twice_is_processed_once(
     await client.publish(event)
     first = await client.replies(1)
     assert first[0].json["type"] == "response"
-    after = await balance(node, client.pubkey)
+    after = await npub_balance(node, client.pubkey)
     # Delivered again: directly, and to a fresh listener that re-reads from its watermark.
     await node.listener.process(json.loads(event.as_json()))
     assert node.listener.stats["duplicates"] == 1
@@ -230,7 +203,7 @@ async def test_same_event_twice_is_processed_once(
     # duplicate: wait for that rather than for a fixed time, then check nothing was sent.
     await until(lambda: node.listener.stats["duplicates"] >= 1, what="duplicate seen")
     assert await client.quiet(2.0) == []
-    assert await balance(node, client.pubkey) == after
+    assert await npub_balance(node, client.pubkey) == after
     assert node.listener.stats["handled"] == 0
 
 
@@ -255,7 +228,7 @@ async def test_restart_between_receipt_and_reply_npub(
         await client.send(request(body, ident="slow"))
         await _in_upstream_call(upstream, arrivals)
         await node.stop_listener(grace=0)  # cancels the job mid-upstream call
-        assert await balance(node, client.pubkey) == 40_000  # hold released, nothing charged
+        assert await npub_balance(node, client.pubkey) == 40_000  # hold released, nothing charged
     finally:
         upstream.open_gate()
     await node.start_listener()
@@ -263,7 +236,7 @@ async def test_restart_between_receipt_and_reply_npub(
     assert data["type"] == "response" and data["id"] == "slow"
     cost = chat_cost(expected_usage(body))
     assert data["balance_msat"] == 40_000 - cost
-    assert await balance(node, client.pubkey) == 40_000 - cost
+    assert await npub_balance(node, client.pubkey) == 40_000 - cost
     assert await client.quiet(1.0) == []
 
 
@@ -309,7 +282,7 @@ async def test_two_withdraws_resumed_after_a_restart_each_deliver_their_own_toke
         left = 40_000 - sum(amounts[i] for i in amounts if i <= ident)
 
         async def debited(left: int = left) -> bool:
-            return await balance(node, client.pubkey) == left
+            return await npub_balance(node, client.pubkey) == left
 
         await until(debited, what=f"withdrawal {ident} debited")
     for event_id in event_ids:  # accepted, never done: no reply was stored or sent
@@ -324,7 +297,7 @@ async def test_two_withdraws_resumed_after_a_restart_each_deliver_their_own_toke
         assert replies[ident]["type"] == "withdrawal"
         assert replies[ident]["amount_msat"] == amount
         assert await make_token.redeem(replies[ident]["cashu"]) == amount // 1000
-    assert await balance(node, client.pubkey) == 28_000
+    assert await npub_balance(node, client.pubkey) == 28_000
 
 
 async def test_reply_survives_restart_after_the_job(
@@ -441,7 +414,7 @@ async def test_rate_limit_and_concurrency_cap(
         assert third["type"] == "balance"
         fourth = (await peer.ask('{"type": "balance", "id": "b4"}')).json
         assert fourth["error"]["code"] == "rate_limited"
-        await idle(node)
+        await wait_idle(node)
         assert (await node.core.ledger.audit()).ok
     finally:
         await peer.close()
@@ -475,9 +448,9 @@ async def test_a_busy_upstream_is_an_error_dm_and_charges_nothing(
         assert second["id"] == "s2" and second["error"]["code"] == "upstream_busy"
         first = (await peer.replies(1, within=30))[0].json
         assert first["id"] == "s1" and first["type"] == "response"
-        await idle(node)
+        await wait_idle(node)
         cost = chat_cost(expected_usage(chat_body(model=HELD_MODEL)))
-        assert await balance(node, peer.pubkey) == 30_000 - cost
+        assert await npub_balance(node, peer.pubkey) == 30_000 - cost
         assert (await node.core.ledger.audit()).ok
     finally:
         await peer.close()

@@ -36,7 +36,8 @@ from nodeprov.protocol.nostr_event import Keys
 from nodeprov.upstream import Upstreams
 from tests.support.core import TEST_PRICE, Core, build_core
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.services import RelayHandle
+from tests.support.services import MintHandle, RelayHandle
+from tests.support.waiting import until
 
 FAST_POOL: dict[str, Any] = {"backoff_base": 0.05, "backoff_cap": 0.5, "connect_timeout": 5.0}
 CHAT_MODEL = "fake-chat"
@@ -286,3 +287,36 @@ async def sdk_client_fixture(node: DmNode, relay: RelayHandle) -> AsyncIterator[
         yield peer
     finally:
         await peer.close()
+
+
+async def npub_balance(node: DmNode, pubkey: str) -> int:
+    """What the npub account of ``pubkey`` (hex) may spend now; 0 when it has none."""
+    account = await node.core.ledger.account("npub:" + pubkey)
+    return account.available_msat if account else 0
+
+
+async def wait_idle(node: DmNode) -> None:
+    """Until no hold and no wallet operation at a mint is left in flight."""
+
+    async def nothing_in_flight() -> bool:
+        row = await node.core.ledger.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM holds) + (SELECT COUNT(*) FROM wallet_ops"
+            " WHERE state = 'pending')"
+        )
+        return row is not None and row[0] == 0
+
+    await until(nothing_in_flight, what="work still in flight")
+
+
+@pytest.fixture(name="node")
+async def dm_node_fixture(
+    tmp_path: Path, relay: RelayHandle, mint: MintHandle, upstream: FakeUpstream
+) -> AsyncIterator[DmNode]:
+    """A DM node on ``relay`` trusting ``mint``; idle and its books balanced at the end."""
+    started = await start_dm_node(tmp_path, [relay.url], [mint.url], upstream)
+    try:
+        yield started
+        await wait_idle(started)
+        await started.core.assert_books_balance()
+    finally:
+        await started.close()
