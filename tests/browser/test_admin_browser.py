@@ -89,7 +89,14 @@ def drive(admin_url: str, account_id: str, profile: str) -> dict[str, Any]:
         wait.until(ec.presence_of_element_located((By.ID, "withdraw-form")))
         seen["account_id"] = browser.find_element(By.ID, "account-id").text
         seen["balance"] = browser.find_element(By.ID, "balance").text
+        seen["children"] = browser.find_element(By.ID, "children").text
         browser.save_screenshot(str(ARTIFACTS / "admin-4-key.png"))
+        browser.find_element(By.CLASS_NAME, "child-link").click()
+        wait.until(ec.presence_of_element_located((By.ID, "revoke-form")))
+        seen["child_status"] = browser.find_element(By.ID, "status").text
+        browser.save_screenshot(str(ARTIFACTS / "admin-4b-child.png"))
+        browser.find_element(By.ID, "parent").click()
+        wait.until(ec.presence_of_element_located((By.ID, "withdraw-form")))
         browser.find_element(By.ID, "withdraw").click()
         token_box = wait.until(ec.presence_of_element_located((By.ID, "token")))
         seen["token"] = token_box.get_attribute("value")
@@ -116,8 +123,13 @@ async def test_login_open_key_and_withdraw_in_chromium(node: AdminNode, make_tok
     key = await node.funded_key(50, make_token, charges=3)
     await node.core.wallet.receive(await make_token(7), OPERATOR, "operator")
     account_id = api_key_account(key)
+    _, child = await node.core.payments.children.create(
+        account_id, limit_msat=5_000, label="laptop"
+    )
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         seen = await asyncio.to_thread(drive, node.admin, account_id, profile)
+    assert child.id in seen["children"] and "laptop" in seen["children"]
+    assert seen["child_status"] == "active"
     assert seen["login_url"].endswith("/admin/login")
     assert seen["earnings"] == "10.180 sat"  # 7 sat received + 3 requests of 1.060 sat
     assert seen["audit"] == "balanced"
