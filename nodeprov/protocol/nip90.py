@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nodeprov.errors import InvalidJobMessage, NodeprovError
+from nodeprov.protocol import json_input
 from nodeprov.protocol.nostr_event import Event, EventTemplate, Tags
 
 REQUEST_KIND = 5050
@@ -27,6 +28,7 @@ MAX_TOKENS_LIMIT = 10_000_000
 MAX_PROMPT_CHARS = 1_000_000
 MAX_BID_MSAT = 2**62
 TEXT_INPUTS = ("text", "prompt")  # the 5050 kind's example marks its prompt "prompt"
+MESSAGE_ROLES = ("system", "user", "assistant")
 PASSED_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed")
 
 
@@ -50,6 +52,7 @@ class JobRequest:
     cashu: str | None = None
     encrypted: bool = False
     relays: tuple[str, ...] = ()
+    history: tuple[dict[str, str], ...] = ()  # an input marked "messages": the conversation
 
     @property
     def id(self) -> str:
@@ -64,12 +67,33 @@ class JobRequest:
         messages: list[dict[str, str]] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": self.prompt})
+        messages += [dict(m) for m in self.history]
+        if self.prompt:
+            messages.append({"role": "user", "content": self.prompt})
         body: dict[str, Any] = {"model": self.model or default_model, "messages": messages}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         body.update(self.options)
         return body
+
+
+def _conversation(data: str) -> list[dict[str, str]]:
+    """The chat messages of an input marked ``messages``: a JSON array of role and content."""
+    try:
+        value = json_input.loads(data)  # depth and string checks: the input is a stranger's
+    except (ValueError, NodeprovError):
+        value = None
+    if not isinstance(value, list):
+        raise InvalidJobRequest("a 'messages' input must be a JSON array of chat messages")
+    found = []
+    for message in value:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in MESSAGE_ROLES:
+            raise InvalidJobRequest(f"each message needs a role of {', '.join(MESSAGE_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise InvalidJobRequest("each message needs its content as a string")
+        found.append({"role": role, "content": message["content"]})
+    return found
 
 
 def _number(name: str, value: str, *, integer: bool, low: float, high: float) -> float | int:
@@ -116,6 +140,7 @@ def parse_request(
     encrypted = any(t and t[0] == "encrypted" for t in event.tags)
     tags: Tags = event.tags + (_private_tags(event, decrypt) if encrypted else ())
     texts: list[str] = []
+    history: list[dict[str, str]] = []
     params: dict[str, str] = {}
     bid: int | None = None
     cashu: str | None = None
@@ -126,7 +151,10 @@ def parse_request(
             kind = tag[2] if len(tag) > 2 else "text"
             if kind not in TEXT_INPUTS:
                 raise InvalidJobRequest(f"input type {kind!r} is not supported; send 'text'")
-            texts.append(tag[1] if len(tag) > 1 else "")
+            if len(tag) > 4 and tag[4] == "messages":  # NIP-90's marker: how the input is used
+                history += _conversation(tag[1])
+            else:
+                texts.append(tag[1] if len(tag) > 1 else "")
         elif name == "param" and len(tag) > 2:
             params[tag[1].replace("-", "_")] = tag[2]  # the kind's own example writes top-p
         elif name == "bid" and len(tag) > 1:
@@ -136,9 +164,9 @@ def parse_request(
         elif name == "relays":
             relays += [r for r in tag[1:] if r.startswith(("wss://", "ws://"))]
     prompt = "\n\n".join(t for t in texts if t.strip())
-    if not prompt:
+    if not prompt and not history:
         raise InvalidJobRequest("the request has no text input ('i' tag with a prompt)")
-    if len(prompt) > MAX_PROMPT_CHARS:
+    if len(prompt) + sum(len(m["content"]) for m in history) > MAX_PROMPT_CHARS:
         raise InvalidJobRequest(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
     max_tokens = None
     if "max_tokens" in params:
@@ -154,7 +182,7 @@ def parse_request(
     model = params.get("model") or None
     return JobRequest(
         event, prompt, model, max_tokens, options, params.get("system") or None, bid, cashu,
-        encrypted, tuple(relays),
+        encrypted, tuple(relays), tuple(history),
     )  # fmt: skip
 
 

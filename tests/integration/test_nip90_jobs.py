@@ -114,6 +114,27 @@ async def test_npub_balance_pays_when_no_token_is_sent(
     assert await npub_balance(node, customer.pubkey) == 64_000 - cost
 
 
+async def test_a_conversation_in_a_messages_input_reaches_the_model(
+    node: DmNode, dvm: Dvm, customer: Customer, make_token: TokenMaker, upstream: FakeUpstream
+) -> None:
+    await deposit(customer, make_token, 64)
+    history = [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    job = await customer.job(
+        ["i", json.dumps(history), "text", "", "messages"], *job_tags("And of Italy?")
+    )
+    result = await customer.wait(job, "result")
+    sent = [r.json for r in list(upstream.requests) if isinstance(r.json, dict)]
+    asked = next(b for b in reversed(sent) if b.get("messages", [{}])[-1:] == [
+        {"role": "user", "content": "And of Italy?"}
+    ])  # fmt: skip
+    assert asked["messages"] == [*history, {"role": "user", "content": "And of Italy?"}]
+    body = {**body_of("And of Italy?"), "messages": asked["messages"]}
+    assert tag(result, "amount") == [str(chat_cost(expected_usage(body)))]
+
+
 async def test_unpaid_job_offers_an_invoice_and_runs_once_it_is_paid(
     node: DmNode, dvm: Dvm, customer: Customer
 ) -> None:

@@ -59,6 +59,48 @@ def test_default_model_and_several_inputs_joined() -> None:
     assert body["messages"][0]["content"] == "one\n\ntwo"
 
 
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+def test_a_messages_input_is_the_conversation_and_a_text_input_its_next_turn() -> None:
+    """An ``i`` tag marked ``messages`` (NIP-90's marker: how the job uses an input) carries
+    a JSON array of chat messages; a text input after it is the user's next message."""
+    job = parse(
+        request(
+            ("i", json.dumps(CONVERSATION), "text", "", "messages"),
+            ("i", "And of Italy?", "text"),
+            ("param", "system", "Be brief."),
+        )
+    )
+    assert job.chat_body("m")["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        *CONVERSATION,
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    alone = parse(request(("i", json.dumps(CONVERSATION[:2]), "text", "", "messages")))
+    assert alone.chat_body("m")["messages"] == CONVERSATION[:2]
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ("not json", "JSON array"),
+        ('{"role": "user"}', "JSON array"),
+        ("[]", "no text input"),
+        ('[{"role": "tool", "content": "x"}]', "role"),
+        ('[{"role": "user", "content": 5}]', "content"),
+        ('[{"role": "user"}]', "content"),
+    ],
+)
+def test_a_bad_messages_input_is_refused_with_a_reason(data: str, says: str) -> None:
+    with pytest.raises(nip90.InvalidJobRequest, match=says):
+        parse(request(("i", data, "text", "", "messages")))
+
+
 @pytest.mark.parametrize(
     ("tags", "says"),
     [
