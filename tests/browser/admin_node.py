@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -23,6 +24,7 @@ from nodeprov.core.payments import Payer
 from nodeprov.http.admin import build_admin_app
 from nodeprov.http.app import bind, serve
 from tests.support.core import TEST_MODEL, Core, build_core
+from tests.support.services import MintHandle
 
 PASSWORD = "correct horse battery staple"
 _HASH = hash_password(PASSWORD)  # one scrypt run for the whole session
@@ -98,3 +100,14 @@ async def login(http: httpx.AsyncClient, password: str = PASSWORD) -> httpx.Resp
     """Log ``http`` in (it keeps the cookies); returns the POST's response."""
     page = await http.get("/admin/login")
     return await http.post("/admin/login", data={"csrf": csrf_of(page.text), "password": password})
+
+
+@pytest.fixture(name="node")
+async def admin_node_fixture(tmp_path: Path, mint: MintHandle) -> AsyncIterator[AdminNode]:
+    """An admin node trusting ``mint``; its books must balance at the end."""
+    started = await start_admin_node(tmp_path, [mint.url])
+    try:
+        yield started
+        await started.core.assert_books_balance()
+    finally:
+        await started.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,14 @@ import pytest
 
 from nodeprov.core.ledger import OPERATOR
 from nodeprov.core.payments import Payer, api_key_account
-from tests.browser.admin_node import CHAT, PASSWORD, USAGE, AdminNode, start_admin_node
+from tests.browser.admin_node import (
+    CHAT,
+    PASSWORD,
+    USAGE,
+    AdminNode,
+    admin_node_fixture,  # noqa: F401  (fixture)
+)
 from tests.support.core import TEST_MODEL
-from tests.support.services import MintHandle
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,16 +42,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None or DRIVER is None,
     reason="chromium and chromium-driver are not installed (run .ci/install-browser)",
 )
-
-
-@pytest.fixture
-async def node(tmp_path: Path, mint: MintHandle) -> AsyncIterator[AdminNode]:
-    started = await start_admin_node(tmp_path, [mint.url])
-    try:
-        yield started
-        await started.core.assert_books_balance()
-    finally:
-        await started.stop()
 
 
 def chromium(profile: str) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,9 +20,9 @@ from tests.browser.admin_node import (
     TOKEN,
     USAGE,
     AdminNode,
+    admin_node_fixture,  # noqa: F401  (fixture)
     csrf_of,
     login,
-    start_admin_node,
 )
 from tests.support.core import TEST_MODEL
 from tests.support.services import MintHandle
@@ -45,16 +43,6 @@ POSTS = [
     "/admin/wallet/payout/quote",
     "/admin/wallet/payout/pay",
 ]
-
-
-@pytest.fixture
-async def node(tmp_path: Path, mint: MintHandle) -> AsyncIterator[AdminNode]:
-    started = await start_admin_node(tmp_path, [mint.url])
-    try:
-        yield started
-        await started.core.assert_books_balance()
-    finally:
-        await started.stop()
 
 
 def cookie_flags(response: httpx.Response, name: str) -> list[str]:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
 
 from nodeprov.core.payments import api_key_account
-from tests.browser.admin_node import AdminNode, csrf_of, login, start_admin_node
-from tests.support.services import MintHandle
-
-
-@pytest.fixture
-async def node(tmp_path: Path, mint: MintHandle) -> AsyncIterator[AdminNode]:
-    started = await start_admin_node(tmp_path, [mint.url])
-    try:
-        yield started
-        await started.core.assert_books_balance()
-    finally:
-        await started.stop()
+from tests.browser.admin_node import (
+    AdminNode,
+    admin_node_fixture,  # noqa: F401  (fixture)
+    csrf_of,
+    login,
+)
 
 
 async def test_a_keys_page_lists_its_children_and_a_childs_page_links_its_parent(
